@@ -1,0 +1,53 @@
+"""The ``petbreeds`` command: what a user does around the pipeline.
+
+    petbreeds predict IMAGE_OR_FOLDER [--model models/model.pt] [--top-k 3]
+    petbreeds show-batch      # PNG grids of an augmented training batch and a validation batch
+    petbreeds summary         # walk one sample and one batch through every data step
+    petbreeds mlflow-relog    # (re)build the MLflow run of the current DVC outputs
+
+Each subcommand lives in the module that does the work; this file only dispatches, so that
+``petbreeds --help`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from petbreeds.errors import PetbreedsError
+
+# subcommand -> (module, function taking argv and returning an exit code, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "predict": ("petbreeds.predict", "cli", "breed and probability for an image or a folder of images"),
+    "show-batch": ("petbreeds.show", "show_batch_cli", "PNG grids of a training and a validation batch"),
+    "summary": ("petbreeds.show", "summary_cli", "walk one sample and one batch through every data step"),
+    "mlflow-relog": ("petbreeds.tracking", "relog_cli", "log the current DVC outputs to MLflow again"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: petbreeds COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "petbreeds COMMAND --help for the arguments of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"petbreeds: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except PetbreedsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
