@@ -1,0 +1,169 @@
+"""Stage index: find the images, label each by the regex on its file name, check that each one decodes.
+
+fastai's ``get_image_files`` + ``RegexLabeller`` (spec §1.1-§1.3), with three differences on purpose:
+the paths are sorted (fastai keeps directory order), every file is decoded once up front (fastai finds a
+broken file mid-epoch), and a file that cannot be used is excluded with a reason instead of raising.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+
+from petbreeds.config import IndexParams
+from petbreeds.errors import PetbreedsError
+
+# fastai's image_extensions: every suffix whose MIME type is image/*. Python's built-in table, not the OS's
+# /etc/mime.types (which fastai may pick up), so the same files are found on every machine.
+IMAGE_EXTENSIONS = frozenset(
+    ext for ext, mime in mimetypes.MimeTypes().types_map[True].items() if mime.startswith("image/")
+)
+EXCLUSION_REASONS = ("empty", "no_label_match", "undecodable")
+INDEX_COLUMNS = ["path", "label", "width", "height", "format", "bytes"]
+EXCLUDED_COLUMNS = ["path", "reason", "detail"]
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    """``table``: one row per usable image (INDEX_COLUMNS), sorted by path; ``excluded``: one row per
+    unusable file (EXCLUDED_COLUMNS), sorted by path; ``vocab``: the sorted labels."""
+
+    table: pd.DataFrame
+    excluded: pd.DataFrame
+    vocab: list[str]
+
+    def metrics(self) -> dict[str, Any]:
+        """What ``metrics/index.json`` holds: counts only, every reason present (0 when none)."""
+        per_reason = self.excluded["reason"].value_counts()
+        per_class = self.table["label"].value_counts()
+        return {
+            "images": len(self.table),
+            "classes": len(self.vocab),
+            "excluded_total": len(self.excluded),
+            "excluded": {reason: int(per_reason.get(reason, 0)) for reason in EXCLUSION_REASONS},
+            "per_class": {label: int(per_class[label]) for label in self.vocab},
+        }
+
+    def summary(self) -> str:
+        excluded = ", ".join(f"{n} {reason}" for reason, n in self.metrics()["excluded"].items() if n)
+        return f"index: {len(self.table)} images, {len(self.vocab)} classes, {len(self.excluded)} excluded" + (
+            f" ({excluded})" if excluded else ""
+        )
+
+
+def find_image_files(folder: Path) -> list[str]:
+    """Image files under ``folder``, recursively, as sorted posix paths relative to it.
+
+    fastai's rules: the lower-cased last suffix is an image extension; hidden files and dot-folders are skipped.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        base = Path(dirpath).relative_to(folder)
+        found += [
+            (base / name).as_posix()
+            for name in filenames
+            if not name.startswith(".") and "." + name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(found)
+
+
+def label_of(pattern: re.Pattern[str], path: str) -> str | None:
+    """fastai's RegexLabeller on the file name: ``re.search``, group 1; None when it does not match."""
+    match = pattern.search(path.rsplit("/", 1)[-1])
+    return match.group(1) if match else None
+
+
+def inspect_image(path: Path) -> tuple[int, int, str] | str:
+    """(width, height, PIL format) when the whole image decodes, else Pillow's error message."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # open() reads only the header; a truncated file fails here
+            return img.width, img.height, str(img.format)
+    # Anything Pillow raises on a broken file (OSError, SyntaxError, ValueError, DecompressionBombError...)
+    # means the same thing here: the file cannot be used.
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _inspect_all(paths: list[Path], workers: int) -> list[tuple[int, int, str] | str]:
+    workers = min(workers or os.cpu_count() or 1, max(len(paths), 1))
+    if workers == 1:
+        return [inspect_image(p) for p in paths]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        # map keeps the input order, so the result does not depend on which worker finished first.
+        return list(pool.map(inspect_image, paths, chunksize=max(1, len(paths) // (8 * workers))))
+
+
+def index_images(root: Path, params: IndexParams) -> IndexResult:
+    """Index ``root/images`` (the archive's layout, fastai's ``get_image_files(path/'images')``).
+
+    Paths in the result are relative to ``root``. Raises PetbreedsError when no usable image is left, or
+    when a class listed in ``root/annotations/list.txt`` has none.
+    """
+    folder = root / "images"
+    if not folder.is_dir():
+        raise PetbreedsError(f"{folder}: not found; the fetch stage puts the images there (run `dvc repro fetch`)")
+    pattern = re.compile(params.label_regex)
+    if pattern.groups < 1:
+        raise PetbreedsError(f"params.yaml: index.label_regex {params.label_regex!r} needs a group (...) for the label")
+
+    rows, excluded, to_decode = [], [], []
+    for rel in (f"images/{p}" for p in find_image_files(folder)):
+        size = (root / rel).stat().st_size
+        label = label_of(pattern, rel)
+        if size == 0:
+            excluded.append((rel, "empty", "0 bytes"))
+        elif not label:
+            excluded.append((rel, "no_label_match", f"file name does not match index.label_regex {pattern.pattern}"))
+        else:
+            to_decode.append((rel, label, size))
+    for (rel, label, size), decoded in zip(
+        to_decode, _inspect_all([root / rel for rel, _, _ in to_decode], params.workers), strict=True
+    ):
+        if isinstance(decoded, str):
+            excluded.append((rel, "undecodable", decoded))
+        else:
+            rows.append((rel, label, *decoded, size))
+
+    table = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    result = IndexResult(
+        table=table,
+        excluded=pd.DataFrame(sorted(excluded), columns=EXCLUDED_COLUMNS),
+        vocab=sorted(set(table["label"])),
+    )
+    if table.empty:
+        raise PetbreedsError(
+            f"{folder}: no usable image ({result.summary()}); check that the folder holds images named like "
+            f"index.label_regex {pattern.pattern!r} expects"
+        )
+    _check_annotated_classes(root, pattern, result)
+    return result
+
+
+def _check_annotated_classes(root: Path, pattern: re.Pattern[str], result: IndexResult) -> None:
+    """Every class of the official list must keep at least one image: a missing breed is a broken download."""
+    list_txt = root / "annotations" / "list.txt"
+    if not list_txt.is_file():
+        return
+    # list.txt names images by stem (`Abyssinian_100 1 1 1`); the archive's images are all .jpg, so the same
+    # regex gives the labels the images themselves would get.
+    stems = [line.split()[0] for line in list_txt.read_text(encoding="utf-8").splitlines() if line.strip()]
+    listed = {label_of(pattern, f"{stem}.jpg") for stem in stems if not stem.startswith("#")} - {None}
+    missing = sorted(listed - set(result.vocab))
+    if missing:
+        lost = result.excluded[[label_of(pattern, p) in missing for p in result.excluded["path"]]]
+        details = "; ".join(f"{r.path}: {r.reason}" for r in lost.head(5).itertuples())
+        raise PetbreedsError(
+            f"{list_txt} lists class(es) {', '.join(missing)} but no usable image of them is under {root / 'images'}"
+            + (f" (excluded: {details})" if details else "")
+            + "; re-fetch the data (`dvc repro fetch`) or repair those files"
+        )

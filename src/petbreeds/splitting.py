@@ -1,0 +1,103 @@
+"""Stage split: which images train, which validate (and, with the official lists, which test).
+
+``random`` is fastai's ``RandomSplitter`` (spec §1.4) over the paths sorted, so the split is the same on every
+machine; fastai's own follows directory order and differs between filesystems.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+import torch
+
+from petbreeds.config import SplitParams
+from petbreeds.errors import PetbreedsError
+
+SPLITS = ("train", "valid", "test")
+UNLISTED = "unlisted"  # official method: in neither trainval.txt nor test.txt; kept in the table, never trained on
+
+
+def random_permutation(n: int, seed: int) -> list[int]:
+    """``torch.manual_seed(seed); torch.randperm(n)``, fastai's permutation, on a local generator so the
+    global RNG (model init) is left alone; both give the same numbers (tests/test_splitting.py checks)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def random_split(n: int, valid_pct: float, seed: int) -> list[str]:
+    """fastai's RandomSplitter: the first ``int(valid_pct * n)`` items of the permutation validate."""
+    split = ["train"] * n
+    for i in random_permutation(n, seed)[: int(valid_pct * n)]:
+        split[i] = "valid"
+    return split
+
+
+def stratified_split(labels: list[str], valid_pct: float, seed: int) -> list[str]:
+    """Per class, ``round(valid_pct * n_c)`` items validate (Python's round: halves go to the even number),
+    at most ``n_c - 1`` so every class keeps a training item. One generator seeded once, classes drawn in
+    sorted order, so the split depends only on the items and the seed."""
+    generator = torch.Generator().manual_seed(seed)
+    split = ["train"] * len(labels)
+    for label in sorted(set(labels)):
+        members = [i for i, lab in enumerate(labels) if lab == label]
+        n_valid = min(round(valid_pct * len(members)), len(members) - 1)
+        for j in torch.randperm(len(members), generator=generator)[:n_valid].tolist():
+            split[members[j]] = "valid"
+    return split
+
+
+def read_stems(path: Path) -> set[str]:
+    """Image stems of an official list (``Abyssinian_100 1 1 1`` lines; ``#`` lines are comments)."""
+    if not path.is_file():
+        raise PetbreedsError(
+            f"{path}: not found, but split.method is official; fetch a source that has the official lists "
+            "(fetch.source: oxford-iiit-pet) or set split.method: random"
+        )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {line.split()[0] for line in lines if line.strip() and not line.startswith("#")}
+
+
+def official_split(paths: list[str], valid_pct: float, seed: int, annotations_dir: Path) -> list[str]:
+    """test.txt → test; trainval.txt → RandomSplitter over those items (in path order) → train/valid;
+    in neither → unlisted."""
+    test, trainval = read_stems(annotations_dir / "test.txt"), read_stems(annotations_dir / "trainval.txt")
+    stems = [PurePosixPath(p).stem for p in paths]
+    split = ["test" if s in test else UNLISTED for s in stems]
+    in_trainval = [i for i, s in enumerate(stems) if s in trainval and s not in test]
+    for i, part in zip(in_trainval, random_split(len(in_trainval), valid_pct, seed), strict=True):
+        split[i] = part
+    return split
+
+
+def split_items(table: pd.DataFrame, params: SplitParams, annotations_dir: Path) -> pd.DataFrame:
+    """The index table (any row order) sorted by path, plus a ``split`` column: train, valid, test or unlisted.
+
+    Raises PetbreedsError when a class has no training item: the model could never learn it.
+    """
+    table = table.sort_values("path", ignore_index=True)
+    if params.method == "random":
+        split = random_split(len(table), params.valid_pct, params.seed)
+    elif params.method == "stratified":
+        split = stratified_split(table["label"].tolist(), params.valid_pct, params.seed)
+    else:
+        split = official_split(table["path"].tolist(), params.valid_pct, params.seed, annotations_dir)
+    table = table.assign(split=split)
+
+    untrained = sorted(set(table["label"]) - set(table.loc[table["split"] == "train", "label"]))
+    if untrained:
+        raise PetbreedsError(
+            f"split.method {params.method}: no training image left for class(es) {', '.join(untrained)}; "
+            "lower split.valid_pct, use split.method: stratified, or add images of those classes"
+        )
+    return table
+
+
+def split_metrics(table: pd.DataFrame, vocab: list[str]) -> dict[str, Any]:
+    """What ``metrics/split.json`` holds: counts per split, and per class in vocab order."""
+    counts = table.groupby(["label", "split"]).size()
+    per_split = table["split"].value_counts()
+    return {
+        **{name: int(per_split.get(name, 0)) for name in (*SPLITS, UNLISTED)},
+        "per_class": {label: {name: int(counts.get((label, name), 0)) for name in SPLITS} for label in vocab},
+    }

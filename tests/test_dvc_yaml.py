@@ -1,0 +1,61 @@
+"""dvc.yaml stays honest: each stage's deps list exactly the library modules its script runs.
+
+A module missing from deps means a code change silently reuses stale outputs; an extra one means
+needless re-runs. Plumbing that cannot change a stage's results (params loading, atomic writes,
+error type, stage runner, tracking) is exempt.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "petbreeds"
+PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "tracking"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """petbreeds modules imported by one file (``from petbreeds.x import`` / ``import petbreeds.x``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("petbreeds"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "petbreeds" and len(parts) > 1 and (PACKAGE / f"{parts[1]}.py").exists():
+                found.add(parts[1])
+    return found
+
+
+def reachable(script: Path) -> set[str]:
+    todo, seen = list(imported_modules(script)), set()
+    while todo:
+        module = todo.pop()
+        if module in seen or module in PLUMBING:
+            continue
+        seen.add(module)
+        todo.extend(imported_modules(PACKAGE / f"{module}.py"))
+    return seen
+
+
+STAGES = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_match_imports(name):
+    stage = STAGES[name]
+    script = ROOT / "stages" / f"{name}.py"
+    assert stage["cmd"] == f"python stages/{name}.py"
+    assert script.exists(), f"{script} missing"
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
+    assert f"stages/{name}.py" in deps
+    listed = {Path(d).stem for d in deps if d.startswith("src/petbreeds/")}
+    expected = reachable(script) | ({"tracking"} if name == "mlflow_log" else set())
+    assert listed == expected, f"stage {name}: deps list {sorted(listed)} but the script runs {sorted(expected)}"
