@@ -33,7 +33,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts \
+		--host 127.0.0.1 --port 5000 --workers 1
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py

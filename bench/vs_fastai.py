@@ -1,0 +1,323 @@
+"""The book's chapter-5 recipe with fastai 2.8.12 and with petbreeds, side by side, on the same data, split and weights.
+
+    make install && python3 -m venv .venv-bench && PIP_CONFIG_FILE=/dev/null .venv-bench/bin/pip install -e '.[bench]'
+    .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR]
+
+Recipe (spec §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32, efficientnet_lite0 with
+ImageNet weights (offline, converted by petbreeds.pretrained, so both sides start from the same tensors), lr_find(100
+iterations), then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e-3), div 5, pct 0.3.
+
+Each side runs in its own subprocess (fastai's with .venv-bench's python, ours with .venv's) so that peak RSS is per
+side; the sides alternate (A B, B A, ...) so that load from other processes hits both alike. Both get the same
+DataLoader worker count. The fastai child checks that its RandomSplitter(0.2, seed=42) over the sorted file list
+gives exactly our validation set. Prints one table of medians with the ratios and the run-to-run spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
+SIDES = {"fastai": ROOT / ".venv-bench" / "bin" / "python", "petbreeds": ROOT / ".venv" / "bin" / "python"}
+LABEL_REGEX = r"(.+)_\d+.jpg$"
+ARCH = "efficientnet_lite0"
+# fine_tune(2) with its defaults (spec §5).
+BASE_LR = 2e-3
+FROZEN_PCT = 0.99
+UNFROZEN_LR_SLICE = (BASE_LR / 2 / 100, BASE_LR / 2)
+UNFROZEN_PCT, UNFROZEN_DIV, DIV, DIV_FINAL, WD = 0.3, 5.0, 25.0, 1e5, 0.01
+
+
+@dataclass(frozen=True)
+class Recipe:
+    item_size: int
+    size: int
+    min_scale: float
+    batch_size: int
+    num_it: int
+    unfrozen_epochs: int
+    workers: int
+    seed: int = 42
+
+
+def full_recipe(workers: int) -> Recipe:
+    return Recipe(
+        item_size=460, size=224, min_scale=0.75, batch_size=32, num_it=100, unfrozen_epochs=2, workers=workers
+    )
+
+
+def quick_recipe(workers: int) -> Recipe:
+    """Minutes, not an hour: small images, few lr_find steps (suggestions need >= 2 points after trimming)."""
+    return Recipe(item_size=160, size=128, min_scale=0.75, batch_size=16, num_it=10, unfrozen_epochs=1, workers=workers)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fastai side (runs in .venv-bench; petbreeds is installed there too, for the weights and the split file)
+
+
+def run_fastai(work: Path, recipe: Recipe) -> dict[str, float]:
+    import pandas as pd
+    import torch
+    from fastai.vision.all import (
+        Callback,
+        CategoryBlock,
+        DataBlock,
+        ImageBlock,
+        L,
+        Normalize,
+        RandomSplitter,
+        RegexLabeller,
+        Resize,
+        aug_transforms,
+        error_rate,
+        imagenet_stats,
+        params,
+        using_attr,
+        vision_learner,
+    )
+
+    from petbreeds.model import body_of, create_imagenet_net
+
+    table = pd.read_csv(work / "split.csv")
+    root = Path((work / "root.txt").read_text().strip())
+    items = sorted(root / p for p in table["path"])
+
+    def imagenet_net(pretrained: bool = True) -> torch.nn.Module:
+        net = create_imagenet_net(ARCH)
+        if pretrained:
+            body_of(ARCH, net).load_state_dict(torch.load(work / "weights.pt", weights_only=True))
+        return net
+
+    def splitter(model: torch.nn.Module) -> list:
+        body, head = model[0], model[1]
+        return L(body[:5], body[5:], head).map(params)  # petbreeds.model's cut for efficientnet_lite0
+
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock),
+        get_items=lambda _: items,
+        splitter=RandomSplitter(valid_pct=0.2, seed=recipe.seed),
+        get_y=using_attr(RegexLabeller(LABEL_REGEX), "name"),
+        item_tfms=Resize(recipe.item_size),
+        # a callable arch has no model_meta stats, so vision_learner would not add Normalize itself
+        batch_tfms=[
+            *aug_transforms(size=recipe.size, min_scale=recipe.min_scale),
+            Normalize.from_stats(*imagenet_stats),
+        ],
+    )
+    dls = block.dataloaders(root, bs=recipe.batch_size, num_workers=recipe.workers, device=torch.device("cpu"))
+    ours = {str(root / p) for p in table.loc[table["split"] == "valid", "path"]}
+    if {str(p) for p in dls.valid_ds.items} != ours:
+        raise SystemExit("fastai's RandomSplitter did not reproduce petbreeds' validation set")
+    # a callable arch + cut: vision_learner builds body + fastai head with its init, and freezes the body
+    learn = vision_learner(dls, imagenet_net, cut=lambda net: body_of(ARCH, net), splitter=splitter, metrics=error_rate)
+
+    class TrainTimer(Callback):
+        """Training seconds and images of each epoch (validation excluded), as petbreeds' history reports."""
+
+        def before_fit(self) -> None:
+            self.epochs: list[tuple[float, int]] = []
+
+        def before_train(self) -> None:
+            self.started, self.images = time.perf_counter(), 0
+
+        def after_batch(self) -> None:
+            if self.training:
+                self.images += len(self.yb[0])
+
+        def after_train(self) -> None:
+            self.epochs.append((time.perf_counter() - self.started, self.images))
+
+    timer = TrainTimer()
+    started = time.perf_counter()
+    learn.lr_find(num_it=recipe.num_it, show_plot=False)
+    lr_find_s = time.perf_counter() - started
+    learn.fit_one_cycle(1, slice(BASE_LR), pct_start=FROZEN_PCT, wd=WD, cbs=timer)
+    epochs = list(timer.epochs)
+    learn.unfreeze()
+    learn.fit_one_cycle(recipe.unfrozen_epochs, slice(*UNFROZEN_LR_SLICE), pct_start=UNFROZEN_PCT, div=UNFROZEN_DIV,
+                        wd=WD, cbs=timer)  # fmt: skip
+    epochs += timer.epochs
+    valid_loss, err = learn.validate()
+    return summary(lr_find_s, epochs, float(valid_loss), float(err))
+
+
+# --------------------------------------------------------------------------------------------------
+# The petbreeds side
+
+
+def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
+    import json as _json
+
+    import pandas as pd
+    import torch
+
+    from petbreeds.augment import BatchAugment
+    from petbreeds.config import AugmentParams, DataParams
+    from petbreeds.dataloaders import make_loader
+    from petbreeds.lr_find import lr_find
+    from petbreeds.model import create_model, freeze, unfreeze
+    from petbreeds.schedule import group_lrs
+    from petbreeds.training import fit_one_cycle
+
+    table = pd.read_csv(work / "split.csv")
+    root = Path((work / "root.txt").read_text().strip())
+    vocab = _json.loads((work / "vocab.json").read_text())["vocab"]
+    data = DataParams(recipe.item_size, recipe.size, "crop", "reflection", recipe.batch_size, recipe.workers)
+    aug = AugmentParams(1.0, True, 10.0, 1.0, 1.1, 0.2, 0.2, 0.75, 0.75, recipe.min_scale)
+    device = torch.device("cpu")
+    torch.manual_seed(recipe.seed)
+    train = make_loader(table[table["split"] == "train"], root, vocab, data, train=True, seed=recipe.seed)
+    valid = make_loader(table[table["split"] == "valid"], root, vocab, data, train=False, seed=recipe.seed)
+    augment = BatchAugment(aug, recipe.size, recipe.seed, device)
+    model = create_model(ARCH, len(vocab), work)
+    freeze(model)
+    common = {"device": device, "dtype": None, "channels_last": True}
+    started = time.perf_counter()
+    lr_find(model, train, augment, start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, wd=WD, **common)
+    lr_find_s = time.perf_counter() - started
+    fit = {"div_final": DIV_FINAL, "wd": WD, **common}
+    frozen_lrs = [BASE_LR / 10, BASE_LR / 10, BASE_LR]  # fastai's slice(base_lr)
+    history = fit_one_cycle(model, train, valid, augment, epochs=1, lrs=frozen_lrs, pct_start=FROZEN_PCT, div=DIV,
+                            stage="frozen", **fit)  # fmt: skip
+    unfreeze(model)
+    history += fit_one_cycle(model, train, valid, augment, epochs=recipe.unfrozen_epochs,
+                             lrs=group_lrs(list(UNFROZEN_LR_SLICE), 3), pct_start=UNFROZEN_PCT, div=UNFROZEN_DIV,
+                             stage="unfrozen", **fit)  # fmt: skip
+    images = len(train) * recipe.batch_size  # drop_last: every epoch trains on full batches only
+    epochs = [(images / row["images_per_s"], images) for row in history]  # training time, validation excluded
+    return summary(lr_find_s, epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
+
+
+def summary(lr_find_s: float, epochs: list[tuple[float, int]], valid_loss: float, err: float) -> dict[str, float]:
+    seconds = sum(s for s, _ in epochs)
+    return {
+        "images_per_s": sum(n for _, n in epochs) / seconds,
+        "s_per_epoch": seconds / len(epochs),
+        "lr_find_s": lr_find_s,
+        "error_rate": err,
+        "valid_loss": valid_loss,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent: data, split and weights once; then the sides alternate, each in its own process
+
+COLUMNS = (
+    ("images_per_s", "train images/s", "{:.2f}", True),
+    ("s_per_epoch", "s per epoch (train)", "{:.1f}", False),
+    ("lr_find_s", "lr_find s", "{:.1f}", False),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}", False),
+    ("error_rate", "error_rate", "{:.4f}", None),
+    ("valid_loss", "valid_loss", "{:.4f}", None),
+)
+
+
+def prepare(work: Path, data_root: Path, quick: bool, seed: int) -> int:
+    """Index (petbreeds' labeller), split, weights into ``work``; returns the number of images."""
+    from petbreeds.atomic import atomic_write_json, atomic_write_text
+    from petbreeds.config import IndexParams, ModelParams, SplitParams
+    from petbreeds.labelling import index_images
+    from petbreeds.pretrained import prepare_pretrained
+    from petbreeds.splitting import split_items
+
+    table = index_images(data_root, IndexParams(LABEL_REGEX, 0)).table
+    if quick:  # the first 7 images of each breed (sorted): every breed keeps training images, ~a quarter of the time
+        table = table.groupby("label", sort=False).head(7).reset_index(drop=True)
+    table = split_items(table, SplitParams("random", 0.2, seed), data_root / "annotations")
+    table.to_csv(work / "split.csv", index=False)
+    vocab = sorted(set(table.loc[table["split"] == "train", "label"]))
+    atomic_write_json(work / "vocab.json", {"vocab": vocab})
+    atomic_write_text(work / "root.txt", str(data_root.resolve()))
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        prepare_pretrained(ModelParams(ARCH, "imagenet", "IMAGENET1K_V1"), Path(tmp) / "pretrained")
+        for name in ("weights.pt", "weights.json"):
+            os.replace(Path(tmp) / "pretrained" / name, work / name)
+    return len(table)
+
+
+def run_side(side: str, work: Path, quick: bool, workers: int) -> dict[str, float]:
+    """One side in its own process; adds its peak RSS (the largest of the process and its DataLoader workers)."""
+    out = work / f"{side}.json"
+    cmd = [str(SIDES[side]), __file__, "--side", side, "--work", str(work), "--workers", str(workers)]
+    proc = subprocess.Popen([*cmd, "--quick"] if quick else cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"the {side} side failed (exit {os.waitstatus_to_exitcode(status)}); see its output above")
+    result = json.loads(out.read_text())
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    return result
+
+
+def table_text(results: dict[str, list[dict[str, float]]]) -> str:
+    """Medians per side, petbreeds/fastai ratio (>1 = petbreeds better), and each side's run-to-run spread."""
+    lines = [
+        "| metric | fastai | petbreeds | ratio (>1: petbreeds better) | spread fastai / petbreeds |",
+        "|---|---|---|---|---|",
+    ]
+    for key, name, fmt, higher_better in COLUMNS:
+        values = {side: [r[key] for r in runs] for side, runs in results.items()}
+        med = {side: statistics.median(v) for side, v in values.items()}
+        spread = {side: max(v) - min(v) for side, v in values.items()}
+        if higher_better is None:
+            ratio = f"Δ {med['petbreeds'] - med['fastai']:+.4f}"
+        else:
+            r = med["petbreeds"] / med["fastai"] if higher_better else med["fastai"] / med["petbreeds"]
+            ratio = f"{r:.2f}×"
+        cells = [fmt.format(med["fastai"]), fmt.format(med["petbreeds"]), ratio,
+                 f"{fmt.format(spread['fastai'])} / {fmt.format(spread['petbreeds'])}"]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="folder with images/ (default: the shared subset, "
+                        "else data/raw from `dvc repro fetch`)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side (>= 2 to see the noise)")
+    parser.add_argument(
+        "--quick", action="store_true", help="7 images per breed, 160/128 px, bs 16, 10 lr_find steps, 1+1 epochs"
+    )
+    parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=-1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:  # a child: run one side, write its numbers
+        recipe = (quick_recipe if args.quick else full_recipe)(args.workers)
+        result = (run_fastai if args.side == "fastai" else run_petbreeds)(args.work, recipe)
+        (args.work / f"{args.side}.json").write_text(json.dumps(result))
+        return
+    for side, python in SIDES.items():
+        if not python.is_file():
+            raise SystemExit(f"{python}: missing; the {side} side needs it (see this script's docstring)")
+    data_root = args.data or (SHARED_SUBSET if SHARED_SUBSET.is_dir() else ROOT / "data" / "raw")
+    from petbreeds.dataloaders import default_num_workers
+
+    workers = default_num_workers(-1)
+    results: dict[str, list[dict[str, float]]] = {"fastai": [], "petbreeds": []}
+    with tempfile.TemporaryDirectory(prefix="vs_fastai.") as tmp:
+        work = Path(tmp)
+        n = prepare(work, data_root, args.quick, 42)
+        for repeat in range(args.repeats):
+            order = ("fastai", "petbreeds") if repeat % 2 == 0 else ("petbreeds", "fastai")
+            for side in order:
+                print(f"== repeat {repeat + 1}/{args.repeats}: {side}", flush=True)
+                results[side].append(run_side(side, work, args.quick, workers))
+                print(json.dumps(results[side][-1]), flush=True)
+    recipe = (quick_recipe if args.quick else full_recipe)(workers)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {n} images from {data_root}, {recipe}, "
+          f"{args.repeats} runs per side (medians; spread = max - min)\n")  # fmt: skip
+    print(table_text(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The device batch stage (spec §2): fastai's ``aug_transforms`` in ONE resample per image, then normalise.
+
+fastai resamples a training image twice when ``min_scale < 1`` (the affine pass at item size, then the random
+resized crop to ``size``; spec §2.4) and draws one crop per batch. Here flip, rotate, zoom, warp and a per-image
+random resized crop are composed into one projective map per image, so one ``F.grid_sample`` call produces the
+``size`` output directly.
+
+Coordinates are torch's normalised ones with ``align_corners=False``: (-1, -1) and (1, 1) are the outer edges of
+the image, whatever its resolution. The same map therefore samples the same content from the item-size batch
+or from an area-reduced copy of it, which is what makes the anti-alias prefilter (see :meth:`BatchAugment.train`)
+a filter, not a second geometric resample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+
+from petbreeds.config import AugmentParams
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Bilinear sampling reads 2x2 neighbours: once an output pixel spans more than this many input pixels, it aliases.
+_MAX_BILINEAR_STEP = 2.0
+
+
+@dataclass(frozen=True)
+class Draws:
+    """One batch's random parameters, each a float tensor ``[B]`` (``flip`` is bool).
+
+    angle: rotation in degrees; zoom: fastai's zoom factor z >= 1 zooms in; zoom_x/zoom_y, crop_x/crop_y: centre
+    fractions in [0, 1]; warp_x/warp_y: corner offsets (spec §2.3); crop_side: side of the random resized crop
+    as a fraction of the image side (sqrt of the area fraction); brightness in (0, 1), 0.5 = unchanged; contrast
+    > 0, 1 = unchanged.
+    """
+
+    flip: torch.Tensor
+    angle: torch.Tensor
+    zoom: torch.Tensor
+    zoom_x: torch.Tensor
+    zoom_y: torch.Tensor
+    warp_x: torch.Tensor
+    warp_y: torch.Tensor
+    crop_side: torch.Tensor
+    crop_x: torch.Tensor
+    crop_y: torch.Tensor
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+
+    @staticmethod
+    def identity(n: int, device: torch.device | str = "cpu") -> Draws:
+        """Draws that change nothing: the train path becomes a plain resize to ``size``."""
+
+        def full(value: float) -> torch.Tensor:
+            return torch.full((n,), value, device=device)
+
+        return Draws(
+            flip=torch.zeros(n, dtype=torch.bool, device=device),
+            angle=full(0.0),
+            zoom=full(1.0),
+            zoom_x=full(0.5),
+            zoom_y=full(0.5),
+            warp_x=full(0.0),
+            warp_y=full(0.0),
+            crop_side=full(1.0),
+            crop_x=full(0.5),
+            crop_y=full(0.5),
+            brightness=full(0.5),
+            contrast=full(1.0),
+        )
+
+
+def _matrices(rows: list[list[torch.Tensor | float]], like: torch.Tensor) -> torch.Tensor:
+    """A batch of 3x3 matrices ``[B, 3, 3]`` from 3 rows of 3 entries, each a ``[B]`` tensor or a number."""
+    entries = [[torch.as_tensor(v).to(like).expand_as(like) for v in row] for row in rows]
+    return torch.stack([torch.stack(row, -1) for row in entries], -2)
+
+
+def affine_matrices(d: Draws) -> torch.Tensor:
+    """``M = F · R · Z · C`` ``[B, 3, 3]``: output coordinates → input coordinates (spec §2.3, §2.4).
+
+    F flips x, R rotates, Z zooms in around a random centre (fastai's zoom_mat), C maps the output onto the
+    random resized crop. fastai applies C to the affine pass's output, so it acts first on output coordinates.
+    """
+    one = torch.ones_like(d.angle)
+    sx = torch.where(d.flip, -one, one)
+    theta = torch.deg2rad(d.angle)
+    cos, sin = theta.cos(), theta.sin()
+    s = 1.0 / d.zoom
+    f = d.crop_side
+    flip = _matrices([[sx, 0, 0], [0, 1, 0], [0, 0, 1]], one)
+    rotate = _matrices([[cos, sin, 0], [-sin, cos, 0], [0, 0, 1]], one)
+    zoom = _matrices([[s, 0, (1 - s) * (2 * d.zoom_x - 1)], [0, s, (1 - s) * (2 * d.zoom_y - 1)], [0, 0, 1]], one)
+    crop = _matrices([[f, 0, (1 - f) * (2 * d.crop_x - 1)], [0, f, (1 - f) * (2 * d.crop_y - 1)], [0, 0, 1]], one)
+    return flip @ rotate @ zoom @ crop
+
+
+def warp_matrices(d: Draws) -> torch.Tensor:
+    """fastai's perspective warp (spec §2.3) as homographies ``[B, 3, 3]``.
+
+    Each maps the corners (-1,-1), (-1,1), (1,-1), (1,1) to the perturbed points fastai pairs them with;
+    the 8 unknowns come from ``torch.linalg.solve`` (identity when warp_x = warp_y = 0).
+    """
+    xt, yt = d.warp_x, d.warp_y
+    src = [(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)]
+    dst = [(-1 - yt, -1 - xt), (-1 + yt, 1 + xt), (1 + yt, -1 + xt), (1 - yt, 1 - xt)]
+    zero, one = torch.zeros_like(xt), torch.ones_like(xt)
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst, strict=True):
+        rows.append(torch.stack([x * one, y * one, one, zero, zero, zero, -u * x, -u * y], -1))
+        rows.append(torch.stack([zero, zero, zero, x * one, y * one, one, -v * x, -v * y], -1))
+        rhs += [u, v]
+    h = torch.linalg.solve(torch.stack(rows, -2), torch.stack(rhs, -1))
+    return torch.cat([h, one[:, None]], -1).view(-1, 3, 3)
+
+
+def sampling_grid(transform: torch.Tensor, size: int) -> torch.Tensor:
+    """Input coordinates ``[B, size, size, 2]`` (x, y) for each output pixel centre under projective ``[B, 3, 3]``."""
+    centres = (torch.arange(size, device=transform.device, dtype=transform.dtype) * 2 + 1) / size - 1
+    y, x = torch.meshgrid(centres, centres, indexing="ij")
+    points = torch.stack([x, y, torch.ones_like(x)], -1).view(-1, 3)  # [size*size, 3]
+    mapped = torch.einsum("nk,bjk->bnj", points, transform)  # [B, size*size, 3]; 2x faster than a broadcast @
+    return (mapped[..., :2] / mapped[..., 2:]).view(-1, size, size, 2)
+
+
+def lighting_(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """fastai's fused Brightness + Contrast (spec §2.5), in place on float ``[B, C, H, W]`` in [0, 1].
+
+    ``sigmoid(contrast · (logit(x) + logit(brightness)))`` with per-image ``brightness`` and ``contrast`` ``[B]``.
+    In place because each out-of-place step would allocate and stream a whole batch again (3x slower on CPU).
+    """
+    shift = torch.logit(brightness)[:, None, None, None]
+    return x.logit_(eps=1e-7).add_(shift).mul_(contrast[:, None, None, None]).sigmoid_()
+
+
+class BatchAugment:
+    """uint8 ``[B, 3, H, W]`` batches on ``device`` → normalised float32 ``[B, 3, size, size]``.
+
+    Train: random flip, rotate, zoom, warp, random resized crop (one resample) and lighting, per image. Valid:
+    an antialiased resize of the centre square to ``size``. Random draws come from an own generator on
+    ``device`` seeded with ``seed``: the same seed gives the same sequence of batches.
+    """
+
+    def __init__(self, aug: AugmentParams, size: int, seed: int, device: torch.device) -> None:
+        self.aug = aug
+        self.size = size
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, x: torch.Tensor, *, train: bool) -> torch.Tensor:
+        if train:
+            return self.train(x, self.draw(x.shape[0]))
+        return self.valid(x)
+
+    def draw(self, n: int) -> Draws:
+        """Random parameters for ``n`` images with fastai's distributions (spec §2.3–§2.5), crop per image.
+
+        Always the same number of draws per batch, so one setting never shifts the random stream of another.
+        """
+        a = self.aug
+        u = torch.rand((12, n), generator=self.generator, device=self.device)
+        # rotate, zoom, warp_x, warp_y: fastai keeps each with probability p_affine on its own
+        keep_affine = torch.rand((4, n), generator=self.generator, device=self.device) < a.p_affine
+        keep_lighting = torch.rand((2, n), generator=self.generator, device=self.device) < a.p_lighting
+
+        def uniform(i: int, lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * u[i]
+
+        def kept(keep: torch.Tensor, value: torch.Tensor, neutral: float) -> torch.Tensor:
+            return torch.where(keep, value, torch.full_like(value, neutral))
+
+        max_rotate, max_warp, max_light = a.max_rotate * a.mult, a.max_warp * a.mult, a.max_lighting * a.mult
+        log_contrast = -math.log(1 - max_light)
+        return Draws(
+            flip=(u[0] < 0.5) & a.do_flip,
+            angle=kept(keep_affine[0], uniform(1, -max_rotate, max_rotate), 0.0),
+            zoom=kept(keep_affine[1], uniform(2, a.min_zoom, a.max_zoom), 1.0),
+            zoom_x=u[3],
+            zoom_y=u[4],
+            warp_x=kept(keep_affine[2], uniform(5, -max_warp, max_warp), 0.0),
+            warp_y=kept(keep_affine[3], uniform(6, -max_warp, max_warp), 0.0),
+            crop_side=uniform(7, a.min_scale, 1.0).sqrt(),
+            crop_x=u[8],
+            crop_y=u[9],
+            brightness=kept(keep_lighting[0], uniform(10, 0.5 * (1 - max_light), 0.5 * (1 + max_light)), 0.5),
+            contrast=kept(keep_lighting[1], uniform(11, -log_contrast, log_contrast).exp(), 1.0),
+        )
+
+    def train(self, x: torch.Tensor, d: Draws) -> torch.Tensor:
+        """Apply draws ``d`` to uint8 ``[B, 3, H, H]``: exactly one ``F.grid_sample`` per batch.
+
+        Anti-aliasing: an output pixel covers ``H · crop_side / (zoom · size)`` input pixels. When that exceeds 2
+        for every image of the batch, the un-augmented input is first area-reduced (a box low-pass filter) to the
+        resolution where the most zoomed-in image reads one input pixel per output pixel. This happens before
+        any geometry, on the same normalised coordinate frame, so it removes frequencies the output cannot hold
+        without moving anything: the geometric resample is still the single grid_sample.
+        """
+        h, w = x.shape[-2:]
+        if h != w:
+            raise ValueError(f"BatchAugment.train needs square items (the item stage makes them), got {h}x{w}")
+        img = x.float()
+        finest = (d.crop_side / d.zoom).min().item()  # the smallest sampled region, as a fraction of the side
+        needed = math.ceil(self.size / finest)
+        if h > _MAX_BILINEAR_STEP * needed:
+            img = F.interpolate(img, size=(needed, needed), mode="area")
+        transform = warp_matrices(d) @ affine_matrices(d)
+        grid = sampling_grid(transform, self.size)
+        out = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False).div_(255)
+        if self.aug.max_lighting * self.aug.mult > 0 and self.aug.p_lighting > 0:
+            out = lighting_(out, d.brightness, d.contrast)
+        return self.normalize_(out)
+
+    def valid(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` → centre square, one antialiased bilinear resize to ``size``, normalised.
+
+        On CPU the resize runs on uint8 (torch's vectorised path, 5x faster than float) and rounds like Pillow;
+        CUDA has no uint8 antialiased kernel, so there it runs on float.
+        """
+        img = TF.center_crop(x, [min(x.shape[-2:])])
+        if img.shape[-1] != self.size:
+            if img.device.type != "cpu":
+                img = img.float()
+            img = F.interpolate(img, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return self.normalize_(img.float() / 255)  # a new tensor: never write into the caller's batch
+
+    def normalize_(self, x: torch.Tensor) -> torch.Tensor:
+        """float ``[B, 3, H, W]`` in [0, 1] → ImageNet-normalised, in place."""
+        return x.sub_(self.mean).div_(self.std)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float ``[B, 3, H, W]`` → float in [0, 1] for display."""
+        return (x * self.std + self.mean).clamp(0, 1)

@@ -1,0 +1,111 @@
+"""DataLoaders over the split table (spec §10.1): uint8 batches, seeded shuffling and workers.
+
+Train: shuffled, ``drop_last`` (fastai's default when shuffling), fresh crop positions every epoch.
+Valid: table order, every item. Batches stay uint8 until the device (a quarter of float32's bytes to copy).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from petbreeds.config import DataParams
+from petbreeds.errors import PetbreedsError
+from petbreeds.presizing import PresizedImages
+
+# fastai's num_workers = min(16, cpu_count)
+_MAX_DEFAULT_WORKERS = 16
+
+
+def default_num_workers(requested: int) -> int:
+    """``data.num_workers``, with -1 meaning one worker per core this process may use (at most 16)."""
+    if requested >= 0:
+        return requested
+    return min(_MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """A seeded random permutation per epoch, yielding ``(index, epoch)`` pairs.
+
+    The epoch travels with each index so that :class:`PresizedImages` can draw that epoch's crop position even
+    inside persistent workers, which hold their own copy of the dataset and never see an epoch counter.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.epoch = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        for index in torch.randperm(self.n, generator=self.generator).tolist():
+            yield index, epoch
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed Python's and NumPy's RNGs in a worker from torch's per-worker seed (itself from the loader's generator)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(
+    table: pd.DataFrame, root: Path, vocab: list[str], data: DataParams, *, train: bool, seed: int
+) -> DataLoader:
+    """A DataLoader of ``(x uint8 [B, 3, item_size, item_size], y int64 [B])`` over ``table`` (columns path, label).
+
+    ``path`` is relative to ``root``. A label outside ``vocab`` is an error, never a silently dropped item.
+    """
+    missing = {"path", "label"} - set(table.columns)
+    if missing:
+        raise PetbreedsError(f"the split table lacks column(s) {sorted(missing)}; re-run dvc repro split")
+    split = "train" if train else "valid"
+    if len(table) == 0:
+        raise PetbreedsError(f"no {split} items in the split table; check split.valid_pct and the data in data/raw")
+    class_index = {label: i for i, label in enumerate(vocab)}
+    unknown = sorted(set(table["label"]) - class_index.keys())
+    if unknown:
+        raise PetbreedsError(
+            f"label(s) {unknown[:5]} of the split table are not in data/vocab.json; re-run dvc repro index split"
+        )
+    if train and len(table) < data.batch_size:
+        raise PetbreedsError(
+            f"only {len(table)} training items, fewer than data.batch_size={data.batch_size}: with drop_last no "
+            "batch would be left; lower data.batch_size"
+        )
+    dataset = PresizedImages(
+        [root / p for p in table["path"]],
+        [class_index[label] for label in table["label"]],
+        data,
+        train=train,
+        seed=seed,
+    )
+    workers = default_num_workers(data.num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=data.batch_size,
+        sampler=EpochShuffle(len(dataset), seed) if train else None,
+        drop_last=train,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move ``(x, y)`` to ``device``; non-blocking, so a pinned batch's copy overlaps with compute on CUDA."""
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -1,0 +1,113 @@
+"""``fetch.source`` → ``data/raw``: the generated sample, the official archives, or a local copy.
+
+Whatever the source, ``out_dir`` ends up in the real archive's layout — ``images/`` and, when the
+source has them, the official lists ``annotations/*.txt`` — and is replaced as a whole, atomically.
+Of the annotations only the lists are kept: the trimaps and XML boxes are not used, and their PNGs
+would otherwise sit among the images the index stage searches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import urllib.parse
+from pathlib import Path, PurePosixPath
+
+from petbreeds.atomic import atomic_directory
+from petbreeds.config import FetchParams
+from petbreeds.download import download, md5sum, safe_extract
+from petbreeds.errors import PetbreedsError
+from petbreeds.sample_data import generate_sample
+
+
+def fetch(params: FetchParams, out_dir: str | os.PathLike[str], downloads_dir: Path | None = None) -> None:
+    """Fill ``out_dir`` from ``params.source``.
+
+    Downloads are kept in ``downloads_dir`` (default: ``downloads/`` beside ``out_dir``, so
+    ``data/downloads`` for ``data/raw``), outside the DVC output: an interrupted download resumes,
+    and a finished one is not fetched again while its md5 matches.
+    """
+    out_dir = Path(out_dir)
+    if params.source == "sample":
+        generate_sample(out_dir, params.sample)
+    elif params.source == "oxford-iiit-pet":
+        _fetch_oxford(params, out_dir, downloads_dir or out_dir.parent / "downloads")
+    else:
+        _fetch_local(params, Path(params.local_path).expanduser(), out_dir)
+
+
+def _file_name(url: str) -> str:
+    return PurePosixPath(urllib.parse.urlparse(url).path).name
+
+
+def _fetch_oxford(params: FetchParams, out_dir: Path, downloads_dir: Path) -> None:
+    pet = params.oxford_iiit_pet
+    archives = [
+        download(url, downloads_dir / _file_name(url), md5=md5, retries=params.retries, timeout_s=params.timeout_s)
+        for url, md5 in ((pet.images_url, pet.images_md5), (pet.annotations_url, pet.annotations_md5))
+    ]
+    _install_archives(archives, out_dir, what=" and ".join(str(a) for a in archives))
+
+
+def _fetch_local(params: FetchParams, path: Path, out_dir: Path) -> None:
+    what = f"fetch.local_path ({path})"
+    if not path.exists():
+        raise PetbreedsError(
+            f"{what} does not exist; set it to an archive (.tgz, .tar.gz, .tar, .zip) or to a folder holding "
+            "images/ (e.g. ~/.fastai/data/oxford-iiit-pet)"
+        )
+    if path.is_dir():
+        _install(_dataset_root(path, what), out_dir, move=False)
+        return
+    # A copy of an official archive is checked against the md5 in params, as a download would be.
+    pet = params.oxford_iiit_pet
+    expected = {_file_name(pet.images_url): pet.images_md5, _file_name(pet.annotations_url): pet.annotations_md5}
+    if path.name in expected and (actual := md5sum(path)) != expected[path.name]:
+        raise PetbreedsError(
+            f"{what}: md5 {actual}, but the official {path.name} has {expected[path.name]}; the copy is "
+            "incomplete or corrupt: replace it, or rename it if it is another archive"
+        )
+    _install_archives([path], out_dir, what)
+
+
+def _install_archives(archives: list[Path], out_dir: Path, what: str) -> None:
+    """Extract into a temporary folder beside ``out_dir`` (same filesystem: moving is a rename), then install."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.extract.", dir=out_dir.parent) as staging:
+        for archive in archives:
+            safe_extract(archive, Path(staging))
+        _install(_dataset_root(Path(staging), what), out_dir, move=True)
+
+
+def _dataset_root(path: Path, what: str) -> Path:
+    """The folder holding ``images/``: ``path`` itself or up to two levels below (an archive's top folder,
+    fastai's ``~/.fastai/data`` holding ``oxford-iiit-pet/``)."""
+    levels = [[path], sorted(path.glob("*/")), sorted(path.glob("*/*/"))]
+    for candidates in levels:
+        roots = [c for c in candidates if (c / "images").is_dir()]
+        if len(roots) > 1:
+            names = ", ".join(str(r.relative_to(path)) for r in roots)
+            raise PetbreedsError(f"{what}: several folders hold images/ ({names}); point fetch.local_path at one")
+        if roots:
+            if not any((roots[0] / "images").iterdir()):
+                raise PetbreedsError(f"{what}: {roots[0] / 'images'} is empty")
+            return roots[0]
+    raise PetbreedsError(
+        f"{what}: no images/ folder in it or two levels below; point fetch.local_path at the folder that holds "
+        "images/ (e.g. ~/.fastai/data/oxford-iiit-pet) or at the archive"
+    )
+
+
+def _install(root: Path, out_dir: Path, *, move: bool) -> None:
+    """``root/images`` and ``root/annotations/*.txt`` into ``out_dir``, atomically; moved when ``root`` is ours."""
+    lists = sorted((root / "annotations").glob("*.txt"))
+    with atomic_directory(out_dir) as tmp:
+        if move:
+            os.replace(root / "images", tmp / "images")
+        else:
+            shutil.copytree(root / "images", tmp / "images")
+        if lists:
+            (tmp / "annotations").mkdir()
+            for f in lists:
+                shutil.copy2(f, tmp / "annotations" / f.name)

@@ -1,0 +1,199 @@
+"""fastai's learning-rate finder and its four suggestions (spec §6).
+
+    result = lr_find(model, train_loader, augment, start_lr=1e-7, end_lr=10.0, num_it=100, stop_div=True,
+                     wd=0.01, device=device, dtype=None, channels_last=True)
+    result.suggestions["valley"]
+
+Training batch i runs at start·(end/start)^(i/num_it) on every group; the recorded loss is the smoothed training
+loss (reset at the start); the sweep stops after ``num_it`` batches, or once the smoothed loss exceeds 4× its best.
+The model's weights and BatchNorm buffers are put back bit-for-bit afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+
+from petbreeds.atomic import atomic_output
+from petbreeds.device import make_grad_scaler
+from petbreeds.errors import PetbreedsError
+from petbreeds.model import param_groups
+from petbreeds.schedule import make_optimizer
+from petbreeds.training import Augment, SmoothLoss, batch_inputs, place, train_step
+
+# fastai's Adam default mom: lr_find does not schedule momentum, so a fresh learner's 0.9 applies.
+LR_FIND_BETA1 = 0.9
+DIVERGENCE_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class LrFindResult:
+    lrs: list[float]  # the lr of each recorded batch
+    losses: list[float]  # the smoothed loss after that batch
+    suggestions: dict[str, float]  # valley, minimum, steep, slide
+
+
+# --------------------------------------------------------------------------------------------------
+# Suggestions, on the recorded curve without its first 10% and last 5 points (spec §6)
+
+
+def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The lr 1/3 + 1/6 of the way into the longest strictly decreasing run of losses (ESRI's rule, fastai default).
+
+    ``run[i]`` = length of the longest strictly decreasing subsequence ending at i; e = the first index where it
+    peaks, s = e - run[e]. Python's negative indexing at s = -1 is kept, as in fastai.
+    """
+    run = [1] * len(losses)
+    for i in range(len(losses)):
+        for j in range(i):
+            if losses[i] < losses[j]:
+                run[i] = max(run[i], run[j] + 1)
+    end = run.index(max(run))
+    start = end - run[end]
+    third = (end - start) / 3
+    return float(lrs[start + int(third) + int(third / 2)])
+
+
+def minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """A tenth of the lr at the lowest loss."""
+    return float(lrs[int(np.argmin(losses))]) / 10
+
+
+def steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The lr where the loss falls fastest against log lr (the left point of the steepest segment)."""
+    log_lrs = np.log(np.asarray(lrs, dtype=np.float64))
+    slopes = np.diff(np.asarray(losses, dtype=np.float64)) / np.diff(log_lrs)
+    return float(lrs[int(np.argmin(slopes))])
+
+
+def slide(
+    lrs: Sequence[float], losses: Sequence[float], lr_diff: int = 15, thresh: float = 0.005, adjust_value: float = 1.0
+) -> float:
+    """Slide a window of ``lr_diff`` points leftwards from the end while the loss gradients at its two ends differ
+    by more than ``thresh``; return the last left end that differed (fastai's interval slide rule).
+
+    With ``lr_diff`` points or fewer fastai would index out of range; the slide would end at the first point.
+    """
+    n = len(losses)
+    if n <= lr_diff:
+        return float(lrs[0]) * adjust_value
+    grad = np.gradient(np.asarray(losses, dtype=np.float64))
+    right, left = -1, -1 - lr_diff
+    suggestion = lrs[left]
+    while left >= -n and abs(grad[right] - grad[left]) > thresh:
+        suggestion = lrs[left]
+        right -= 1
+        left -= 1
+    return float(suggestion) * adjust_value
+
+
+SUGGESTIONS: dict[str, Callable[[Sequence[float], Sequence[float]], float]] = {
+    "valley": valley,
+    "minimum": minimum,
+    "steep": steep,
+    "slide": slide,
+}
+
+
+def suggest(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> dict[str, float]:
+    """Every suggestion on ``recorded[num_it//10 : -5]``, cut at the first NaN loss."""
+    window_lrs = list(lrs[num_it // 10 : -5])
+    window_losses = list(losses[num_it // 10 : -5])
+    if any(math.isnan(v) for v in window_losses):
+        first_nan = next(i for i, v in enumerate(window_losses) if math.isnan(v))
+        window_lrs, window_losses = window_lrs[:first_nan], window_losses[:first_nan]
+    if len(window_losses) < 2:
+        raise PetbreedsError(
+            f"lr_find recorded {len(losses)} batches, leaving {len(window_losses)} usable point(s) after dropping "
+            f"the first num_it//10 and the last 5 (and any NaN): raise lr_find.num_it, lower lr_find.end_lr, "
+            "or set lr_find.stop_div to false"
+        )
+    return {name: func(window_lrs, window_losses) for name, func in SUGGESTIONS.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def _batches_forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches, epoch after epoch (each epoch reshuffled, as fastai's lr_find fits several)."""
+    while True:
+        yield from loader
+
+
+def lr_find(
+    model: nn.Module,
+    train_loader: DataLoader,
+    augment: Augment,
+    *,
+    start_lr: float,
+    end_lr: float,
+    num_it: int,
+    stop_div: bool,
+    wd: float,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels_last: bool,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> LrFindResult:
+    """Sweep the lr exponentially over training batches; ``model`` comes back exactly as it was given.
+
+    ``on_step(i, lr, smoothed_loss)`` is called after every batch.
+    """
+    place(model, device, channels_last)
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    was_training = model.training
+    opt = make_optimizer(param_groups(model), [start_lr] * 3, wd, beta1=LR_FIND_BETA1)
+    sched = LambdaLR(opt, lambda i: (end_lr / start_lr) ** (i / num_it))
+    scaler = make_grad_scaler(device, dtype)
+    smooth = SmoothLoss()
+    best = math.inf
+    lrs: list[float] = []
+    losses: list[float] = []
+    try:
+        model.train()
+        for i, batch in enumerate(_batches_forever(train_loader)):
+            x, y = batch_inputs(batch, augment, device, channels_last, train=True)
+            lr = opt.param_groups[-1]["lr"]
+            loss = smooth.add(train_step(model, opt, scaler, x, y, device, dtype).item())
+            lrs.append(lr)
+            losses.append(loss)
+            if on_step is not None:
+                on_step(i, lr, loss)
+            if loss < best:  # never true for NaN: a NaN loss neither sets the best nor stops the sweep (fastai)
+                best = loss
+            if (stop_div and loss > DIVERGENCE_FACTOR * best) or i + 1 == num_it:
+                break
+            sched.step()
+    finally:
+        model.load_state_dict(saved)
+        opt.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return LrFindResult(lrs=lrs, losses=losses, suggestions=suggest(lrs, losses, num_it))
+
+
+def save_lr_find_plot(result: LrFindResult, chosen: str, path: Path) -> None:
+    """The smoothed loss against the lr (log x), each suggestion marked, the chosen one in the legend's title."""
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    ax.plot(result.lrs, result.losses)
+    markers = {"valley": "o", "minimum": "s", "steep": "^", "slide": "D"}
+    for name, lr in result.suggestions.items():
+        loss = float(np.interp(math.log(lr), np.log(result.lrs), result.losses))
+        ax.plot([lr], [loss], markers[name], label=f"{name}: {lr:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.legend(title=f"chosen: {chosen}")
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp)

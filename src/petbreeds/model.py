@@ -1,0 +1,268 @@
+"""The learner's model: a pretrained body + fastai's head, its 3 parameter groups, freezing, checkpoints.
+
+    model = create_model("resnet34", n_classes=37, pretrained_dir=Path("models/pretrained"))
+    groups = param_groups(model)          # [ParamGroup(decay, no_decay)] * 3, as fastai's splitter
+    freeze(model)                         # head + every norm layer train (fastai's train_bn=True)
+    save_checkpoint(path, model, arch=..., vocab=..., data=params.data)
+    model, ckpt = load_checkpoint(path, device)
+
+Behaviour follows spec §3 (body cut, head layout and init, splitter, freeze).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from petbreeds.atomic import atomic_output
+from petbreeds.augment import IMAGENET_MEAN, IMAGENET_STD
+from petbreeds.config import DataParams
+from petbreeds.errors import PetbreedsError
+
+CHECKPOINT_FORMAT = "petbreeds-model/1"
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# Layers whose parameters fastai treats as "norm" params: trained while frozen (train_bn) and never weight-decayed.
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Body
+
+
+def create_imagenet_net(arch: str) -> nn.Module:
+    """The randomly initialised 1000-class ImageNet network an ImageNet weights file fits (torchvision / timm)."""
+    if arch in RESNETS:
+        return getattr(torchvision.models, arch)(weights=None)
+    if arch == "efficientnet_lite0":
+        return timm.create_model("efficientnet_lite0", pretrained=False)
+    raise PetbreedsError(
+        f"params.yaml: model.arch {arch!r} is not supported; use one of {(*RESNETS, 'efficientnet_lite0')}"
+    )
+
+
+def body_of(arch: str, net: nn.Module) -> nn.Sequential:
+    """Cut an ImageNet network before its pooling and classifier (spec §3.1), sharing its modules.
+
+    resnets: ``children[:-2]`` = conv1, bn1, relu, maxpool, layer1..layer4 (indices 0..7).
+    efficientnet_lite0: conv_stem, bn1(+act), its 7 block stages, conv_head, bn2(+act) (indices 0..10), flat so
+    that the parameter groups can cut it by index like the resnets.
+    """
+    if arch in RESNETS:
+        return nn.Sequential(*list(net.children())[:-2])
+    return nn.Sequential(net.conv_stem, net.bn1, *net.blocks, net.conv_head, net.bn2)
+
+
+def _features_count(body: nn.Module) -> int:
+    """Channels the body outputs, from a dummy forward in eval mode (so BN running stats stay untouched)."""
+    was_training = body.training
+    body.eval()
+    with torch.no_grad():
+        nf = body(torch.zeros(1, 3, 64, 64)).shape[1]
+    body.train(was_training)
+    return int(nf)
+
+
+def _load_pretrained_body(body: nn.Module, arch: str, pretrained_dir: Path) -> None:
+    """Load ``pretrained_dir/weights.pt`` (written by the weights stage) into ``body``; a "none" marker keeps it."""
+    meta_path = pretrained_dir / "weights.json"
+    if not meta_path.is_file():
+        raise PetbreedsError(f"{meta_path}: not found; run `dvc repro weights` first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("arch") != arch:
+        raise PetbreedsError(
+            f"{meta_path}: holds weights for {meta.get('arch')!r} but model.arch is {arch!r}; run `dvc repro weights`"
+        )
+    if meta.get("weights") == "none":
+        return
+    weights_path = pretrained_dir / "weights.pt"
+    if not weights_path.is_file():
+        raise PetbreedsError(f"{weights_path}: not found; run `dvc repro weights` again")
+    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    try:
+        body.load_state_dict(state)
+    except RuntimeError as e:
+        raise PetbreedsError(f"{weights_path}: does not fit the {arch} body ({e}); run `dvc repro weights`") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Head (spec §3.2, §3.3)
+
+
+class AdaptiveConcatPool2d(nn.Module):
+    """fastai's concat pool: [B, C, H, W] -> [B, 2C, 1, 1], max-pooled channels first, then average-pooled."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([nn.functional.adaptive_max_pool2d(x, 1), nn.functional.adaptive_avg_pool2d(x, 1)], dim=1)
+
+
+def create_head(nf: int, n_classes: int) -> nn.Sequential:
+    """fastai's ``create_head(nf, n_classes)`` with its defaults: flat, indices 0..8, initialised as fastai does."""
+    head = nn.Sequential(
+        AdaptiveConcatPool2d(),
+        nn.Flatten(),
+        nn.BatchNorm1d(2 * nf),
+        nn.Dropout(0.25),
+        nn.Linear(2 * nf, 512, bias=False),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(512),
+        nn.Dropout(0.5),
+        nn.Linear(512, n_classes, bias=False),
+    )
+    for layer in head:
+        if isinstance(layer, nn.BatchNorm1d):
+            nn.init.ones_(layer.weight)
+            nn.init.constant_(layer.bias, 1e-3)  # fastai's BatchNorm helper, not torch's 0
+        elif isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight)
+    return head
+
+
+class PetModel(nn.Module):
+    """``head(body(x))``: images [B, 3, H, W] float (normalised) -> logits [B, n_classes]."""
+
+    def __init__(self, arch: str, body: nn.Sequential, head: nn.Sequential) -> None:
+        super().__init__()
+        self.arch = arch  # param_groups cuts the body where this architecture's splitter does
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def create_model(arch: str, n_classes: int, pretrained_dir: Path | None) -> PetModel:
+    """Body of ``arch`` (pretrained from the weights stage's folder when given) + a fresh fastai head.
+
+    The caller seeds torch first: the random init (head, and body without weights) draws from its RNG.
+    """
+    body = body_of(arch, create_imagenet_net(arch))
+    if pretrained_dir is not None:
+        _load_pretrained_body(body, arch, Path(pretrained_dir))
+    return PetModel(arch, body, create_head(_features_count(body), n_classes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter groups and freezing (spec §3.4, §3.5, §4)
+
+
+@dataclass
+class ParamGroup:
+    """One fastai parameter group, split by weight decay (fastai's wd_bn_bias=False)."""
+
+    decay: list[nn.Parameter]
+    no_decay: list[nn.Parameter]  # norm-layer params and every bias
+
+
+# Where the body splits into groups 0 and 1. resnets: conv1, bn1, layer1, layer2 | layer3, layer4 (fastai's
+# _resnet_split). efficientnet_lite0, cut at the same place (stride 8 -> 16): stem + stages 0-2 (16, 24, 40
+# channels) | stages 3-6 (80, 112, 192, 320 channels) + conv_head.
+_BODY_CUT = {**dict.fromkeys(RESNETS, 6), "efficientnet_lite0": 5}
+
+
+def _split(modules: list[nn.Module]) -> ParamGroup:
+    group = ParamGroup(decay=[], no_decay=[])
+    for top in modules:
+        for module in top.modules():
+            for name, param in module.named_parameters(recurse=False):
+                no_decay = isinstance(module, NORM_TYPES) or name == "bias"
+                (group.no_decay if no_decay else group.decay).append(param)
+    return group
+
+
+def param_groups(model: PetModel) -> list[ParamGroup]:
+    """The 3 groups of spec §3.4 (early body | late body | head), each split into decay / no-decay params."""
+    cut = _BODY_CUT[model.arch]
+    body = list(model.body)
+    return [_split(body[:cut]), _split(body[cut:]), _split([model.head])]
+
+
+def freeze(model: PetModel) -> None:
+    """fastai's ``freeze()`` with train_bn=True: only the head and the body's norm-layer params train."""
+    for module in model.body.modules():
+        trainable = isinstance(module, NORM_TYPES)
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(trainable)
+    model.head.requires_grad_(True)
+
+
+def unfreeze(model: PetModel) -> None:
+    """fastai's ``unfreeze()``: every parameter trains."""
+    model.requires_grad_(True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (docs/architecture.md)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint's metadata: all that predicting needs besides the weights."""
+
+    arch: str
+    vocab: list[str]
+    item_size: int
+    size: int
+    resize_method: str
+    pad_mode: str
+    mean: list[float]
+    std: list[float]
+
+
+def save_checkpoint(path: Path, model: PetModel, *, arch: str, vocab: list[str], data: DataParams) -> None:
+    """Write the model and what predicting needs, atomically, in the ``petbreeds-model/1`` format."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "vocab": list(vocab),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "item_size": data.item_size,
+        "size": data.size,
+        "resize_method": data.resize_method,
+        "pad_mode": data.pad_mode,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[PetModel, Checkpoint]:
+    """Read a checkpoint written by :func:`save_checkpoint`; the model comes back on ``device`` in eval mode."""
+    path = Path(path)
+    redo = "re-run `dvc repro train_unfrozen` (or pass the models/model.pt the pipeline wrote)"
+    if not path.is_file():
+        raise PetbreedsError(f"{path}: checkpoint not found; {redo}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a file that is not its format
+        raise PetbreedsError(f"{path}: not a petbreeds checkpoint ({type(e).__name__}); {redo}") from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise PetbreedsError(f"{path}: not a petbreeds checkpoint (no 'format' entry); {redo}")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise PetbreedsError(
+            f"{path}: checkpoint format {state['format']!r}, this version reads {CHECKPOINT_FORMAT!r}; {redo}"
+        )
+    try:
+        meta = Checkpoint(**{name: state[name] for name in Checkpoint.__dataclass_fields__})
+        model = create_model(meta.arch, len(meta.vocab), None)
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError, PetbreedsError) as e:
+        raise PetbreedsError(f"{path}: damaged petbreeds checkpoint ({e}); {redo}") from None
+    return model.to(device).eval(), meta

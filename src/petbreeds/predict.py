@@ -1,0 +1,204 @@
+"""Breeds for new images: fastai's ``learn.predict``, from Python and from the command line.
+
+    from petbreeds.predict import predict
+    for p in predict(Path("my_pets"), top_k=3):
+        print(p.path, p.top_k)            # [("beagle", 0.93), ("basset_hound", 0.04), ("harrier", 0.01)]
+
+    petbreeds predict photo.jpg                      # one image: the top-k breeds, one per line
+    petbreeds predict my_pets/ --out preds.csv       # a folder: CSV rows path, pred_1, prob_1, ...
+
+Images go through exactly the evaluate stage's validation transforms: the valid item stage
+(:class:`~petbreeds.presizing.PresizedImages`, centred, with the checkpoint's item_size and resize method),
+then the batch stage's valid path (``BatchAugment(train=False)``: resize to the checkpoint's size, normalise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from petbreeds.atomic import atomic_write_text
+from petbreeds.augment import BatchAugment
+from petbreeds.config import DataParams
+from petbreeds.device import pick_device, resolve_precision
+from petbreeds.errors import PetbreedsError
+from petbreeds.model import Checkpoint, load_checkpoint
+from petbreeds.presizing import PresizedImages
+from petbreeds.training import get_preds
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 64  # images decoded and predicted at a time: bounds memory for large folders
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The ``top_k`` most probable breeds of one image, most probable first."""
+
+    path: Path
+    top_k: list[tuple[str, float]]
+
+    @property
+    def breed(self) -> str:
+        return self.top_k[0][0]
+
+    @property
+    def probability(self) -> float:
+        return self.top_k[0][1]
+
+
+def checkpoint_data(ckpt: Checkpoint, batch_size: int = BATCH_SIZE, num_workers: int = 0) -> DataParams:
+    """The item and batch transforms the checkpoint's model was trained with, as ``DataParams``."""
+    return DataParams(
+        item_size=ckpt.item_size,
+        size=ckpt.size,
+        resize_method=ckpt.resize_method,  # type: ignore[arg-type]  # validated when the model was trained
+        pad_mode=ckpt.pad_mode,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+
+
+def valid_augment(ckpt: Checkpoint, device: torch.device) -> BatchAugment:
+    """The batch stage's valid path for the checkpoint's input size (it draws nothing, so no seed matters).
+
+    The valid path never reads the augmentation params, hence None (no params.yaml is needed to predict).
+    """
+    return BatchAugment(None, ckpt.size, seed=0, device=device)  # type: ignore[arg-type]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every file below ``folder``, sorted, except hidden ones (fastai's get_image_files rule).
+
+    Which of them are images is decided by decoding them, not by their names, so that nothing is dropped
+    without a reason.
+    """
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _batches(items: PresizedImages, from_folder: set[Path]) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """(paths, uint8 [B, 3, item_size, item_size]) chunks of the decodable items.
+
+    A file that does not decode is skipped with a logged reason when it came from a folder, and is an error
+    when it was named explicitly.
+    """
+    paths: list[Path] = []
+    images: list[torch.Tensor] = []
+    for i, path in enumerate(items.paths):
+        try:
+            images.append(items[i][0])
+        except PetbreedsError as e:
+            reason = e.__context__ or e  # Pillow's own words, without the pipeline's advice to re-index
+            if path not in from_folder:
+                raise PetbreedsError(
+                    f"{path}: not an image Pillow can read ({reason}); pass a JPEG, PNG, ..."
+                ) from None
+            log.warning("skipped %s: not an image (%s)", path, reason)
+            continue
+        paths.append(path)
+        if len(paths) == BATCH_SIZE:
+            yield paths, torch.stack(images)
+            paths, images = [], []
+    if paths:
+        yield paths, torch.stack(images)
+
+
+def predict(
+    paths: Path | str | Sequence[Path | str],
+    model_path: Path | str = Path("models/model.pt"),
+    top_k: int = 3,
+    device: torch.device | None = None,
+) -> list[Prediction]:
+    """The ``top_k`` breeds of each image, in input order (a folder's files sorted); CUDA when present.
+
+    ``paths``: image files and/or folders. Files in a folder that are not images are skipped and logged
+    (logger ``petbreeds.predict``); an explicitly named file that is not an image is a :class:`PetbreedsError`,
+    as are a missing model and one from another checkpoint format.
+    """
+    if top_k < 1:
+        raise PetbreedsError(f"top_k must be >= 1, got {top_k}")
+    files: list[Path] = []
+    from_folder: set[Path] = set()
+    for path in [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]:
+        if path.is_dir():
+            found = image_files(path)
+            if not found:
+                raise PetbreedsError(f"{path}: the folder holds no files; pass an image or a folder of images")
+            files += found
+            from_folder.update(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise PetbreedsError(f"{path}: no such file or folder; pass an image or a folder of images")
+    device = device or pick_device()
+    model, ckpt = load_checkpoint(Path(model_path), device)
+    augment = valid_augment(ckpt, device)
+    dtype = resolve_precision("auto", device)
+    items = PresizedImages(files, [0] * len(files), checkpoint_data(ckpt), train=False, seed=0)
+    predictions = []
+    for chunk, x in _batches(items, from_folder):
+        # get_preds takes any iterable of (x, y) batches; the targets are placeholders for unlabelled images.
+        logits, _ = get_preds(model, [(x, torch.zeros(len(x), dtype=torch.int64))], augment, device, dtype, False)
+        probs, indices = logits.softmax(dim=1).topk(min(top_k, len(ckpt.vocab)), dim=1)
+        for path, p, idx in zip(chunk, probs.tolist(), indices.tolist(), strict=True):
+            predictions.append(Prediction(path, [(ckpt.vocab[i], q) for i, q in zip(idx, p, strict=True)]))
+    return predictions
+
+
+def predictions_csv(predictions: Sequence[Prediction], top_k: int) -> str:
+    """CSV text: ``path, pred_1, prob_1, ..., pred_k, prob_k``, one row per image."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path"] + [f"{col}_{i}" for i in range(1, top_k + 1) for col in ("pred", "prob")])
+    for p in predictions:
+        writer.writerow([p.path.as_posix()] + [v for breed, prob in p.top_k for v in (breed, f"{prob:.6f}")])
+    return out.getvalue()
+
+
+def cli(argv: list[str]) -> int:
+    """``petbreeds predict IMAGE_OR_FOLDER [--model models/model.pt] [--top-k 3] [--out preds.csv]``."""
+    parser = argparse.ArgumentParser(
+        prog="petbreeds predict",
+        description="Breed and probability for one image (readable lines) or a folder of images (CSV).",
+    )
+    parser.add_argument("image_or_folder", type=Path)
+    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="checkpoint (models/model.pt)")
+    parser.add_argument("--top-k", type=int, default=3, help="how many breeds per image (3)")
+    parser.add_argument("--out", type=Path, help="write the folder's CSV here instead of to stdout")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")  # the skipped files, on stderr
+    predictions = predict(args.image_or_folder, args.model, args.top_k)
+    if args.image_or_folder.is_dir():
+        text = predictions_csv(predictions, min(args.top_k, len(predictions[0].top_k)) if predictions else args.top_k)
+        if args.out is None:
+            sys.stdout.write(text)
+        else:
+            atomic_write_text(args.out, text)
+            print(f"{len(predictions)} predictions written to {args.out}", file=sys.stderr)
+    else:
+        for breed, prob in predictions[0].top_k:
+            print(f"{breed} {prob:.3f}")
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Makes ``petbreeds.predict(...)`` call :func:`predict`: the module and its function share the name."""
+
+    def __call__(self, *args: object, **kwargs: object) -> list[Prediction]:
+        return predict(*args, **kwargs)  # type: ignore[arg-type]
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,566 @@
+"""MLflow for the pipeline: one parent run per pipeline result, built from the DVC outputs, plus live child runs.
+
+Why the parent is built by a final stage (``mlflow_log``, always changed) instead of inside the training code:
+DVC restores stages from its run cache without running them, so logging done while training would leave holes
+in every experiment that reused a stage. ``mlflow_log`` reads what the stages wrote (``metrics/``, ``plots/``,
+``reports/``, ``dvc.lock``, ``params.yaml``) and is complete however they were produced. The training stages
+also stream live curves and system metrics into a child run (:class:`LiveRun`) that the parent adopts through
+the ``reports/run_info/<stage>.json`` sidecars (see ``petbreeds.stage``).
+
+Store: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project root>/mlflow.db`` with artifacts in
+``<project root>/mlartifacts``. The project root is ``DVC_ROOT``, which DVC points at the real repo even for
+queued experiments (their cwd is a temporary copy that is deleted afterwards), so nothing is written into it.
+Only the explicit-run client API is used (``MlflowClient``): fluent calls without a run create stray runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run
+from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient
+from requests.exceptions import RequestException
+from ruamel.yaml import YAML
+
+from petbreeds.config import flatten
+from petbreeds.errors import PetbreedsError
+from petbreeds.stage import RUN_INFO_DIR, dvc_invocation, git_commit
+
+EXPERIMENT = "petbreeds"
+PARENT_STAGE = "mlflow_log"  # excluded from the result key: its dvc.lock entry is written after it runs
+# Per-epoch (or per-iteration) plot data -> metric prefix of its step series in the parent run.
+SERIES = {"lr_find": "lr_find", "train_frozen": "frozen", "train_unfrozen": "unfrozen"}
+# The folders and files logged as artifacts, as they are in the project.
+ARTIFACT_DIRS = ("metrics", "plots", "reports")
+ARTIFACT_FILES = ("params.yaml", "dvc.lock")
+_MAX_METRICS, _MAX_PARAMS = 1000, 100  # MLflow's log_batch limits
+
+
+class TrackingUnavailable(PetbreedsError):
+    """The tracking store cannot be reached; the DVC outputs stay the record, re-log them later."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+
+
+def project_root() -> Path:
+    """``DVC_ROOT`` when DVC runs us, else the nearest folder from the cwd up that holds dvc.yaml (else the cwd)."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if (d / "dvc.yaml").is_file()), cwd)
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` or the project's sqlite store; relative sqlite paths are taken from ``root``.
+
+    A relative path would otherwise land in a queued experiment's temporary copy and be deleted with it.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        uri = f"sqlite:///{db if db.is_absolute() else root / db}"
+    return uri
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts beside a sqlite store (``mlartifacts/``); a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
+def _check_reachable(uri: str) -> None:
+    # The client retries an unreachable server for minutes; one quick probe gives a clear message instead.
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (OSError, ValueError) as e:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable ({e}); start it, or unset "
+            "MLFLOW_TRACKING_URI to use the project's sqlite store"
+        ) from None
+
+
+@contextmanager
+def _store_lock(root: Path) -> Iterator[None]:
+    # Two processes migrating a fresh sqlite DB at once crash in alembic (dvc queue start -j 2), and two
+    # experiment get-or-creates race: one lock file in the project root serialises both.
+    with open(root / ".mlflow.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_experiment(root: Path) -> tuple[MlflowClient, str]:
+    """A client on the project's store and the id of the ``petbreeds`` experiment (created on first use)."""
+    uri = tracking_uri(root)
+    _check_reachable(uri)
+    with _store_lock(root):
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        return client, client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# --------------------------------------------------------------------------------------------------
+# The DVC outputs
+
+
+@dataclass(frozen=True)
+class PipelineOutputs:
+    """What the stages left in a project folder (the workspace, or an experiment's commit exported)."""
+
+    root: Path
+    params: dict[str, Any]  # params.yaml, flattened: {"train_frozen.epochs": 2, ...}
+    lock: dict[str, Any]  # dvc.lock
+    metrics: dict[str, dict[str, float]]  # metrics/<stage>.json, flattened, by stage
+    run_info: dict[str, dict[str, Any]]  # reports/run_info/<stage>.json, by stage
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PetbreedsError(f"{path}: cannot read it ({e}); run `dvc repro` to produce the pipeline outputs") from e
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PetbreedsError(f"{path}: not readable JSON ({e}); run `dvc repro` to rewrite it") from e
+
+
+def _numbers(path: Path) -> dict[str, float]:
+    values = {}
+    for key, value in flatten(_read_json(path)).items():
+        if isinstance(value, (int, float)):  # bool included: True -> 1.0
+            values[key] = float(value)
+        else:
+            print(f"warning: {path}: {key} is not a number ({value!r}); not logged as a metric", file=sys.stderr)
+    return values
+
+
+def read_outputs(root: Path) -> PipelineOutputs:
+    """Read the pipeline's outputs under ``root``; raises :class:`PetbreedsError` naming a missing file."""
+    for name in ("params.yaml", "dvc.lock"):
+        if not (root / name).is_file():
+            raise PetbreedsError(f"{root / name}: not found; run `dvc repro` (or `dvc exp run`) first")
+    return PipelineOutputs(
+        root=root,
+        params=flatten(_read_yaml(root / "params.yaml") or {}),
+        lock=_read_yaml(root / "dvc.lock") or {},
+        metrics={p.stem: _numbers(p) for p in sorted((root / "metrics").glob("*.json"))},
+        run_info={p.stem: _read_json(p) for p in sorted((root / RUN_INFO_DIR).glob("*.json"))},
+    )
+
+
+def _out_md5(lock: Mapping[str, Any], stage: str, path: str) -> str | None:
+    outs = lock.get("stages", {}).get(stage, {}).get("outs", [])
+    return next((o.get("md5") for o in outs if o.get("path") == path), None)
+
+
+def _ms(iso: str | None) -> int:
+    return int(datetime.fromisoformat(iso).timestamp() * 1000) if iso else int(time.time() * 1000)
+
+
+def _series(outputs: PipelineOutputs, stage: str, prefix: str) -> list[Metric]:
+    """One step series per column of ``plots/<stage>.csv``; step = ``epoch`` if present, else the row index.
+
+    Timestamps: the stage's start plus the cumulative ``seconds`` column (the real end of each epoch), else its end.
+    """
+    path = outputs.root / "plots" / f"{stage}.csv"
+    if not path.is_file():
+        return []
+    info = outputs.run_info.get(stage, {})
+    start_ms, end_ms = _ms(info.get("started")), _ms(info.get("finished"))
+    metrics, elapsed = [], 0.0
+    with path.open(newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            step = int(float(row.get("epoch") or i))
+            if row.get("seconds"):
+                elapsed += float(row["seconds"])
+            ts = start_ms + int(elapsed * 1000) if "seconds" in row else end_ms
+            for column, value in row.items():
+                if column != "epoch" and value not in (None, ""):
+                    metrics.append(Metric(f"{prefix}/{column}", float(value), ts, step))
+    return metrics
+
+
+def _final_metrics(outputs: PipelineOutputs) -> list[Metric]:
+    """Every number of ``metrics/<stage>.json`` as ``<stage>/<key>`` — the columns of ``dvc exp show``."""
+    return [
+        Metric(f"{stage}/{key}", value, _ms(outputs.run_info.get(stage, {}).get("finished")), 0)
+        for stage, values in outputs.metrics.items()
+        for key, value in values.items()
+    ]
+
+
+def _param_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _dataset(outputs: PipelineOutputs) -> DatasetInput | None:
+    """``data/raw`` as the run's training input, its digest the md5 DVC recorded for it."""
+    digest = _out_md5(outputs.lock, "fetch", "data/raw")
+    if digest is None:
+        return None
+    source = outputs.params.get("fetch.source")
+    if source == "oxford-iiit-pet":
+        source_type, where = "http", {"url": outputs.params.get("fetch.oxford_iiit_pet.images_url")}
+    elif source == "local":
+        source_type, where = "local", {"uri": outputs.params.get("fetch.local_path")}
+    else:
+        source_type, where = "local", {"uri": "data/raw"}  # the generated sample
+    dataset = Dataset(f"oxford-iiit-pet ({source})", digest, source_type, json.dumps(where))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
+
+# --------------------------------------------------------------------------------------------------
+# Which result this is
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """Names the parent run: the DVC experiment, or ``repro@<short sha>`` for plain ``dvc repro``."""
+
+    name: str
+    exp_name: str | None
+    baseline_rev: str | None
+    git_commit: str | None
+    invocation: str | None = None  # the running dvc process (see petbreeds.stage.dvc_invocation)
+
+
+def _repro_name(commit: str | None) -> str:
+    return f"repro@{commit[:7]}" if commit else "repro@no-git"
+
+
+def current_identity(root: Path) -> RunIdentity:
+    """From the environment DVC gives a stage (``DVC_EXP_NAME``, ``DVC_EXP_BASELINE_REV``)."""
+    exp_name = os.environ.get("DVC_EXP_NAME") or None
+    commit = git_commit(root)
+    return RunIdentity(
+        name=exp_name or _repro_name(commit),
+        exp_name=exp_name,
+        baseline_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
+        git_commit=commit,
+        invocation=dvc_invocation(),
+    )
+
+
+def stage_status(info: Mapping[str, Any], identity: RunIdentity) -> str:
+    """``executed`` by this pipeline run, or ``reused`` (restored from DVC's run cache, or unchanged)."""
+    same_exp = (info.get("dvc_exp_name"), info.get("baseline_rev")) == (identity.exp_name, identity.baseline_rev)
+    if identity.invocation and info.get("invocation"):
+        return "executed" if same_exp and info["invocation"] == identity.invocation else "reused"
+    if identity.exp_name:
+        return "executed" if same_exp else "reused"
+    return "unknown"  # a re-log of a plain `dvc repro`: the sidecars still name their producers
+
+
+def _producer(info: Mapping[str, Any]) -> str:
+    return f"{info.get('dvc_exp_name') or _repro_name(info.get('git_commit'))} at {info.get('started')}"
+
+
+def result_key(outputs: PipelineOutputs, identity: RunIdentity) -> str:
+    """Same name, baseline and dvc.lock → the same result: logging it again changes nothing."""
+    stages = {k: v for k, v in outputs.lock.get("stages", {}).items() if k != PARENT_STAGE}
+    key = {"name": identity.name, "baseline": identity.baseline_rev, "stages": stages}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# The parent run
+
+
+def _tags(outputs: PipelineOutputs, identity: RunIdentity, key: str) -> dict[str, str]:
+    tags = {
+        "petbreeds.run_type": "pipeline",
+        "petbreeds.result_key": key,
+        "dvc.run_kind": "exp" if identity.exp_name else "repro",
+        "dvc.exp_name": identity.exp_name or "",
+        "dvc.baseline_rev": identity.baseline_rev or "",
+        "git.commit": identity.git_commit or "",
+        "data.md5": _out_md5(outputs.lock, "fetch", "data/raw") or "",
+        "model.md5": _out_md5(outputs.lock, "train_unfrozen", "models/model.pt") or "",
+    }
+    by_status: dict[str, list[str]] = {}
+    for stage, info in outputs.run_info.items():
+        status = stage_status(info, identity)
+        by_status.setdefault(status, []).append(stage)
+        tags[f"stage.{stage}.status"] = status
+        tags[f"stage.{stage}.producer"] = _producer(info)
+        if info.get("mlflow_child_run_id"):
+            tags[f"stage.{stage}.live_run"] = info["mlflow_child_run_id"]
+    what = f"DVC experiment `{identity.exp_name}`" if identity.exp_name else "`dvc repro`"
+    lines = [f"{what} at commit `{(identity.git_commit or '?')[:7]}`, built from the DVC outputs by `mlflow_log`."]
+    lines += [f"- {status}: {', '.join(stages)}" for status, stages in sorted(by_status.items())]
+    tags["mlflow.note.content"] = "\n".join(lines)
+    return {k: v for k, v in tags.items() if v}
+
+
+def _parents(client: MlflowClient, experiment_id: str, where: str) -> list[Run]:
+    return list(client.search_runs([experiment_id], f"tags.`petbreeds.run_type` = 'pipeline' and {where}"))
+
+
+def _log_contents(client: MlflowClient, run_id: str, outputs: PipelineOutputs) -> None:
+    params = [Param(k, _param_text(v)) for k, v in outputs.params.items()]
+    for batch in _batches(params, _MAX_PARAMS):
+        client.log_batch(run_id, params=list(batch))
+    metrics = _final_metrics(outputs)
+    for stage, prefix in SERIES.items():
+        metrics += _series(outputs, stage, prefix)
+    for batch in _batches(metrics, _MAX_METRICS):
+        client.log_batch(run_id, metrics=list(batch))
+    dataset = _dataset(outputs)
+    if dataset is not None:
+        client.log_inputs(run_id, datasets=[dataset])
+    for name in ARTIFACT_DIRS:
+        if (outputs.root / name).is_dir():
+            client.log_artifacts(run_id, str(outputs.root / name), name)
+    for name in ARTIFACT_FILES:
+        client.log_artifact(run_id, str(outputs.root / name))
+
+
+def _adopt_children(client: MlflowClient, run_id: str, outputs: PipelineOutputs) -> None:
+    """Live child runs of the stages executed for this result become this run's children.
+
+    A child that already has a parent was made for an earlier experiment whose stage this one reused;
+    it stays there (the ``stage.<name>.live_run`` tag links it).
+    """
+    for info in outputs.run_info.values():
+        child_id = info.get("mlflow_child_run_id")
+        if not child_id:
+            continue
+        try:
+            child = client.get_run(child_id)
+        except MlflowException:
+            continue  # logged to another store
+        if "mlflow.parentRunId" not in child.data.tags:
+            client.set_tag(child_id, "mlflow.parentRunId", run_id)
+
+
+def log_pipeline(files_root: Path, identity: RunIdentity, store_root: Path) -> str:
+    """Log the outputs under ``files_root`` as one parent run in the store of ``store_root``; its id.
+
+    A result already logged (same name, baseline and dvc.lock) is left as it is; a newer result of the same
+    DVC experiment (``dvc exp run -f``) tags the older runs ``dvc.superseded``.
+    """
+    outputs = read_outputs(files_root)
+    client, experiment_id = open_experiment(store_root)
+    key = result_key(outputs, identity)
+    for run in _parents(client, experiment_id, f"tags.`petbreeds.result_key` = '{key}'"):
+        if run.info.status == "FINISHED":
+            print(f"mlflow: {identity.name} is already logged as run {run.info.run_id}")
+            return run.info.run_id
+        client.delete_run(run.info.run_id)  # an interrupted attempt: replace it
+    run_id = client.create_run(experiment_id, run_name=identity.name, tags=_tags(outputs, identity, key)).info.run_id
+    try:
+        _log_contents(client, run_id, outputs)
+        _adopt_children(client, run_id, outputs)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    if identity.exp_name:
+        same_exp = (
+            f"tags.`dvc.exp_name` = '{identity.exp_name}' and tags.`dvc.baseline_rev` = '{identity.baseline_rev}'"
+        )
+        for old in _parents(client, experiment_id, same_exp):
+            if old.info.run_id != run_id:
+                client.set_tag(old.info.run_id, "dvc.superseded", "true")
+    print(f"mlflow: logged {identity.name} as run {run_id} in {tracking_uri(store_root)}")
+    return run_id
+
+
+def log_pipeline_or_warn(files_root: Path) -> None:
+    """The ``mlflow_log`` stage: tracking problems are a warning, never a failed pipeline."""
+    store_root = project_root()
+    try:
+        log_pipeline(files_root, current_identity(files_root), store_root)
+    except (TrackingUnavailable, MlflowException, RequestException, OSError) as e:
+        print(
+            f"warning: MLflow logging failed at {tracking_uri(store_root)}: {e}\n"
+            "warning: the DVC outputs are complete; run `petbreeds mlflow-relog` (for an experiment: "
+            "`petbreeds mlflow-relog EXP_NAME`) once the store is back",
+            file=sys.stderr,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Live child runs
+
+
+class LiveRun:
+    """A training stage's live child run: per-step metrics as they happen and ``system/*`` metrics.
+
+    Best effort: any tracking problem becomes one warning and the stage trains on untracked, because the
+    DVC outputs are the record and ``mlflow_log`` builds the complete run from them anyway.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, monitor: SystemMetricsMonitor) -> None:
+        self.client, self.run_id, self.monitor = client, run_id, monitor
+        self.broken = False
+
+    @classmethod
+    def start(cls, stage: str, root: Path) -> LiveRun | None:
+        try:
+            client, experiment_id = open_experiment(project_root())
+            identity = current_identity(root)
+            tags = {
+                "petbreeds.run_type": "live_stage",
+                "dvc.stage": stage,
+                "dvc.exp_name": identity.exp_name or "",
+                "dvc.baseline_rev": identity.baseline_rev or "",
+                "git.commit": identity.git_commit or "",
+            }
+            run = client.create_run(
+                experiment_id, run_name=f"{identity.name}:{stage}", tags={k: v for k, v in tags.items() if v}
+            )
+            monitor = SystemMetricsMonitor(run.info.run_id, tracking_uri=client.tracking_uri)
+            monitor.start()
+            return cls(client, run.info.run_id, monitor)
+        except Exception as e:  # best effort by design, see the class docstring
+            print(f"warning: no live MLflow run for {stage} ({type(e).__name__}: {e}); it trains on", file=sys.stderr)
+            return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.broken:
+            return
+        now = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        except Exception as e:  # best effort by design
+            self.broken = True
+            print(f"warning: live MLflow logging stopped ({type(e).__name__}: {e}); training goes on", file=sys.stderr)
+
+    def end(self, status: str) -> None:
+        try:
+            self.monitor.finish()
+            self.client.set_terminated(self.run_id, status)
+        except Exception as e:  # best effort by design
+            print(f"warning: could not close live MLflow run {self.run_id} ({e})", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# petbreeds mlflow-relog
+
+
+@dataclass(frozen=True)
+class ExperimentRef:
+    name: str
+    baseline_rev: str
+    commit: str
+
+
+def experiment_refs(root: Path) -> list[ExperimentRef]:
+    """DVC experiments as git keeps them: ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``."""
+    out = _git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/")
+    refs = []
+    for line in out.splitlines():
+        ref, commit = line.split(" ")
+        parts = ref.split("/")
+        if len(parts) == 5 and len(parts[2]) == 2 and len(parts[3]) == 38:  # not refs/exps/celery/..., stash
+            refs.append(ExperimentRef(parts[4], parts[2] + parts[3], commit))
+    return refs
+
+
+def _git(root: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, check=False)
+    if out.returncode != 0:
+        raise PetbreedsError(f"git {' '.join(args)} in {root} failed: {out.stderr.decode(errors='replace').strip()}")
+    return out.stdout.decode()
+
+
+def _lock_stages(text: str) -> Any:
+    stages = (YAML(typ="safe").load(text) or {}).get("stages", {})
+    return {k: v for k, v in stages.items() if k != PARENT_STAGE}
+
+
+def workspace_identity(root: Path) -> RunIdentity:
+    """The experiment whose committed dvc.lock the workspace holds (after ``dvc exp run``), else ``dvc repro``."""
+    commit = git_commit(root)
+    lock = root / "dvc.lock"
+    if commit and lock.is_file():
+        ours = _lock_stages(lock.read_text(encoding="utf-8"))
+        for ref in experiment_refs(root):
+            if ref.baseline_rev == commit and _lock_stages(_git(root, "show", f"{ref.commit}:dvc.lock")) == ours:
+                return RunIdentity(ref.name, ref.name, ref.baseline_rev, commit)
+    return RunIdentity(_repro_name(commit), None, None, commit)
+
+
+def _find_experiment(root: Path, name: str) -> ExperimentRef:
+    matches = [r for r in experiment_refs(root) if r.name == name]
+    head = git_commit(root)
+    if len(matches) > 1:
+        matches = [r for r in matches if r.baseline_rev == head]
+    if len(matches) != 1:
+        found = "no" if not matches else "more than one"
+        raise PetbreedsError(f"{found} DVC experiment named {name!r} (on this commit); see `dvc exp ls -A`")
+    return matches[0]
+
+
+def _export_commit(root: Path, commit: str, dest: Path) -> None:
+    # metrics/, plots/, reports/ are `cache: false` outs, so the experiment's commit holds them all.
+    archive = subprocess.run(["git", "archive", commit], cwd=root, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+
+
+def relog_cli(argv: list[str]) -> int:
+    """``petbreeds mlflow-relog [EXPERIMENT ...]``: log DVC outputs to MLflow again (nothing logged twice)."""
+    parser = argparse.ArgumentParser(
+        prog="petbreeds mlflow-relog",
+        description="Log pipeline results to MLflow from the DVC outputs, e.g. after the tracking server was "
+        "unreachable. A result already logged is left as it is.",
+    )
+    parser.add_argument(
+        "experiments",
+        nargs="*",
+        metavar="EXPERIMENT",
+        help="DVC experiment names (`dvc exp ls`), read from their git commits; none: the workspace's outputs",
+    )
+    args = parser.parse_args(argv)
+    root = project_root()
+    if not args.experiments:
+        log_pipeline(root, workspace_identity(root), root)
+    for name in args.experiments:
+        ref = _find_experiment(root, name)
+        with tempfile.TemporaryDirectory() as tmp:
+            _export_commit(root, ref.commit, Path(tmp))
+            log_pipeline(Path(tmp), RunIdentity(ref.name, ref.name, ref.baseline_rev, ref.baseline_rev), root)
+    return 0

@@ -1,0 +1,104 @@
+"""Stage evaluate end to end on a tiny trained model: the files dvc.yaml declares, with consistent content."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+# pytest puts tests/ on sys.path: the tiny model and its coloured "breeds" come from test_predict.
+from test_predict import VOCAB, train_tiny_model, write_dataset
+
+from petbreeds.config import load_params
+from petbreeds.errors import PetbreedsError
+from petbreeds.stage import StageContext
+
+# The module trains a tiny model first (~1 min on 2 busy cores).
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("evaluate_model")
+    return train_tiny_model(root / "raw", root / "model.pt")
+
+
+@pytest.fixture
+def project(tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder as the pipeline leaves it before evaluate: data/raw, data/split.csv, models/model.pt."""
+    table = write_dataset(tmp_path / "data" / "raw" / "images", per_breed=3, first_seed=700)
+    table["split"] = ["train", "valid", "valid"] * len(VOCAB)
+    table.to_csv(tmp_path / "data" / "split.csv", index=False)
+    (tmp_path / "models").mkdir()
+    shutil.copy(trained, tmp_path / "models" / "model.pt")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_evaluate(project: Path) -> None:
+    import stages.evaluate as evaluate
+
+    evaluate.main(load_params(project / "params.yaml"), StageContext(name="evaluate", root=project))
+
+
+@pytest.fixture(autouse=True)
+def _repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def test_evaluate_writes_every_declared_output(project, capsys):
+    run_evaluate(project)
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert list(metrics) == ["valid"]
+    valid = metrics["valid"]
+    assert set(valid) == {
+        "error_rate",
+        "accuracy",
+        "top5_accuracy",
+        "loss",
+        "macro_precision",
+        "macro_recall",
+        "n_items",
+    }
+    assert valid["n_items"] == 6
+    assert valid["error_rate"] == pytest.approx(1 - valid["accuracy"])
+    assert valid["top5_accuracy"] == 1.0  # 3 classes
+
+    records = json.loads((project / "plots" / "confusion.json").read_text())
+    assert len(records) == 6 and {r["actual"] for r in records} == set(VOCAB)
+    wrong = sum(r["actual"] != r["predicted"] for r in records)
+    assert valid["error_rate"] == pytest.approx(wrong / 6)
+
+    top = pd.read_csv(project / "reports" / "top_losses.csv")
+    assert len(top) == 6  # top_losses_k 9 > 6 items: all of them, largest loss first
+    assert top["loss"].is_monotonic_decreasing
+    assert all((project / "data" / "raw" / p).is_file() for p in top["path"])
+    per_class = pd.read_csv(project / "reports" / "per_class.csv")
+    assert per_class["breed"].tolist() == VOCAB and per_class["support"].tolist() == [2, 2, 2]
+    confused = pd.read_csv(project / "reports" / "most_confused.csv")
+    assert confused.columns.tolist() == ["actual", "predicted", "count"]
+    for png in ("confusion_matrix.png", "top_losses.png"):
+        with Image.open(project / "reports" / png) as img:
+            assert img.format == "PNG"
+    assert "most_confused(min_val=2):" in capsys.readouterr().out
+
+
+def test_evaluate_is_deterministic(project):
+    run_evaluate(project)
+    first = (project / "metrics" / "evaluate.json").read_text()
+    run_evaluate(project)
+    assert (project / "metrics" / "evaluate.json").read_text() == first
+
+
+def test_test_split_without_official_list_is_explained(project):
+    params_path = project / "params.yaml"
+    params_path.write_text(params_path.read_text().replace("splits: [valid]", "splits: [valid, test]"))
+    with pytest.raises(PetbreedsError, match="no official test list.*split.method: official"):
+        run_evaluate(project)

@@ -1,0 +1,96 @@
+"""The MLflow UI shows our run: a real `mlflow ui` on a free localhost port, opened in headless Chromium.
+
+Chromium is the Debian package `chromium` (.ci/run installs it). Without it the test skips locally and fails
+under CI (env CI set), so CI always runs it.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_tracking import exp_identity, free_port, write_fake_outputs
+
+from petbreeds import tracking
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",  # let the React app fetch the run before the DOM is dumped
+]
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = "chromium not installed (apt-get install -y chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message + ": CI must run the browser test")
+        pytest.skip(message)
+    return found
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "mlflow ui exited"
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2).close()
+            return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"mlflow ui not healthy at {url} after {timeout_s} s")
+
+
+def page_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
+
+
+@pytest.mark.slow
+def test_run_page_shows_the_run_and_its_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    browser = chromium()
+    project = tmp_path / "project"
+    write_fake_outputs(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_id = tracking.log_pipeline(project, exp_identity("exp-ui"), project)
+    experiment_id = tracking.open_experiment(project)[1]
+
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{project}/mlflow.db"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = (tmp_path / "ui.log").open("w")
+    server = subprocess.Popen(cmd, cwd=project, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, server)
+        url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+        common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"]
+        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        screenshot = tmp_path / "mlflow_run.png"
+        shot = [*common, "--hide-scrollbars", "--window-size=1400,1100", f"--screenshot={screenshot}", url]
+        subprocess.run(shot, capture_output=True, timeout=180, check=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    text = page_text(dom)
+    assert "exp-ui" in text
+    assert "evaluate/valid.error_rate 0.25" in text  # the Metrics table: key, then value
+    assert "oxford-iiit-pet (sample)" in text  # the dataset input
+    assert screenshot.stat().st_size > 10_000

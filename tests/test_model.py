@@ -1,0 +1,146 @@
+"""Body + fastai head, its init, 3 parameter groups, freezing and checkpoints (spec §3)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from petbreeds.augment import IMAGENET_MEAN
+from petbreeds.config import DataParams
+from petbreeds.errors import PetbreedsError
+from petbreeds.model import (
+    NORM_TYPES,
+    AdaptiveConcatPool2d,
+    create_model,
+    freeze,
+    load_checkpoint,
+    param_groups,
+    save_checkpoint,
+    unfreeze,
+)
+
+DATA = DataParams(item_size=40, size=32, resize_method="crop", pad_mode="reflection", batch_size=4, num_workers=0)
+VOCAB = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("resnet18", 37, None)
+
+
+def test_head_layout_is_fastais(resnet18):
+    head = resnet18.head
+    types = [AdaptiveConcatPool2d, nn.Flatten, nn.BatchNorm1d, nn.Dropout, nn.Linear, nn.ReLU, nn.BatchNorm1d]
+    assert [type(m) for m in head] == [*types, nn.Dropout, nn.Linear]
+    assert (head[2].num_features, head[4].in_features, head[4].out_features) == (1024, 1024, 512)
+    assert (head[6].num_features, head[8].in_features, head[8].out_features) == (512, 512, 37)
+    assert (head[3].p, head[7].p) == (0.25, 0.5)
+    assert head[4].bias is None and head[8].bias is None
+    assert len(resnet18.body) == 8  # conv1, bn1, relu, maxpool, layer1..4
+
+
+def test_head_init(resnet18):
+    for bn in (resnet18.head[2], resnet18.head[6]):
+        assert torch.all(bn.weight == 1) and torch.all(bn.bias == 1e-3)
+    w = resnet18.head[4].weight  # kaiming_normal_, fan_in: std sqrt(2 / 1024)
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 1024), rel=0.05)
+    assert w.mean().item() == pytest.approx(0, abs=0.002)
+
+
+def test_concat_pool_puts_max_before_mean():
+    x = torch.tensor([[1.0, 2.0], [3.0, 6.0]]).view(1, 1, 2, 2)
+    assert AdaptiveConcatPool2d()(x).flatten().tolist() == [6.0, 3.0]
+
+
+def test_same_seed_same_model():
+    torch.manual_seed(3)
+    a = create_model("resnet18", 5, None)
+    torch.manual_seed(3)
+    b = create_model("resnet18", 5, None)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
+def test_three_groups_hold_every_parameter_once(arch):
+    torch.manual_seed(0)
+    model = create_model(arch, 4, None)
+    groups = param_groups(model)
+    assert len(groups) == 3
+    ids = [id(p) for g in groups for p in g.decay + g.no_decay]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    norm_or_bias = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    norm_or_bias |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    assert {id(p) for g in groups for p in g.no_decay} == norm_or_bias
+    assert {id(p) for p in groups[2].decay + groups[2].no_decay} == {id(p) for p in model.head.parameters()}
+
+
+def test_resnet_groups_follow_fastais_splitter(resnet18):
+    groups = param_groups(resnet18)
+    body = resnet18.body
+    first = {id(p) for p in groups[0].decay + groups[0].no_decay}
+    assert first == {id(p) for m in (body[0], body[1], body[4], body[5]) for p in m.parameters()}
+    second = {id(p) for p in groups[1].decay + groups[1].no_decay}
+    assert second == {id(p) for m in (body[6], body[7]) for p in m.parameters()}
+
+
+def test_freeze_trains_the_head_and_only_norm_layers_of_the_body():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 4, None)
+    freeze(model)
+    norm = {id(p) for m in model.body.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    assert norm
+    assert {id(p) for p in model.body.parameters() if p.requires_grad} == norm
+    assert all(p.requires_grad for p in model.head.parameters())
+    unfreeze(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, resnet18):
+    torch.manual_seed(1)
+    model = create_model("resnet18", len(VOCAB), None)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))  # move the BN running stats off their init
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, arch="resnet18", vocab=VOCAB, data=DATA)
+    loaded, ckpt = load_checkpoint(path, torch.device("cpu"))
+    assert not loaded.training
+    assert torch.equal(loaded(x), model(x))
+    assert (ckpt.arch, ckpt.vocab, ckpt.item_size, ckpt.size) == ("resnet18", VOCAB, 40, 32)
+    assert (ckpt.resize_method, ckpt.pad_mode, ckpt.mean) == ("crop", "reflection", list(IMAGENET_MEAN))
+    assert torch.load(path, weights_only=True)["format"] == "petbreeds-model/1"
+
+
+def test_bad_checkpoint_files_are_named(tmp_path):
+    with pytest.raises(PetbreedsError, match=r"missing\.pt: checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt", torch.device("cpu"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(PetbreedsError, match=r"garbage\.pt: not a petbreeds checkpoint"):
+        load_checkpoint(garbage, torch.device("cpu"))
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    with pytest.raises(PetbreedsError, match=r"plain\.pt: not a petbreeds checkpoint"):
+        load_checkpoint(plain, torch.device("cpu"))
+    old = tmp_path / "old.pt"
+    torch.save({"format": "petbreeds-model/0"}, old)
+    with pytest.raises(PetbreedsError, match=r"old\.pt: checkpoint format 'petbreeds-model/0'"):
+        load_checkpoint(old, torch.device("cpu"))
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"format": "petbreeds-model/1", "arch": "resnet18"}, truncated)
+    with pytest.raises(PetbreedsError, match=r"truncated\.pt: damaged"):
+        load_checkpoint(truncated, torch.device("cpu"))
+
+
+def test_pretrained_folder_for_another_arch_is_refused(tmp_path):
+    (tmp_path / "weights.json").write_text(json.dumps({"arch": "resnet34", "weights": "none"}))
+    with pytest.raises(PetbreedsError, match=r"weights\.json: holds weights for 'resnet34'.*dvc repro weights"):
+        create_model("resnet18", 3, tmp_path)
+    with pytest.raises(PetbreedsError, match="run `dvc repro weights` first"):
+        create_model("resnet18", 3, tmp_path / "absent")

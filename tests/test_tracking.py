@@ -1,0 +1,279 @@
+"""petbreeds.tracking and the run_info/live-run side of petbreeds.stage, on real temporary sqlite stores.
+
+The DVC outputs here are written by hand in the layout of docs/architecture.md; tests/test_pipeline_e2e.py
+checks the same against a real `dvc exp run`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from petbreeds import tracking
+from petbreeds.errors import PetbreedsError
+from petbreeds.stage import run_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "ab" + "c" * 38
+FROZEN_ROWS = [
+    {"epoch": 0, "train_loss": 3.1, "valid_loss": 2.5, "error_rate": 0.8, "lr": 0.002, "seconds": 4.0},
+    {"epoch": 1, "train_loss": 2.2, "valid_loss": 1.9, "error_rate": 0.6, "lr": 1.0e-7, "seconds": 5.0},
+]
+
+
+def write_fake_outputs(
+    root: Path, exp_name: str | None = "exp-a", executed: tuple[str, ...] = ("train_frozen",)
+) -> None:
+    """A project folder as the pipeline leaves it: params.yaml, dvc.lock, metrics/, plots/, reports/."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "fetch": {"cmd": "python stages/fetch.py", "outs": [{"path": "data/raw", "md5": "0" * 32 + ".dir"}]},
+            "train_unfrozen": {"cmd": "python stages/train_unfrozen.py", "outs": [{"path": "models/model.pt"}]},
+        },
+    }
+    (root / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/evaluate.json").write_text(json.dumps({"valid": {"error_rate": 0.25, "loss": 0.75}}))
+    (root / "metrics/lr_find.json").write_text(json.dumps({"valley": 1.0e-3, "steep": 2.0e-3}))
+    (root / "plots").mkdir(exist_ok=True)
+    with (root / "plots/train_frozen.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(FROZEN_ROWS[0]))
+        writer.writeheader()
+        writer.writerows(FROZEN_ROWS)
+    (root / "plots/lr_find.csv").write_text("lr,loss\n1e-07,3.7\n1e-06,3.6\n1e-05,3.1\n")
+    (root / "reports/run_info").mkdir(parents=True, exist_ok=True)
+    for stage in ("fetch", "lr_find", "train_frozen"):
+        producer = exp_name if stage in executed else "an-older-exp"
+        info = {"stage": stage, "dvc_exp_name": producer, "baseline_rev": BASELINE, "mlflow_child_run_id": None}
+        info |= {"started": "2026-11-23T10:00:00+00:00", "finished": "2026-11-23T10:00:09+00:00"}
+        (root / f"reports/run_info/{stage}.json").write_text(json.dumps(info))
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty, migrated store: creating one costs ~8 s of alembic migrations, copying it nothing."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def project(tmp_path: Path, migrated_db: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake project with its own default store (DVC_ROOT), MLFLOW_TRACKING_URI unset."""
+    root = tmp_path / "project"
+    write_fake_outputs(root)
+    shutil.copy(migrated_db, root / "mlflow.db")
+    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(root)
+    return root
+
+
+def store(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def all_runs(root: Path) -> list:
+    client = store(root)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return list(client.search_runs(ids, run_view_type=ViewType.ALL))
+
+
+def assert_no_stray_runs(root: Path) -> None:
+    """Every run in the store is one of ours; nothing landed in MLflow's Default experiment."""
+    runs = all_runs(root)
+    assert all(r.data.tags.get("petbreeds.run_type") in ("pipeline", "live_stage") for r in runs)
+    assert all(r.info.experiment_id != "0" for r in runs)
+
+
+def exp_identity(name: str = "exp-a") -> tracking.RunIdentity:
+    return tracking.RunIdentity(name=name, exp_name=name, baseline_rev=BASELINE, git_commit=BASELINE)
+
+
+def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(project: Path) -> None:
+    run_id = tracking.log_pipeline(project, exp_identity(), project)
+
+    client = store(project)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "exp-a" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "petbreeds"
+    # params: every key of params.yaml, flattened, lists and nulls as YAML would read them back
+    assert run.data.params["train_unfrozen.lr_slice"] == "[1e-05, 0.001]"
+    assert run.data.params["train_frozen.lr"] == "null"
+    assert run.data.params["model.arch"] == "efficientnet_lite0"
+    # finals: exactly the numbers of metrics/*.json (what dvc exp show lists)
+    assert run.data.metrics["evaluate/valid.error_rate"] == 0.25
+    assert run.data.metrics["lr_find/valley"] == 1.0e-3
+    # per-epoch series, with the epoch as step and the real end of each epoch as timestamp
+    history = client.get_metric_history(run_id, "frozen/valid_loss")
+    assert [(m.step, m.value) for m in history] == [(r["epoch"], r["valid_loss"]) for r in FROZEN_ROWS]
+    assert history[1].timestamp - history[0].timestamp == 5000
+    assert [m.value for m in client.get_metric_history(run_id, "lr_find/loss")] == [3.7, 3.6, 3.1]
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.digest == "0" * 32 + ".dir" and dataset.tags[0].value == "training"
+    assert run.data.tags["data.md5"] == "0" * 32 + ".dir"
+    assert run.data.tags["stage.train_frozen.status"] == "executed"
+    assert run.data.tags["stage.lr_find.status"] == "reused"
+    assert run.data.tags["stage.lr_find.producer"].startswith("an-older-exp")
+    listed = {a.path for a in client.list_artifacts(run_id)}
+    assert listed == {"dvc.lock", "params.yaml", "metrics", "plots", "reports"}
+    assert {a.path for a in client.list_artifacts(run_id, "reports/run_info")} >= {"reports/run_info/lr_find.json"}
+    assert not (project / "mlruns").exists()
+    assert_no_stray_runs(project)
+
+
+def test_logging_the_same_result_twice_keeps_one_run_and_a_rerun_supersedes(project: Path) -> None:
+    first = tracking.log_pipeline(project, exp_identity(), project)
+    assert tracking.log_pipeline(project, exp_identity(), project) == first
+
+    # `dvc exp run -f` of the same experiment: a new result (the lock changed) under the same name
+    lock = json.loads((project / "dvc.lock").read_text())
+    lock["stages"]["fetch"]["outs"][0]["md5"] = "1" * 32 + ".dir"
+    (project / "dvc.lock").write_text(json.dumps(lock))
+    second = tracking.log_pipeline(project, exp_identity(), project)
+
+    assert second != first
+    assert store(project).get_run(first).data.tags["dvc.superseded"] == "true"
+    assert "dvc.superseded" not in store(project).get_run(second).data.tags
+    assert len(all_runs(project)) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_warns_the_stage_succeeds_and_relog_catches_up(project: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    stage = subprocess.run(
+        [sys.executable, str(ROOT / "stages/mlflow_log.py")], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert stage.returncode == 0, stage.stderr
+    assert "is unreachable" in stage.stderr and "petbreeds mlflow-relog" in stage.stderr
+    assert all_runs(project) == []
+    assert not (project / "reports/run_info/mlflow_log.json").exists()  # not an out of mlflow_log
+
+    # The server is "back" (here: the default store) -> the workspace's outputs are logged, once.
+    assert tracking.relog_cli([]) == 0
+    assert tracking.relog_cli([]) == 0
+    (run,) = all_runs(project)
+    assert run.info.run_name == "repro@no-git" and run.data.tags["dvc.run_kind"] == "repro"
+    assert run.data.metrics["evaluate/valid.loss"] == 0.75
+
+
+def git(root: Path, *args: str) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_relog_reads_an_experiment_from_its_git_commit(project: Path) -> None:
+    git(project, "init", "-q")
+    git(project, "commit", "-q", "--allow-empty", "-m", "baseline")
+    baseline = git(project, "rev-parse", "HEAD")
+    git(project, "add", "-A", "-f", "params.yaml", "dvc.lock", "metrics", "plots", "reports")
+    git(project, "commit", "-q", "-m", "exp")
+    exp_commit = git(project, "rev-parse", "HEAD")
+    git(project, "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/exp-b", exp_commit)
+    git(project, "reset", "-q", "--hard", baseline)  # the workspace no longer holds the experiment's files
+
+    assert tracking.relog_cli(["exp-b"]) == 0
+    (run,) = all_runs(project)
+    assert run.info.run_name == "exp-b" and run.data.tags["dvc.baseline_rev"] == baseline
+    assert run.data.metrics["evaluate/valid.error_rate"] == 0.25
+    with pytest.raises(PetbreedsError, match="no DVC experiment named 'nope'"):
+        tracking.relog_cli(["nope"])
+
+
+def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def main(params: object, ctx: object) -> None:
+        for epoch, row in enumerate(FROZEN_ROWS):
+            ctx.log_metrics({"valid_loss": row["valid_loss"]}, step=epoch)  # type: ignore[attr-defined]
+
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", BASELINE)
+    run_stage("train_frozen", main)
+
+    info = json.loads((project / "reports/run_info/train_frozen.json").read_text())
+    assert info["stage"] == "train_frozen" and info["dvc_exp_name"] == "exp-a" and info["device"] == "cpu"
+    assert info["duration_s"] >= 0 and info["host"] and info["invocation"] is None  # not under dvc
+    child_id = info["mlflow_child_run_id"]
+    client = store(project)
+    child = client.get_run(child_id)
+    assert child.info.status == "FINISHED" and child.info.run_name == "exp-a:train_frozen"
+    assert [m.value for m in client.get_metric_history(child_id, "valid_loss")] == [2.5, 1.9]
+
+    parent_id = tracking.log_pipeline(project, exp_identity(), project)
+    assert client.get_run(child_id).data.tags["mlflow.parentRunId"] == parent_id
+    assert client.get_run(parent_id).data.tags["stage.train_frozen.live_run"] == child_id
+    assert_no_stray_runs(project)
+
+
+def test_live_runs_are_switched_off_by_env_and_never_fail_a_stage(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def main(params: object, ctx: object) -> None:
+        ctx.log_metrics({"loss": 1.0}, step=0)  # type: ignore[attr-defined]
+        calls.append(ctx)
+
+    monkeypatch.setenv("PETBREEDS_MLFLOW_LIVE", "0")
+    run_stage("lr_find", main)
+    monkeypatch.delenv("PETBREEDS_MLFLOW_LIVE")
+    assert calls[0].live is None
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    run_stage("train_unfrozen", main)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert calls[1].live is None
+    assert json.loads((project / "reports/run_info/train_unfrozen.json").read_text())["mlflow_child_run_id"] is None
+    assert all_runs(project) == []
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_fresh_database_both_succeed(tmp_path: Path) -> None:
+    script = "import pathlib, petbreeds.tracking as t; print(t.open_experiment(pathlib.Path.cwd())[1])"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == outs[1]  # one experiment, created once
+    (experiment,) = [e for e in store(tmp_path).search_experiments() if e.name == "petbreeds"]
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_tracking_uri_is_absolute_from_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    # a relative sqlite path would land in a queued experiment's temporary copy: anchor it at the root
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/team.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://mlflow.example:5000"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.project_root() == tmp_path.resolve()
+
+
+def test_missing_outputs_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(PetbreedsError, match=r"params\.yaml: not found; run `dvc repro`"):
+        tracking.read_outputs(tmp_path)
