@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _default_mode(base: int) -> int:
+    """``base`` less the process umask: the mode ``open()``/``mkdir()`` would have given."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the same folder as ``path``; rename it onto ``path`` on success.
@@ -25,6 +32,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(_default_mode(0o666))  # mkstemp makes 0600; outputs should get the usual umask-based mode
     try:
         yield tmp
         os.replace(tmp, target)
@@ -55,6 +63,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp.chmod(_default_mode(0o777))  # mkdtemp makes 0700
     try:
         yield tmp
         if target.exists():
