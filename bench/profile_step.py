@@ -4,13 +4,16 @@ backward vs optimizer.
     .venv/bin/python bench/profile_step.py [--data DIR] [--steps 4] [--item-size 460] [--size 224] [--bs 32]
 
 Loads in the main process (num_workers 0), so the load term is the full decode + resize cost that DataLoader
-workers have to hide behind compute; prints each term's median seconds per batch and share of the step.
-The model is efficientnet_lite0 unfrozen (the expensive phase), fp32, channels_last, as the pipeline trains it.
+workers have to hide behind compute; prints each term's median seconds per batch, share of the step and page
+faults (memory the OS had to map and zero: what gave away glibc's malloc, see bench/cpu_allocator.py).
+The model is efficientnet_lite0 unfrozen (the expensive phase), fp32, channels_last, as the pipeline trains it,
+with the CPU set up as training sets it (``--glibc-malloc`` leaves glibc's defaults, to see the difference).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from petbreeds.augment import BatchAugment
 from petbreeds.config import AugmentParams, DataParams, IndexParams
 from petbreeds.dataloaders import make_loader
+from petbreeds.device import pick_device
 from petbreeds.labelling import index_images
 from petbreeds.model import create_model, param_groups, unfreeze
 from petbreeds.schedule import make_optimizer
@@ -37,7 +41,10 @@ def main() -> None:
     parser.add_argument("--item-size", type=int, default=460)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--glibc-malloc", action="store_true", help="skip petbreeds' malloc setting")
     args = parser.parse_args()
+    if not args.glibc_malloc:
+        pick_device()  # on CPU: petbreeds.device.reuse_freed_cpu_memory, as in training
 
     index = index_images(args.data, IndexParams(r"(.+)_\d+.jpg$", 0))
     data = DataParams(args.item_size, args.size, "crop", "reflection", args.bs, 0)
@@ -49,34 +56,40 @@ def main() -> None:
     model.train()
     opt = make_optimizer(param_groups(model), [1e-4] * 3, 0.01)
 
-    times: dict[str, list[float]] = {"load": [], "augment": [], "forward": [], "backward": [], "optimizer": []}
+    terms = ("load", "augment", "forward", "backward", "optimizer")
+    times: dict[str, list[float]] = {name: [] for name in terms}
+    faults: dict[str, list[int]] = {name: [] for name in terms}
     batches = iter(loader)
+
+    def mark() -> tuple[float, int]:
+        return time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
     for step in range(args.steps + 1):
-        t0 = time.perf_counter()
+        marks = [mark()]
         x, y = next(batches)
-        t1 = time.perf_counter()
+        marks.append(mark())
         x = augment(x, train=True).contiguous(memory_format=torch.channels_last)
-        t2 = time.perf_counter()
+        marks.append(mark())
         loss = F.cross_entropy(model(x), y)
-        t3 = time.perf_counter()
+        marks.append(mark())
         loss.backward()
-        t4 = time.perf_counter()
+        marks.append(mark())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        t5 = time.perf_counter()
+        marks.append(mark())
         if step > 0:  # the first step pays one-off allocations
-            for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                times[name].append(dt)
+            for name, (t0, f0), (t1, f1) in zip(terms, marks, marks[1:], strict=False):
+                times[name].append(t1 - t0)
+                faults[name].append(f1 - f0)
 
     medians = {name: statistics.median(v) for name, v in times.items()}
     total = sum(medians.values())
-    print(
-        f"batch {args.bs}, item {args.item_size} -> {args.size}, {torch.get_num_threads()} threads, {args.steps} steps"
-    )
-    print("| term | s / batch | share |\n|---|---|---|")
+    setup = "glibc malloc defaults" if args.glibc_malloc else "as training sets up the CPU"
+    print(f"batch {args.bs}, item {args.item_size} -> {args.size}, {torch.get_num_threads()} threads, {setup}")
+    print("| term | s / batch | share | page faults / batch |\n|---|---|---|---|")
     for name, seconds in medians.items():
-        print(f"| {name} | {seconds:.3f} | {seconds / total:.0%} |")
-    print(f"| step | {total:.3f} | {args.bs / total:.1f} images/s |")
+        print(f"| {name} | {seconds:.3f} | {seconds / total:.0%} | {statistics.median(faults[name]):,.0f} |")
+    print(f"| step | {total:.3f} | {args.bs / total:.1f} images/s | |")
 
 
 if __name__ == "__main__":

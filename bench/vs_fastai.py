@@ -1,7 +1,7 @@
 """The book's chapter-5 recipe with fastai 2.8.12 and with petbreeds, side by side, on the same data, split and weights.
 
     make install && python3 -m venv .venv-bench && PIP_CONFIG_FILE=/dev/null .venv-bench/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR]
+    .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR] [--fastai-reuse-freed-memory]
 
 Recipe (spec §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32, efficientnet_lite0 with
 ImageNet weights (offline, converted by petbreeds.pretrained, so both sides start from the same tensors), lr_find(100
@@ -65,7 +65,7 @@ def quick_recipe(workers: int) -> Recipe:
 # The fastai side (runs in .venv-bench; petbreeds is installed there too, for the weights and the split file)
 
 
-def run_fastai(work: Path, recipe: Recipe) -> dict[str, float]:
+def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str, float]:
     import pandas as pd
     import torch
     from fastai.vision.all import (
@@ -86,8 +86,11 @@ def run_fastai(work: Path, recipe: Recipe) -> dict[str, float]:
         vision_learner,
     )
 
+    from petbreeds.device import reuse_freed_cpu_memory
     from petbreeds.model import body_of, create_imagenet_net
 
+    if reuse_freed_memory:  # petbreeds' malloc setting, to see how much of the difference it is
+        reuse_freed_cpu_memory()
     table = pd.read_csv(work / "split.csv")
     root = Path((work / "root.txt").read_text().strip())
     items = sorted(root / p for p in table["path"])
@@ -164,6 +167,7 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
     from petbreeds.augment import BatchAugment
     from petbreeds.config import AugmentParams, DataParams
     from petbreeds.dataloaders import make_loader
+    from petbreeds.device import pick_device
     from petbreeds.lr_find import lr_find
     from petbreeds.model import create_model, freeze, unfreeze
     from petbreeds.schedule import group_lrs
@@ -174,7 +178,7 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
     vocab = _json.loads((work / "vocab.json").read_text())["vocab"]
     data = DataParams(recipe.item_size, recipe.size, "crop", "reflection", recipe.batch_size, recipe.workers)
     aug = AugmentParams(1.0, True, 10.0, 1.0, 1.1, 0.2, 0.2, 0.75, 0.75, recipe.min_scale)
-    device = torch.device("cpu")
+    device = pick_device()  # on CPU, also petbreeds' malloc setting (petbreeds.device.reuse_freed_cpu_memory)
     torch.manual_seed(recipe.seed)
     train = make_loader(table[table["split"] == "train"], root, vocab, data, train=True, seed=recipe.seed)
     valid = make_loader(table[table["split"] == "valid"], root, vocab, data, train=False, seed=recipe.seed)
@@ -245,11 +249,11 @@ def prepare(work: Path, data_root: Path, quick: bool, seed: int) -> int:
     return len(table)
 
 
-def run_side(side: str, work: Path, quick: bool, workers: int) -> dict[str, float]:
+def run_side(side: str, work: Path, extra_args: list[str], workers: int) -> dict[str, float]:
     """One side in its own process; adds its peak RSS (the largest of the process and its DataLoader workers)."""
     out = work / f"{side}.json"
-    cmd = [str(SIDES[side]), __file__, "--side", side, "--work", str(work), "--workers", str(workers)]
-    proc = subprocess.Popen([*cmd, "--quick"] if quick else cmd, cwd=ROOT)
+    cmd = [str(SIDES[side]), __file__, "--side", side, "--work", str(work), "--workers", str(workers), *extra_args]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"the {side} side failed (exit {os.waitstatus_to_exitcode(status)}); see its output above")
@@ -287,13 +291,21 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="7 images per breed, 160/128 px, bs 16, 10 lr_find steps, 1+1 epochs"
     )
+    parser.add_argument(
+        "--fastai-reuse-freed-memory",
+        action="store_true",
+        help="give fastai petbreeds' malloc setting too (petbreeds.device.reuse_freed_cpu_memory)",
+    )
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:  # a child: run one side, write its numbers
         recipe = (quick_recipe if args.quick else full_recipe)(args.workers)
-        result = (run_fastai if args.side == "fastai" else run_petbreeds)(args.work, recipe)
+        if args.side == "fastai":
+            result = run_fastai(args.work, recipe, args.fastai_reuse_freed_memory)
+        else:
+            result = run_petbreeds(args.work, recipe)
         (args.work / f"{args.side}.json").write_text(json.dumps(result))
         return
     for side, python in SIDES.items():
@@ -303,6 +315,8 @@ def main() -> None:
     from petbreeds.dataloaders import default_num_workers
 
     workers = default_num_workers(-1)
+    extra_args = [flag for flag, on in (("--quick", args.quick),
+                  ("--fastai-reuse-freed-memory", args.fastai_reuse_freed_memory)) if on]  # fmt: skip
     results: dict[str, list[dict[str, float]]] = {"fastai": [], "petbreeds": []}
     with tempfile.TemporaryDirectory(prefix="vs_fastai.") as tmp:
         work = Path(tmp)
@@ -311,11 +325,12 @@ def main() -> None:
             order = ("fastai", "petbreeds") if repeat % 2 == 0 else ("petbreeds", "fastai")
             for side in order:
                 print(f"== repeat {repeat + 1}/{args.repeats}: {side}", flush=True)
-                results[side].append(run_side(side, work, args.quick, workers))
+                results[side].append(run_side(side, work, extra_args, workers))
                 print(json.dumps(results[side][-1]), flush=True)
     recipe = (quick_recipe if args.quick else full_recipe)(workers)
+    fastai_malloc = "petbreeds' malloc setting" if args.fastai_reuse_freed_memory else "glibc's malloc defaults"
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {n} images from {data_root}, {recipe}, "
-          f"{args.repeats} runs per side (medians; spread = max - min)\n")  # fmt: skip
+          f"{args.repeats} runs per side (medians; spread = max - min), fastai with {fastai_malloc}\n")  # fmt: skip
     print(table_text(results))
 
 

@@ -1,4 +1,5 @@
-"""dvc.yaml stays honest: each stage's deps list exactly the library modules its script runs.
+"""dvc.yaml stays honest: each stage's deps list exactly the library modules its script runs, and DVC's run cache
+can keep every stage that has outputs.
 
 A module missing from deps means a code change silently reuses stale outputs; an extra one means
 needless re-runs. Plumbing that cannot change a stage's results (params loading, atomic writes,
@@ -59,3 +60,12 @@ def test_stage_deps_match_imports(name):
     listed = {Path(d).stem for d in deps if d.startswith("src/petbreeds/")}
     expected = reachable(script) | ({"tracking"} if name == "mlflow_log" else set())
     assert listed == expected, f"stage {name}: deps list {sorted(listed)} but the script runs {sorted(expected)}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_can_be_restored_from_the_run_cache(name):
+    """DVC (dvc/stage/__init__.py, ``no_cache_outs``) saves no run cache for a stage with a ``cache: false`` out
+    other than a metric or a plot: such a stage would run again on params it has already run with."""
+    uncached = [next(iter(o)) for o in STAGES[name].get("outs", []) if isinstance(o, dict) and
+                not next(iter(o.values())).get("cache", True)]  # fmt: skip
+    assert not uncached, f"stage {name}: {uncached} have cache: false; declare them as metrics/plots or cache them"

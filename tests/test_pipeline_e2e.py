@@ -104,15 +104,14 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     assert runs["e1"].data.tags["stage.lr_find.status"] == "executed"
     assert runs["e2"].data.tags["stage.lr_find.status"] == "reused"
 
-    # The first experiment's params again. Whether DVC restores train_frozen from its run cache or runs it again
-    # (in this temporary repo DVC 3.67.1 wrote no run cache under `dvc exp run`), the run is complete, says what
-    # happened to each stage, and — CPU training being deterministic — has e1's results.
+    # The first experiment's params again: DVC restores e1's training and evaluation from its run cache without
+    # running them, the run says so for each stage, and it holds e1's results.
     exp_run(repo, "train_frozen.lr=0.001", name="e3")
+    assert any((repo / ".dvc" / "cache" / "runs").iterdir())
     e3, e1 = parents(repo)["e3"], parents(repo)["e1"]
-    for stage in STAGES[:-1]:
-        assert e3.data.tags[f"stage.{stage}.status"] in ("executed", "reused"), stage
-    if e3.data.tags["stage.train_frozen.status"] == "reused":
-        assert e3.data.tags["stage.train_frozen.producer"].startswith("e1")
+    for stage in ("lr_find", "train_frozen", "train_unfrozen", "evaluate"):
+        assert e3.data.tags[f"stage.{stage}.status"] == "reused", stage
+        assert e3.data.tags[f"stage.{stage}.producer"].startswith("e1 at "), stage
     timing = ("seconds", "images_per_s")
     results = {k: v for k, v in e1.data.metrics.items() if not k.endswith(timing)}
     assert {k: v for k, v in e3.data.metrics.items() if not k.endswith(timing)} == results
@@ -138,6 +137,16 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     )
     names = run(repo, sys.executable, "-c", query, f"sqlite:///{repo / 'mlflow.db'}")
     assert "['q1', 'q2']" in names, names
+
+    # e1 logged again from its git commit, its reports/ (run_info sidecars included) read from DVC's cache
+    run(repo, str(ROOT / ".venv" / "bin" / "petbreeds"), "mlflow-relog", "e1")
+    query = (
+        "import json, sys; from mlflow.tracking import MlflowClient; c = MlflowClient(tracking_uri=sys.argv[1]); "
+        "e = c.get_experiment_by_name('petbreeds'); "
+        "(r,) = c.search_runs([e.experiment_id], \"attributes.run_name = 'e1'\"); print(json.dumps(r.data.tags))"
+    )
+    tags = json.loads(run(repo, sys.executable, "-c", query, f"sqlite:///{repo / 'mlflow.db'}").splitlines()[-1])
+    assert tags["stage.train_frozen.status"] == "executed" and tags["stage.evaluate.producer"].startswith("e1 at ")
     assert json.loads(run(repo, DVC, "exp", "show", "--json"))  # dvc sees the same experiments
 
     assert (own_store.stat().st_mtime if own_store.exists() else None) == own_before  # nothing leaked here

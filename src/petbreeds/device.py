@@ -1,6 +1,6 @@
 """Where and in which precision the model runs (spec §8, fastai's to_fp16 / to_bf16).
 
-    device = pick_device()
+    device = pick_device()                                      # on CPU also keeps freed memory for reuse
     dtype = resolve_precision(params.train.precision, device)   # None = plain fp32
     scaler = make_grad_scaler(device, dtype)
     with autocast(device, dtype):
@@ -13,20 +13,59 @@ Weights stay fp32 in every mode; only autocast regions compute in the lower prec
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
+import sys
 from collections.abc import Iterator
 
 import torch
 
 from petbreeds.errors import PetbreedsError
 
-# What `train.precision: auto` means on CPU, from bench/precision_cpu.py (README § Model): fp32 trains faster than
-# bf16 autocast on these CPUs for efficientnet_lite0 and resnet34 at 128 and 224 px.
+# What `train.precision: auto` means on CPU, from bench/precision_cpu.py (README § Model): fp32 + channels_last
+# trains efficientnet_lite0, the default arch, 1.4-1.7x faster than bf16 autocast even on CPUs with native bf16
+# (AVX512-BF16). resnet34 is the other way round there (bf16 1.8x faster): set train.precision: bf16 for it.
 CPU_AUTO_DTYPE: torch.dtype | None = None
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# Free memory at the top of the heap beyond this is given back to the OS; below it, kept for the next step.
+_TRIM_THRESHOLD_BYTES = 1 << 30
+
+
 def pick_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when available, else the CPU (after :func:`reuse_freed_cpu_memory`: training runs there)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    reuse_freed_cpu_memory()
+    return torch.device("cpu")
+
+
+@functools.cache
+def reuse_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for reuse instead of unmapping them; False where there is no glibc.
+
+    By default glibc serves every block over 32 MiB with its own mmap and unmaps it on free. A CPU training step
+    allocates activations that large dozens of times (efficientnet_lite0, batch 32 at 224 px: 51 MiB for the stem's
+    output alone), so every step page-faults and zeroes gigabytes afresh: half of the step's time on our 2-core
+    machines (bench/cpu_allocator.py). Serving them from the heap, and trimming it only past 1 GiB free, lets
+    each step reuse the previous step's pages. What jemalloc or tcmalloc would give, without an LD_PRELOAD.
+
+    The kept pages must not be there when a DataLoader forks its workers: the child would share them copy-on-write,
+    and the next training step would copy every page it touches (6 s for the first unfrozen step after the
+    validation workers started). So the free pages go back to the OS before each fork (``malloc_trim``).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None)  # the process's own C library
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return False
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)):
+        return False
+    os.register_at_fork(before=lambda: libc.malloc_trim(0))
+    return True
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:

@@ -535,10 +535,30 @@ def _find_experiment(root: Path, name: str) -> ExperimentRef:
 
 
 def _export_commit(root: Path, commit: str, dest: Path) -> None:
-    # metrics/, plots/, reports/ are `cache: false` outs, so the experiment's commit holds them all.
+    """An experiment's outputs as its commit holds them, into ``dest``: git keeps params.yaml, dvc.lock, metrics/
+    and plots/ (``cache: false``); reports/ (run_info sidecars included) come from DVC's cache, read through DVC at
+    that commit. They are cached so that DVC's run cache works (dvc.yaml)."""
     archive = subprocess.run(["git", "archive", commit], cwd=root, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
+    import dvc.api  # here only: importing DVC takes a second that logging from the workspace never needs
+
+    lock = _read_yaml(dest / "dvc.lock") or {}
+    for stage in lock.get("stages", {}).values():
+        for out in stage.get("outs", []):
+            path = out["path"]
+            if not path.startswith("reports/") or (dest / path).exists():
+                continue
+            try:
+                with dvc.api.open(path, repo=str(root), rev=commit, mode="rb") as src:
+                    data = src.read()
+            except Exception as e:  # DVC raises several types for an object its cache no longer has
+                raise PetbreedsError(
+                    f"{path} of commit {commit[:7]}: not in DVC's cache ({type(e).__name__}: {e}); "
+                    "`dvc exp apply` the experiment and `dvc repro` it, then relog from the workspace"
+                ) from None
+            (dest / path).parent.mkdir(parents=True, exist_ok=True)
+            (dest / path).write_bytes(data)
 
 
 def relog_cli(argv: list[str]) -> int:
