@@ -144,6 +144,7 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
     started = time.perf_counter()
     learn.lr_find(num_it=recipe.num_it, show_plot=False)
     lr_find_s = time.perf_counter() - started
+    lr_find_steps = len(learn.recorder.lrs)  # stop_div may end it early
     learn.fit_one_cycle(1, slice(BASE_LR), pct_start=FROZEN_PCT, wd=WD, cbs=timer)
     epochs = list(timer.epochs)
     learn.unfreeze()
@@ -151,7 +152,7 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
                         wd=WD, cbs=timer)  # fmt: skip
     epochs += timer.epochs
     valid_loss, err = learn.validate()
-    return summary(lr_find_s, epochs, float(valid_loss), float(err))
+    return summary(lr_find_s, lr_find_steps, epochs, float(valid_loss), float(err))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +188,8 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
     freeze(model)
     common = {"device": device, "dtype": None, "channels_last": True}
     started = time.perf_counter()
-    lr_find(model, train, augment, start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, wd=WD, **common)
+    found = lr_find(model, train, augment, start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, wd=WD,
+                    **common)  # fmt: skip
     lr_find_s = time.perf_counter() - started
     fit = {"div_final": DIV_FINAL, "wd": WD, **common}
     frozen_lrs = [BASE_LR / 10, BASE_LR / 10, BASE_LR]  # fastai's slice(base_lr)
@@ -199,15 +201,18 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
                              stage="unfrozen", **fit)  # fmt: skip
     images = len(train) * recipe.batch_size  # drop_last: every epoch trains on full batches only
     epochs = [(images / row["images_per_s"], images) for row in history]  # training time, validation excluded
-    return summary(lr_find_s, epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
+    return summary(lr_find_s, len(found.lrs), epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
 
 
-def summary(lr_find_s: float, epochs: list[tuple[float, int]], valid_loss: float, err: float) -> dict[str, float]:
+def summary(
+    lr_find_s: float, lr_find_steps: int, epochs: list[tuple[float, int]], valid_loss: float, err: float
+) -> dict[str, float]:
     seconds = sum(s for s, _ in epochs)
     return {
         "images_per_s": sum(n for _, n in epochs) / seconds,
         "s_per_epoch": seconds / len(epochs),
         "lr_find_s": lr_find_s,
+        "lr_find_s_per_step": lr_find_s / lr_find_steps,
         "error_rate": err,
         "valid_loss": valid_loss,
     }
@@ -220,6 +225,7 @@ COLUMNS = (
     ("images_per_s", "train images/s", "{:.2f}", True),
     ("s_per_epoch", "s per epoch (train)", "{:.1f}", False),
     ("lr_find_s", "lr_find s", "{:.1f}", False),
+    ("lr_find_s_per_step", "lr_find s per step", "{:.3f}", False),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}", False),
     ("error_rate", "error_rate", "{:.4f}", None),
     ("valid_loss", "valid_loss", "{:.4f}", None),
