@@ -550,8 +550,7 @@ def _export_commit(root: Path, commit: str, dest: Path) -> None:
             if not path.startswith("reports/") or (dest / path).exists():
                 continue
             try:
-                with dvc.api.open(path, repo=str(root), rev=commit, mode="rb") as src:
-                    data = src.read()
+                data = dvc.api.read(path, repo=str(root), rev=commit, mode="rb")
             except Exception as e:  # DVC raises several types for an object its cache no longer has
                 raise PetbreedsError(
                     f"{path} of commit {commit[:7]}: not in DVC's cache ({type(e).__name__}: {e}); "
