@@ -57,4 +57,4 @@ def main(params: Params, ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("lr_find", main)
+    run_stage("lr_find", main, live_run=True)

@@ -46,4 +46,4 @@ def main(params: Params, ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_frozen", main)
+    run_stage("train_frozen", main, live_run=True)

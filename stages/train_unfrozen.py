@@ -40,4 +40,4 @@ def main(params: Params, ctx: StageContext) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("train_unfrozen", main)
+    run_stage("train_unfrozen", main, live_run=True)

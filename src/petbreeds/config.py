@@ -34,6 +34,7 @@ Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "ef
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Suggestion = Literal["valley", "minimum", "steep", "slide"]
 EvalSplit = Literal["valid", "test"]
+Backend = Literal["auto", "nccl", "gloo"]
 
 
 class ParamsError(PetbreedsError):
@@ -73,6 +74,7 @@ class FetchParams:
 @dataclass(frozen=True)
 class IndexParams:
     label_regex: str
+    min_class_images: int
     workers: int
 
 
@@ -158,6 +160,16 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    nproc_per_node: int
+    nnodes: int
+    rdzv_endpoint: str
+    backend: Backend
+    sync_bn: bool
+    timeout_s: float
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     fetch: FetchParams
@@ -171,6 +183,7 @@ class Params:
     train_frozen: TrainFrozenParams
     train_unfrozen: TrainUnfrozenParams
     evaluate: EvaluateParams
+    distributed: DistributedParams
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +201,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "fetch.retries": _NON_NEGATIVE_INT,
     "fetch.timeout_s": _POSITIVE,
     "index.workers": _NON_NEGATIVE_INT,
+    "index.min_class_images": _POSITIVE_INT,
     "split.valid_pct": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
     "data.item_size": _POSITIVE_INT,
     "data.size": _POSITIVE_INT,
@@ -213,6 +227,9 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.splits": (lambda v: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of valid/test"),
     "evaluate.top_losses_k": _NON_NEGATIVE_INT,
     "evaluate.most_confused_min_val": _POSITIVE_INT,
+    "distributed.nproc_per_node": _POSITIVE_INT,
+    "distributed.nnodes": _POSITIVE_INT,
+    "distributed.timeout_s": _POSITIVE,
 }
 for _phase in ("train_frozen", "train_unfrozen"):
     _CHECKS[f"{_phase}.pct_start"] = (lambda v: 0.0 <= v <= 1.0, "a number between 0 and 1")
@@ -235,6 +252,14 @@ def _cross_checks(p: Params) -> list[str]:
             "fetch.local_path is empty but fetch.source is local: set it to an archive or a folder "
             "holding images/ (e.g. ~/.fastai/data/oxford-iiit-pet)"
         )
+    world_size = p.distributed.nproc_per_node * p.distributed.nnodes
+    if p.data.batch_size % world_size:
+        problems.append(
+            f"data.batch_size {p.data.batch_size} is the global batch and must divide evenly over the "
+            f"{world_size} processes (distributed.nproc_per_node x distributed.nnodes): change one of them"
+        )
+    if p.distributed.nnodes > 1 and not p.distributed.rdzv_endpoint:
+        problems.append("distributed.rdzv_endpoint is empty but distributed.nnodes > 1: set it to HOST:PORT of node 0")
     try:
         re.compile(p.index.label_regex)
     except re.error as e:

@@ -45,7 +45,7 @@ from ruamel.yaml import YAML
 
 from petbreeds.config import flatten
 from petbreeds.errors import PetbreedsError
-from petbreeds.stage import RUN_INFO_DIR, dvc_invocation, git_commit
+from petbreeds.provenance import RUN_INFO_DIR, dvc_invocation, git_commit
 
 EXPERIMENT = "petbreeds"
 PARENT_STAGE = "mlflow_log"  # excluded from the result key: its dvc.lock entry is written after it runs
@@ -262,7 +262,7 @@ class RunIdentity:
     exp_name: str | None
     baseline_rev: str | None
     git_commit: str | None
-    invocation: str | None = None  # the running dvc process (see petbreeds.stage.dvc_invocation)
+    invocation: str | None = None  # the running dvc process (see petbreeds.provenance.dvc_invocation)
 
 
 def _repro_name(commit: str | None) -> str:
