@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from machine import machine_header
 
 from petbreeds.device import reuse_freed_cpu_memory
 from petbreeds.model import create_model, param_groups, unfreeze
@@ -63,6 +64,7 @@ def main() -> None:
             raise SystemExit("reuse_freed_cpu_memory() does not apply here (no glibc)")
         print(json.dumps(measure(args.arch, args.size, args.bs, args.steps)))
         return
+    print(machine_header())
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     for _ in range(args.rounds):
         for mode in MODES:

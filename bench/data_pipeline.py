@@ -5,7 +5,7 @@
 Item stage (CPU): bare Pillow decode + resize, against ``PresizedImages`` in one process and through
 ``make_loader`` with N workers. Batch stage (CPU, and CUDA when present): ``BatchAugment`` (one grid_sample per
 image at ``size``) against fastai's two resamples, re-implemented here with torch: the fused affine + warp
-resampled at item size, then one random resized crop per batch resampled again to ``size`` (spec §2.3–§2.4).
+resampled at item size, then one random resized crop per batch resampled again to ``size`` (docs/fastai.md §2.3–§2.4).
 Targets: batch stage >= 3x faster than fastai's way at 460 -> 224 on CPU; item stage within 1.5x of bare Pillow.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from machine import machine_header
 from PIL import Image
 
 from petbreeds.augment import BatchAugment, affine_matrices, lighting_, warp_matrices
@@ -79,10 +80,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=-1, help="-1: one per core")
     args = parser.parse_args()
+    print(machine_header())
 
     paths = sorted(p for p in args.images.iterdir() if p.suffix == ".jpg")[: args.n]
     workers = default_num_workers(args.workers)
-    data = DataParams(args.item, args.size, "crop", "reflection", args.batch, workers)
+    data = DataParams(
+        item_size=args.item,
+        size=args.size,
+        resize_method="crop",
+        pad_mode="reflection",
+        batch_size=args.batch,
+        num_workers=workers,
+    )
     aug_params: AugmentParams = load_params(ROOT / "params.yaml").augment
     cpu = torch.device("cpu")
     print(f"{len(paths)} images from {args.images}; {args.item} -> {args.size}, batch {args.batch}")

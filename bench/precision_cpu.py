@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from machine import machine_header
 
 from petbreeds.device import autocast, reuse_freed_cpu_memory
 from petbreeds.model import create_model
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    print(machine_header())
     torch.set_num_threads(args.threads)
     reuse_freed_cpu_memory()  # as training on the CPU does (petbreeds.device.pick_device)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, median of {args.steps} steps")

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import machine_header
 
 from petbreeds.augment import BatchAugment
-from petbreeds.config import AugmentParams, DataParams, IndexParams
+from petbreeds.config import DataParams, IndexParams, load_params
 from petbreeds.dataloaders import make_loader
 from petbreeds.device import pick_device
 from petbreeds.labelling import index_images
@@ -31,7 +32,6 @@ from petbreeds.schedule import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
-AUG = AugmentParams(1.0, True, 10.0, 1.0, 1.1, 0.2, 0.2, 0.75, 0.75, 0.75)
 
 
 def main() -> None:
@@ -43,13 +43,21 @@ def main() -> None:
     parser.add_argument("--bs", type=int, default=32)
     parser.add_argument("--glibc-malloc", action="store_true", help="skip petbreeds' malloc setting")
     args = parser.parse_args()
+    print(machine_header())
     if not args.glibc_malloc:
         pick_device()  # on CPU: petbreeds.device.reuse_freed_cpu_memory, as in training
 
-    index = index_images(args.data, IndexParams(r"(.+)_\d+.jpg$", 0))
-    data = DataParams(args.item_size, args.size, "crop", "reflection", args.bs, 0)
+    index = index_images(args.data, IndexParams(label_regex=r"(.+)_\d+.jpg$", min_class_images=2, workers=0))
+    data = DataParams(
+        item_size=args.item_size,
+        size=args.size,
+        resize_method="crop",
+        pad_mode="reflection",
+        batch_size=args.bs,
+        num_workers=0,
+    )
     loader = make_loader(index.table, args.data, index.vocab, data, train=True, seed=42)
-    augment = BatchAugment(AUG, args.size, 42, torch.device("cpu"))
+    augment = BatchAugment(load_params(ROOT / "params.yaml").augment, args.size, 42, torch.device("cpu"))
     torch.manual_seed(42)
     model = create_model("efficientnet_lite0", len(index.vocab), None).to(memory_format=torch.channels_last)
     unfreeze(model)

@@ -3,9 +3,10 @@
     make install && python3 -m venv .venv-bench && PIP_CONFIG_FILE=/dev/null .venv-bench/bin/pip install -e '.[bench]'
     .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR] [--fastai-reuse-freed-memory]
 
-Recipe (spec §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32, efficientnet_lite0 with
-ImageNet weights (offline, converted by petbreeds.pretrained, so both sides start from the same tensors), lr_find(100
-iterations), then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e-3), div 5, pct 0.3.
+Recipe (docs/fastai.md §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32,
+efficientnet_lite0 with ImageNet weights (offline, converted by petbreeds.pretrained, so both sides start from the
+same tensors), lr_find(100 iterations),
+then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e-3), div 5, pct 0.3.
 
 Each side runs in its own subprocess (fastai's with .venv-bench's python, ours with .venv's) so that peak RSS is per
 side; the sides alternate (A B, B A, ...) so that load from other processes hits both alike. Both get the same
@@ -31,7 +32,7 @@ SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
 SIDES = {"fastai": ROOT / ".venv-bench" / "bin" / "python", "petbreeds": ROOT / ".venv" / "bin" / "python"}
 LABEL_REGEX = r"(.+)_\d+.jpg$"
 ARCH = "efficientnet_lite0"
-# fine_tune(2) with its defaults (spec §5).
+# fine_tune(2) with its defaults (docs/fastai.md §5).
 BASE_LR = 2e-3
 FROZEN_PCT = 0.99
 UNFROZEN_LR_SLICE = (BASE_LR / 2 / 100, BASE_LR / 2)
@@ -165,40 +166,50 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
     import pandas as pd
     import torch
 
-    from petbreeds.augment import BatchAugment
-    from petbreeds.config import AugmentParams, DataParams
-    from petbreeds.dataloaders import make_loader
-    from petbreeds.device import pick_device
+    from petbreeds.config import LrFindParams, OneCycleParams, load_params
+    from petbreeds.distributed import SINGLE_PROCESS
     from petbreeds.lr_find import lr_find
     from petbreeds.model import create_model, freeze, unfreeze
     from petbreeds.schedule import group_lrs
-    from petbreeds.training import fit_one_cycle
+    from petbreeds.training import fit_one_cycle, training_data
 
-    table = pd.read_csv(work / "split.csv")
+    table = pd.read_csv(work / "split.csv", keep_default_na=False)
     root = Path((work / "root.txt").read_text().strip())
     vocab = _json.loads((work / "vocab.json").read_text())["vocab"]
-    data = DataParams(recipe.item_size, recipe.size, "crop", "reflection", recipe.batch_size, recipe.workers)
-    aug = AugmentParams(1.0, True, 10.0, 1.0, 1.1, 0.2, 0.2, 0.75, 0.75, recipe.min_scale)
-    device = pick_device()  # on CPU, also petbreeds' malloc setting (petbreeds.device.reuse_freed_cpu_memory)
+    params = load_params(ROOT / "params.yaml")  # its augment section is fastai's aug_transforms defaults
+    params = params.model_copy(
+        update={
+            "data": params.data.model_copy(
+                update={
+                    "item_size": recipe.item_size,
+                    "size": recipe.size,
+                    "resize_method": "crop",
+                    "batch_size": recipe.batch_size,
+                    "num_workers": recipe.workers,
+                }
+            ),
+            "augment": params.augment.model_copy(update={"min_scale": recipe.min_scale}),
+            "train": params.train.model_copy(update={"precision": "fp32", "channels_last": True}),
+        }
+    )
     torch.manual_seed(recipe.seed)
-    train = make_loader(table[table["split"] == "train"], root, vocab, data, train=True, seed=recipe.seed)
-    valid = make_loader(table[table["split"] == "valid"], root, vocab, data, train=False, seed=recipe.seed)
-    augment = BatchAugment(aug, recipe.size, recipe.seed, device)
+    # on CPU, also petbreeds' malloc setting (petbreeds.device.reuse_freed_cpu_memory)
+    data = training_data(params, table, vocab, root, seed=recipe.seed, world=SINGLE_PROCESS)
     model = create_model(ARCH, len(vocab), work)
     freeze(model)
-    common = {"device": device, "dtype": None, "channels_last": True}
     started = time.perf_counter()
-    found = lr_find(model, train, augment, start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, wd=WD,
-                    **common)  # fmt: skip
+    sweep = LrFindParams(start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, suggestion="valley")
+    found = lr_find(model, data, sweep, WD)
     lr_find_s = time.perf_counter() - started
-    fit = {"div_final": DIV_FINAL, "wd": WD, **common}
+    frozen = OneCycleParams(epochs=1, pct_start=FROZEN_PCT, div=DIV, div_final=DIV_FINAL, wd=WD)
     frozen_lrs = [BASE_LR / 10, BASE_LR / 10, BASE_LR]  # fastai's slice(base_lr)
-    history = fit_one_cycle(model, train, valid, augment, epochs=1, lrs=frozen_lrs, pct_start=FROZEN_PCT, div=DIV,
-                            stage="frozen", **fit)  # fmt: skip
+    history = fit_one_cycle(model, data, frozen, frozen_lrs, stage="frozen")
     unfreeze(model)
-    history += fit_one_cycle(model, train, valid, augment, epochs=recipe.unfrozen_epochs,
-                             lrs=group_lrs(list(UNFROZEN_LR_SLICE), 3), pct_start=UNFROZEN_PCT, div=UNFROZEN_DIV,
-                             stage="unfrozen", **fit)  # fmt: skip
+    unfrozen = OneCycleParams(
+        epochs=recipe.unfrozen_epochs, pct_start=UNFROZEN_PCT, div=UNFROZEN_DIV, div_final=DIV_FINAL, wd=WD
+    )
+    history += fit_one_cycle(model, data, unfrozen, group_lrs(list(UNFROZEN_LR_SLICE), 3), stage="unfrozen")
+    train = data.train_loader
     images = len(train) * recipe.batch_size  # drop_last: every epoch trains on full batches only
     epochs = [(images / row["images_per_s"], images) for row in history]  # training time, validation excluded
     return summary(lr_find_s, len(found.lrs), epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
@@ -240,16 +251,18 @@ def prepare(work: Path, data_root: Path, quick: bool, seed: int) -> int:
     from petbreeds.pretrained import prepare_pretrained
     from petbreeds.splitting import split_items
 
-    table = index_images(data_root, IndexParams(LABEL_REGEX, 0)).table
+    table = index_images(data_root, IndexParams(label_regex=LABEL_REGEX, min_class_images=2, workers=0)).table
     if quick:  # the first 7 images of each breed (sorted): every breed keeps training images, ~a quarter of the time
         table = table.groupby("label", sort=False).head(7).reset_index(drop=True)
-    table = split_items(table, SplitParams("random", 0.2, seed), data_root / "annotations")
+    table = split_items(table, SplitParams(method="random", valid_pct=0.2, seed=seed), data_root / "annotations")
     table.to_csv(work / "split.csv", index=False)
     vocab = sorted(set(table.loc[table["split"] == "train", "label"]))
     atomic_write_json(work / "vocab.json", {"vocab": vocab})
     atomic_write_text(work / "root.txt", str(data_root.resolve()))
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        prepare_pretrained(ModelParams(ARCH, "imagenet", "IMAGENET1K_V1"), Path(tmp) / "pretrained")
+        prepare_pretrained(
+            ModelParams(arch=ARCH, weights="imagenet", resnet50_weights="IMAGENET1K_V1"), Path(tmp) / "pretrained"
+        )
         for name in ("weights.pt", "weights.json"):
             os.replace(Path(tmp) / "pretrained" / name, work / name)
     return len(table)
@@ -317,6 +330,9 @@ def main() -> None:
     for side, python in SIDES.items():
         if not python.is_file():
             raise SystemExit(f"{python}: missing; the {side} side needs it (see this script's docstring)")
+    from machine import machine_header  # bench/ is this script's folder, so on sys.path
+
+    print(machine_header(), flush=True)
     data_root = args.data or (SHARED_SUBSET if SHARED_SUBSET.is_dir() else ROOT / "data" / "raw")
     from petbreeds.dataloaders import default_num_workers
 

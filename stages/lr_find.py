@@ -14,29 +14,21 @@ from petbreeds.atomic import atomic_output, atomic_write_json
 from petbreeds.config import Params
 from petbreeds.lr_find import lr_find, save_lr_find_plot
 from petbreeds.show import save_show_batch
+from petbreeds.splitting import read_split_table, read_vocab
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import load_training_data, new_frozen_model
+from petbreeds.training import new_frozen_model, training_data
 
 
 def main(params: Params, ctx: StageContext) -> None:
-    data = load_training_data(params, seed=params.seed)
-    model = new_frozen_model(params, len(data.vocab))
+    table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
+    data = training_data(params, table, vocab, Path("data/raw"), seed=params.seed, world=ctx.world)
+    model = new_frozen_model(params, len(vocab), Path("models/pretrained"))
     started = time.perf_counter()
-    result = lr_find(
-        model,
-        data.train_loader,
-        data.augment,
-        start_lr=params.lr_find.start_lr,
-        end_lr=params.lr_find.end_lr,
-        num_it=params.lr_find.num_it,
-        stop_div=params.lr_find.stop_div,
-        wd=params.train_frozen.wd,  # the optimizer the frozen phase will train with
-        device=data.device,
-        dtype=data.dtype,
-        channels_last=params.train.channels_last,
-        on_step=lambda i, lr, loss: ctx.log_metrics({"lr": lr, "loss": loss}, step=i),
-    )
+    wd = params.train_frozen.wd  # the optimizer the frozen phase will train with
+    result = lr_find(model, data, params.lr_find, wd, lambda i, lr, loss: ctx.log_metrics({"lr": lr, "loss": loss}, i))
     seconds = time.perf_counter() - started
+    if not ctx.world.is_main:
+        return
     chosen = params.lr_find.suggestion
     with atomic_output("plots/lr_find.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -53,8 +45,8 @@ def main(params: Params, ctx: StageContext) -> None:
     print("lr_find: " + ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items()) + f"; {chosen} used")
     for split, loader in (("train", data.train_loader), ("valid", data.valid_loader)):
         x, y = next(iter(loader))
-        save_show_batch(x, y, data.vocab, data.augment, Path(f"reports/show_batch_{split}.png"), train=split == "train")
+        save_show_batch(x, y, vocab, data.augment, Path(f"reports/show_batch_{split}.png"), train=split == "train")
 
 
 if __name__ == "__main__":
-    run_stage("lr_find", main, live_run=True)
+    run_stage("lr_find", main, distributed=True, live_run=True)

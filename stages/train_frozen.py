@@ -9,11 +9,14 @@ import json
 from pathlib import Path
 
 from petbreeds.atomic import atomic_write_json
+from petbreeds.checkpoint import save_checkpoint
 from petbreeds.config import Params
 from petbreeds.errors import PetbreedsError
+from petbreeds.model import param_groups
 from petbreeds.schedule import group_lrs
+from petbreeds.splitting import read_split_table, read_vocab
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import load_training_data, new_frozen_model, train_phase
+from petbreeds.training import fit_one_cycle, new_frozen_model, phase_metrics, training_data, write_history
 
 LR_FIND_METRICS = Path("metrics/lr_find.json")
 
@@ -29,21 +32,19 @@ def frozen_lr(params: Params) -> float:
 
 def main(params: Params, ctx: StageContext) -> None:
     lr = frozen_lr(params)
-    print(f"train_frozen: lr {lr:.3g} for all groups")
-    data = load_training_data(params, seed=params.seed)
-    model = new_frozen_model(params, len(data.vocab))  # seeded as in lr_find: the same initial head
-    metrics = train_phase(
-        model,
-        data,
-        params,
-        params.train_frozen,
-        group_lrs(lr, 3),
-        stage="train_frozen",
-        checkpoint=Path("models/frozen.pt"),
-        log_metrics=ctx.log_metrics,
-    )
-    atomic_write_json("metrics/train_frozen.json", {**metrics, "lr": lr})
+    if ctx.world.is_main:
+        print(f"train_frozen: lr {lr:.3g} for all groups")
+    table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
+    data = training_data(params, table, vocab, Path("data/raw"), seed=params.seed, world=ctx.world)
+    model = new_frozen_model(params, len(vocab), Path("models/pretrained"))  # seeded as in lr_find: the same head
+    lrs = group_lrs(lr, len(param_groups(model)))
+    history = fit_one_cycle(model, data, params.train_frozen, lrs, stage="train_frozen", on_epoch=ctx.log_epoch)
+    metrics = phase_metrics(history, model, data)
+    if ctx.world.is_main:
+        save_checkpoint(Path("models/frozen.pt"), model, arch=params.model.arch, vocab=vocab, data=params.data)
+        write_history(Path("plots/train_frozen.csv"), history)
+        atomic_write_json("metrics/train_frozen.json", {**metrics, "lr": lr})
 
 
 if __name__ == "__main__":
-    run_stage("train_frozen", main, live_run=True)
+    run_stage("train_frozen", main, distributed=True, live_run=True)

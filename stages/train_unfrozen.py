@@ -10,34 +10,33 @@ from pathlib import Path
 import torch
 
 from petbreeds.atomic import atomic_write_json
+from petbreeds.checkpoint import load_checkpoint, save_checkpoint
 from petbreeds.config import Params
-from petbreeds.model import load_checkpoint, unfreeze
+from petbreeds.model import param_groups, unfreeze
 from petbreeds.schedule import group_lrs
+from petbreeds.splitting import read_split_table, read_vocab
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import load_training_data, train_phase
+from petbreeds.training import fit_one_cycle, phase_metrics, training_data, write_history
 
 
 def main(params: Params, ctx: StageContext) -> None:
-    lo, hi = params.train_unfrozen.lr_slice
-    lrs = group_lrs([lo, hi], 3)
-    print("train_unfrozen: lrs " + ", ".join(f"{lr:.3g}" for lr in lrs) + " (early body, late body, head)")
     seed = params.seed + 1  # new batches and dropout masks, not a replay of the frozen phase's
-    data = load_training_data(params, seed=seed)
-    model, _ = load_checkpoint(Path("models/frozen.pt"), data.device)
+    table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
+    data = training_data(params, table, vocab, Path("data/raw"), seed=seed, world=ctx.world)
+    model, _ = load_checkpoint(Path("models/frozen.pt"), data.compute.device)
     unfreeze(model)
+    lo, hi = params.train_unfrozen.lr_slice
+    lrs = group_lrs([lo, hi], len(param_groups(model)))
+    if ctx.world.is_main:
+        print("train_unfrozen: lrs " + ", ".join(f"{lr:.3g}" for lr in lrs) + " (early body, late body, head)")
     torch.manual_seed(seed)
-    metrics = train_phase(
-        model,
-        data,
-        params,
-        params.train_unfrozen,
-        lrs,
-        stage="train_unfrozen",
-        checkpoint=Path("models/model.pt"),
-        log_metrics=ctx.log_metrics,
-    )
-    atomic_write_json("metrics/train_unfrozen.json", {**metrics, "lr_lo": lo, "lr_hi": hi})
+    history = fit_one_cycle(model, data, params.train_unfrozen, lrs, stage="train_unfrozen", on_epoch=ctx.log_epoch)
+    metrics = phase_metrics(history, model, data)
+    if ctx.world.is_main:
+        save_checkpoint(Path("models/model.pt"), model, arch=params.model.arch, vocab=vocab, data=params.data)
+        write_history(Path("plots/train_unfrozen.csv"), history)
+        atomic_write_json("metrics/train_unfrozen.json", {**metrics, "lr_lo": lo, "lr_hi": hi})
 
 
 if __name__ == "__main__":
-    run_stage("train_unfrozen", main, live_run=True)
+    run_stage("train_unfrozen", main, distributed=True, live_run=True)

@@ -10,15 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from petbreeds.augment import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BatchAugment,
-    Draws,
-    affine_matrices,
-    warp_matrices,
-)
+from petbreeds.augment import BatchAugment, Draws, affine_matrices, warp_matrices
 from petbreeds.config import AugmentParams
+from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 BOOK = AugmentParams(
     mult=1.0,
@@ -32,8 +26,15 @@ BOOK = AugmentParams(
     p_lighting=0.75,
     min_scale=0.75,
 )
-OFF = dataclasses.replace(
-    BOOK, do_flip=False, max_rotate=0.0, max_zoom=1.0, max_warp=0.0, max_lighting=0.0, min_scale=1.0
+OFF = BOOK.model_copy(
+    update={
+        "do_flip": False,
+        "max_rotate": 0.0,
+        "max_zoom": 1.0,
+        "max_warp": 0.0,
+        "max_lighting": 0.0,
+        "min_scale": 1.0,
+    }
 )
 CPU = torch.device("cpu")
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,14 +36,87 @@ def test_default_params_load():
         ("train.channels_last", "yes", "train.channels_last must be true or false"),
         ("train_unfrozen.lr_slice", [1.0e-4, 1.0e-6], "train_unfrozen.lr_slice must be a list [lo, hi]"),
         ("train_unfrozen.lr_slice", 1.0e-4, "train_unfrozen.lr_slice must be a list"),
+        ("train_unfrozen.lr_slice", ["a", 1.0e-4], "train_unfrozen.lr_slice must be a list [lo, hi]"),
+        ("train_frozen.epochs", True, "train_frozen.epochs must be an integer >= 0, got True"),  # strict: no bools
+        ("train_frozen.epochs", "3", "train_frozen.epochs must be an integer >= 0, got '3'"),  # nor text
+        ("data.batch_size", 32.0, "data.batch_size must be an integer > 0, got 32.0"),
+        ("augment.do_flip", 1, "augment.do_flip must be true or false, got 1"),
+        ("augment.mult", True, "augment.mult must be a number >= 0, got True"),
+        ("train_frozen.lr", "fast", "train_frozen.lr must be a number > 0, or null for the lr_find suggestion"),
+        ("evaluate.splits", ["valid", "valid"], "evaluate.splits must be a non-empty list of valid/test"),
+        ("evaluate.splits", ["train"], "evaluate.splits must be a non-empty list of valid/test, got ['train']"),
+        ("distributed.backend", "mpi", "distributed.backend must be one of 'auto', 'nccl', 'gloo', got 'mpi'"),
+        ("fetch.local_path", 3, "fetch.local_path must be a string, got 3"),
+        (
+            "fetch.sample",
+            None,
+            "fetch.sample must be a mapping with keys per_breed, seed, min_side, max_side, got None",
+        ),
     ],
 )
 def test_bad_values_name_the_key(key, value, message):
     raw = raw_params()
-    section, name = key.split(".")
-    raw[section][name] = value
-    with pytest.raises(ParamsError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    *sections, name = key.split(".")
+    section = raw
+    for part in sections:
+        section = section[part]
+    section[name] = value
+    with pytest.raises(ParamsError, match="^params.yaml: " + re.escape(message)):
         parse_params(raw)
+
+
+def test_exact_messages():
+    raw = raw_params()
+    raw["split"]["valid_pct"] = 1.5
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert str(e.value) == "params.yaml: split.valid_pct must be a number strictly between 0 and 1, got 1.5"
+    raw = raw_params()
+    raw["train_frozen"]["epochs"] = -1
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert str(e.value) == "params.yaml: train_frozen.epochs must be an integer >= 0, got -1"
+    raw = raw_params()
+    raw["lr_find"]["end_lr"] = raw["lr_find"]["start_lr"]
+    raw["augment"]["max_zoom"] = 0.5
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert str(e.value) == (
+        "params.yaml: augment.max_zoom must be >= augment.min_zoom; lr_find.end_lr must be > lr_find.start_lr"
+    )
+
+
+def test_distributed_cross_checks():
+    raw = raw_params()
+    raw["distributed"]["nproc_per_node"] = 3
+    raw["distributed"]["nnodes"] = 2
+    with pytest.raises(ParamsError, match="data.batch_size 32 is the global batch and must divide evenly over the 6 "):
+        parse_params(raw)
+    raw["distributed"]["nproc_per_node"] = 2
+    with pytest.raises(ParamsError, match="distributed.rdzv_endpoint is empty but distributed.nnodes > 1"):
+        parse_params(raw)
+    raw["distributed"]["rdzv_endpoint"] = "node0:29400"
+    assert parse_params(raw).distributed.nnodes == 2
+
+
+def test_an_integer_is_a_number():
+    raw = raw_params()
+    raw["lr_find"]["end_lr"] = 10
+    raw["train_unfrozen"]["lr_slice"] = [1, 2]
+    raw["train_frozen"]["lr"] = 1
+    p = parse_params(raw)
+    assert p.lr_find.end_lr == 10.0 and type(p.lr_find.end_lr) is float
+    assert p.train_unfrozen.lr_slice == [1.0, 2.0] and all(type(v) is float for v in p.train_unfrozen.lr_slice)
+    assert type(p.train_frozen.lr) is float
+
+
+def test_params_are_frozen_and_flatten_like_the_yaml():
+    p = load_params(ROOT / "params.yaml")
+    with pytest.raises(ValueError):
+        p.data.batch_size = 8  # type: ignore[misc]
+    assert p.data.model_copy(update={"num_workers": 0}).num_workers == 0
+    assert flatten(p) == flatten(raw_params())  # same keys, order and values as the plain mapping
+    assert list(flatten(p)) == list(flatten(raw_params()))
 
 
 def test_unknown_and_missing_keys():
@@ -51,9 +125,25 @@ def test_unknown_and_missing_keys():
     with pytest.raises(ParamsError, match="unknown key train_frozen.epochz"):
         parse_params(raw)
     raw = raw_params()
-    del raw["data"]["size"]
-    with pytest.raises(ParamsError, match="missing key data.size"):
+    raw["fetch"]["sample"]["per_bread"] = 3
+    raw["fetch"]["sample"]["colour"] = "red"
+    raw["data"]["size"] = -1  # an unknown key is reported first: a typo there may explain the rest
+    with pytest.raises(ParamsError) as e:
         parse_params(raw)
+    assert str(e.value) == (
+        "params.yaml: unknown key fetch.sample.colour, fetch.sample.per_bread "
+        "(known keys under fetch.sample: per_breed, seed, min_side, max_side)"
+    )
+    raw = raw_params()
+    raw["mlflow"] = {}
+    with pytest.raises(ParamsError, match=r"unknown key mlflow \(known keys under the top level: seed, fetch, index"):
+        parse_params(raw)
+    raw = raw_params()
+    del raw["data"]["size"]
+    with pytest.raises(ParamsError, match=r"^params.yaml: missing key data.size \(expected an integer > 0\)$"):
+        parse_params(raw)
+    with pytest.raises(ParamsError, match="^params.yaml: the top level must be a mapping with keys seed, fetch, "):
+        parse_params(None)  # an empty params.yaml
 
 
 def test_values_written_by_dvc_exp_run_load(tmp_path):

@@ -1,4 +1,4 @@
-"""Device and precision choice, autocast, grad scaler (spec §8)."""
+"""Device and precision choice, autocast, grad scaler (docs/fastai.md §8)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@ can keep every stage that has outputs.
 
 A module missing from deps means a code change silently reuses stale outputs; an extra one means
 needless re-runs. Plumbing that cannot change a stage's results (params loading, atomic writes,
-error type, stage runner, tracking) is exempt.
+error type, stage runner, tracking, live MLflow runs) is exempt, and so is what only plumbing imports: the walk
+stops at it, so stage.py's lazy import of live.py (the training stages' live runs) adds nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "petbreeds"
-PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "tracking"}
+PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "tracking", "live"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -69,3 +70,22 @@ def test_stage_can_be_restored_from_the_run_cache(name):
     uncached = [next(iter(o)) for o in STAGES[name].get("outs", []) if isinstance(o, dict) and
                 not next(iter(o.values())).get("cache", True)]  # fmt: skip
     assert not uncached, f"stage {name}: {uncached} have cache: false; declare them as metrics/plots or cache them"
+
+
+SPEED_ONLY = (
+    "data.num_workers",
+    "index.workers",
+    "distributed.backend",
+    "distributed.rdzv_endpoint",
+    "distributed.timeout_s",
+)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_settings_that_change_only_speed_invalidate_no_stage(name):
+    """A param dependency is a promise that the results depend on it: workers, the backend, the rendezvous
+    address and the timeout do not, so changing them must re-run nothing (keys are listed one by one)."""
+    params = [p for entry in STAGES[name].get("params", []) for p in ([entry] if isinstance(entry, str) else entry)]
+    for key in SPEED_ONLY:
+        section = key.split(".")[0]
+        assert key not in params and section not in params, f"stage {name} depends on {key} (via {section!r}?)"

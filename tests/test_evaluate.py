@@ -10,33 +10,23 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-# pytest puts tests/ on sys.path: the tiny model and its coloured "breeds" come from test_predict.
-from test_predict import VOCAB, train_tiny_model, write_dataset
-
 from petbreeds.config import load_params
 from petbreeds.errors import PetbreedsError
 from petbreeds.stage import StageContext
 
-# The module trains a tiny model first (~1 min on 2 busy cores).
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("evaluate_model")
-    return train_tiny_model(root / "raw", root / "model.pt")
-
-
 @pytest.fixture
-def project(tmp_path: Path, trained: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project(
+    tmp_path: Path, tiny_model: Path, breeds: list[str], write_breed_images, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """A project folder as the pipeline leaves it before evaluate: data/raw, data/split.csv, models/model.pt."""
-    table = write_dataset(tmp_path / "data" / "raw" / "images", per_breed=3, first_seed=700)
-    table["split"] = ["train", "valid", "valid"] * len(VOCAB)
+    table = write_breed_images(tmp_path / "data" / "raw" / "images", 3, 700)
+    table["split"] = ["train", "valid", "valid"] * len(breeds)
     table.to_csv(tmp_path / "data" / "split.csv", index=False)
     (tmp_path / "models").mkdir()
-    shutil.copy(trained, tmp_path / "models" / "model.pt")
+    shutil.copy(tiny_model, tmp_path / "models" / "model.pt")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -53,7 +43,7 @@ def _repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(ROOT))
 
 
-def test_evaluate_writes_every_declared_output(project, capsys):
+def test_evaluate_writes_every_declared_output(project, breeds, capsys):
     run_evaluate(project)
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert list(metrics) == ["valid"]
@@ -72,7 +62,7 @@ def test_evaluate_writes_every_declared_output(project, capsys):
     assert valid["top5_accuracy"] == 1.0  # 3 classes
 
     records = json.loads((project / "plots" / "confusion.json").read_text())
-    assert len(records) == 6 and {r["actual"] for r in records} == set(VOCAB)
+    assert len(records) == 6 and {r["actual"] for r in records} == set(breeds)
     wrong = sum(r["actual"] != r["predicted"] for r in records)
     assert valid["error_rate"] == pytest.approx(wrong / 6)
 
@@ -81,7 +71,7 @@ def test_evaluate_writes_every_declared_output(project, capsys):
     assert top["loss"].is_monotonic_decreasing
     assert all((project / "data" / "raw" / p).is_file() for p in top["path"])
     per_class = pd.read_csv(project / "reports" / "per_class.csv")
-    assert per_class["breed"].tolist() == VOCAB and per_class["support"].tolist() == [2, 2, 2]
+    assert per_class["breed"].tolist() == breeds and per_class["support"].tolist() == [2, 2, 2]
     confused = pd.read_csv(project / "reports" / "most_confused.csv")
     assert confused.columns.tolist() == ["actual", "predicted", "count"]
     for png in ("confusion_matrix.png", "top_losses.png"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import subprocess
@@ -23,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def params() -> FetchParams:
     fetch_params = load_params(ROOT / "params.yaml").fetch
-    small = dataclasses.replace(fetch_params.sample, per_breed=1, min_side=64, max_side=80)
-    return dataclasses.replace(fetch_params, sample=small)
+    small = fetch_params.sample.model_copy(update={"per_breed": 1, "min_side": 64, "max_side": 80})
+    return fetch_params.model_copy(update={"sample": small})
 
 
 def local(params: FetchParams, path: str | Path) -> FetchParams:
-    return dataclasses.replace(params, source="local", local_path=str(path))
+    return params.model_copy(update={"source": "local", "local_path": str(path)})
 
 
 def names(folder: Path) -> list[str]:
@@ -124,7 +123,7 @@ def test_oxford_source_from_file_urls(params: FetchParams, tmp_path: Path) -> No
         annotations_md5=annotations_md5,
     )
     out = tmp_path / "data" / "raw"
-    fetch(dataclasses.replace(params, source="oxford-iiit-pet", oxford_iiit_pet=oxford), out)
+    fetch(params.model_copy(update={"source": "oxford-iiit-pet", "oxford_iiit_pet": oxford}), out)
     assert names(out) == ["annotations", "images"]
     assert names(out / "images") == ["Bengal_1.jpg", "pug_2.jpg"] and names(out / "annotations") == ["list.txt"]
     assert names(tmp_path / "data" / "downloads") == ["annotations.tar.gz", "images.tar.gz"]  # kept for reruns

@@ -17,7 +17,7 @@ from petbreeds.errors import PetbreedsError
 from petbreeds.labelling import find_image_files, index_images
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = IndexParams(label_regex=r"(.+)_\d+.jpg$", workers=1)
+PARAMS = IndexParams(label_regex=r"(.+)_\d+.jpg$", min_class_images=2, workers=1)
 
 
 def write_image(path: Path, size: tuple[int, int] = (24, 16), mode: str = "RGB", fmt: str = "JPEG") -> Path:
@@ -80,7 +80,8 @@ def test_index_keeps_disguised_formats_and_excludes_broken_files_with_reasons(ra
         "images": 6,
         "classes": 4,
         "excluded_total": 3,
-        "excluded": {"empty": 1, "no_label_match": 1, "undecodable": 1},
+        "excluded": {"empty": 1, "no_label_match": 1, "unknown_class": 0, "undecodable": 1},
+        "small_classes": 2,
         "per_class": {"Abyssinian": 2, "Bengal": 2, "Birman": 1, "basset_hound": 1},
     }
     assert result.summary() == "index: 6 images, 4 classes, 3 excluded (1 empty, 1 no_label_match, 1 undecodable)"
@@ -100,7 +101,7 @@ def test_label_is_regex_group_one_on_the_file_name(tmp_path: Path) -> None:
     result = index_images(tmp_path, PARAMS)
     assert result.table["label"].tolist() == ["great_pyrenees_12"]
     assert result.excluded["path"].tolist() == ["images/sub_9/Bombay_1.JPG"]
-    species = index_images(tmp_path, IndexParams(label_regex=r"^([a-z]|[A-Z])", workers=1))
+    species = index_images(tmp_path, IndexParams(label_regex=r"^([a-z]|[A-Z])", min_class_images=2, workers=1))
     assert species.table["label"].tolist() == ["g", "B"]
 
 
@@ -114,7 +115,7 @@ def test_find_image_files_follows_fastai_rules(tmp_path: Path) -> None:
 def test_parallel_check_gives_the_same_result_as_serial(raw: Path) -> None:
     serial = index_images(raw, PARAMS)
     for workers in (2, 0):
-        parallel = index_images(raw, IndexParams(label_regex=PARAMS.label_regex, workers=workers))
+        parallel = index_images(raw, IndexParams(label_regex=PARAMS.label_regex, min_class_images=2, workers=workers))
         pd.testing.assert_frame_equal(parallel.table, serial.table)
         pd.testing.assert_frame_equal(parallel.excluded, serial.excluded)
         assert parallel.vocab == serial.vocab
@@ -132,19 +133,73 @@ def test_missing_images_folder_and_regex_without_group_are_clear_errors(tmp_path
         index_images(tmp_path, PARAMS)
     write_image(tmp_path / "images" / "Bengal_1.jpg")
     with pytest.raises(PetbreedsError, match="index.label_regex"):
-        index_images(tmp_path, IndexParams(label_regex=r"_\d+.jpg$", workers=1))
+        index_images(tmp_path, IndexParams(label_regex=r"_\d+.jpg$", min_class_images=2, workers=1))
 
 
 def test_annotated_class_without_usable_image_is_an_error(raw: Path) -> None:
     list_txt = raw / "annotations" / "list.txt"
     list_txt.parent.mkdir()
     list_txt.write_text("#Image CLASS-ID SPECIES BREED ID\nAbyssinian_10 1 1 1\nBengal_1 6 1 6\n")
-    assert index_images(raw, PARAMS).vocab == ["Abyssinian", "Bengal", "Birman", "basset_hound"]
+    assert index_images(raw, PARAMS).vocab == ["Abyssinian", "Bengal"]  # Birman, basset_hound: unknown_class
 
     list_txt.write_text(list_txt.read_text() + "beagle_1 13 2 5\nbeagle_2 13 2 5\nPersian_1 8 1 8\n")
     with pytest.raises(PetbreedsError, match=r"list.txt lists class\(es\) Persian, beagle") as err:
         index_images(raw, PARAMS)
     assert "images/beagle_1.jpg: undecodable; images/beagle_2.jpg: empty" in str(err.value)
+
+
+def write_list_txt(raw: Path, stems: list[str]) -> Path:
+    """``annotations/list.txt`` in the official format, naming ``stems`` (class ids do not matter to index)."""
+    list_txt = raw / "annotations" / "list.txt"
+    list_txt.parent.mkdir(parents=True, exist_ok=True)
+    list_txt.write_text("#Image CLASS-ID SPECIES BREED ID\n" + "".join(f"{stem} 1 1 1\n" for stem in stems))
+    return list_txt
+
+
+@pytest.fixture
+def stray_raw(tmp_path: Path) -> Path:
+    """Two real breeds of 3 images each, and a camera's file that the book's regex labels "IMG"."""
+    images = tmp_path / "raw" / "images"
+    for n in range(1, 4):
+        write_image(images / f"Bengal_{n}.jpg")
+        write_image(images / f"pug_{n}.jpg")
+    write_image(images / "IMG_0001.jpg", size=(64, 48))
+    return tmp_path / "raw"
+
+
+def test_label_not_in_list_txt_is_excluded_as_unknown_class(stray_raw: Path, capsys) -> None:
+    list_txt = write_list_txt(stray_raw, [f"{breed}_{n}" for breed in ("Bengal", "pug") for n in range(1, 4)])
+    result = index_images(stray_raw, PARAMS)
+    assert result.vocab == ["Bengal", "pug"]
+    assert result.excluded.values.tolist() == [
+        ["images/IMG_0001.jpg", "unknown_class", f"label 'IMG' is not one of the classes in {list_txt}"]
+    ]
+    assert result.metrics()["excluded"]["unknown_class"] == 1 and result.metrics()["small_classes"] == 0
+    assert result.summary() == "index: 6 images, 2 classes, 1 excluded (1 unknown_class)"
+    assert result.warning() is None and capsys.readouterr().err == ""
+
+
+def test_without_list_txt_a_small_class_is_kept_and_named_in_a_warning(stray_raw: Path, capsys) -> None:
+    result = index_images(stray_raw, PARAMS)
+    assert result.vocab == ["Bengal", "IMG", "pug"] and result.excluded.empty
+    assert result.small_classes == ["IMG"] and result.metrics()["small_classes"] == 1
+    warning = capsys.readouterr().err
+    assert warning == result.warning() + "\n"
+    assert warning.startswith("warning: index: class(es) IMG (1 image) have fewer than index.min_class_images=2 ")
+    assert "move or rename them in fetch.local_path" in warning and "tighten index.label_regex" in warning
+
+    three = index_images(stray_raw, IndexParams(label_regex=PARAMS.label_regex, min_class_images=4, workers=1))
+    assert three.small_classes == ["Bengal", "IMG", "pug"]
+    assert "class(es) Bengal (3 images), IMG (1 image), pug (3 images) have fewer than" in three.warning()
+
+
+def test_a_normal_dataset_gives_no_warning(stray_raw: Path, capsys) -> None:
+    (stray_raw / "images" / "IMG_0001.jpg").unlink()
+    for params in (PARAMS, IndexParams(label_regex=PARAMS.label_regex, min_class_images=3, workers=1)):
+        result = index_images(stray_raw, params)
+        assert result.small_classes == [] and result.warning() is None
+    assert result.metrics()["small_classes"] == 0 and result.metrics()["excluded_total"] == 0
+    assert capsys.readouterr().err == ""
 
 
 def run_index_stage(raw: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
@@ -177,6 +232,34 @@ def test_index_stage_writes_every_output(raw: Path, tmp_path: Path) -> None:
     assert not list(workdir.rglob(".*.tmp*")), "atomic writes left temporary files behind"
 
 
+def test_index_stage_reports_stray_files(stray_raw: Path, tmp_path: Path) -> None:
+    """The stage's files and console with IMG_0001.jpg among the images: excluded when list.txt exists, else kept
+    with a warning on stderr and counted in metrics/index.json."""
+    (tmp_path / "warned").mkdir()
+    done = run_index_stage(stray_raw, tmp_path / "warned")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("warning: index: class(es) IMG (1 image) have fewer than index.min_class_images=2")
+    metrics = json.loads((tmp_path / "warned" / "metrics" / "index.json").read_text())
+    assert metrics["small_classes"] == 1 and metrics["per_class"]["IMG"] == 1 and metrics["excluded_total"] == 0
+    assert all(isinstance(v, int) for v in metrics["excluded"].values())  # DVC metrics: numbers only
+
+    write_list_txt(stray_raw, [f"{breed}_{n}" for breed in ("Bengal", "pug") for n in range(1, 4)])
+    (tmp_path / "listed").mkdir()
+    done = run_index_stage(stray_raw, tmp_path / "listed")
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr
+    assert "index: 6 images, 2 classes, 1 excluded (1 unknown_class)" in done.stdout
+    excluded = pd.read_csv(tmp_path / "listed" / "reports" / "index_excluded.csv")
+    assert excluded[["path", "reason"]].values.tolist() == [["images/IMG_0001.jpg", "unknown_class"]]
+    assert "data/raw/annotations/list.txt" in excluded["detail"][0]
+    metrics = json.loads((tmp_path / "listed" / "metrics" / "index.json").read_text())
+    assert (
+        metrics["excluded"]["unknown_class"] == 1
+        and metrics["small_classes"] == 0
+        and "IMG" not in metrics["per_class"]
+    )
+
+
 def test_index_stage_reports_bad_data_without_a_traceback(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     (raw / "images").mkdir(parents=True)
@@ -191,7 +274,7 @@ def test_index_stage_reports_bad_data_without_a_traceback(tmp_path: Path) -> Non
 
 
 def test_real_subset_keeps_all_1029_files_and_labels_37_breeds(pet_subset: Path) -> None:
-    result = index_images(pet_subset, IndexParams(label_regex=r"(.+)_\d+.jpg$", workers=0))
+    result = index_images(pet_subset, IndexParams(label_regex=r"(.+)_\d+.jpg$", min_class_images=2, workers=0))
     assert len(result.table) == 1029 and result.excluded.empty
     assert len(result.vocab) == 37
     assert result.vocab[:12] == [

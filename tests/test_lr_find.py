@@ -7,14 +7,17 @@ import math
 
 import pytest
 import torch
-from test_training import ROOT, tiny_model  # tests/ is on sys.path (pytest's rootdir-relative import)
+from tiny import ROOT, VOCAB, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
 from petbreeds.augment import BatchAugment
 from petbreeds.config import load_params
+from petbreeds.device import Compute
+from petbreeds.distributed import SINGLE_PROCESS
 from petbreeds.errors import PetbreedsError
 from petbreeds.lr_find import lr_find, minimum, save_lr_find_plot, slide, steep, suggest, valley
 from petbreeds.model import freeze
+from petbreeds.training import TrainingData
 
 # Index i carries lr 10^i, so an answer reads as the index it came from.
 LOSSES = [3.0, 2.0, 4.0, 1.0, 0.5, 5.0, 6.0, 0.1]
@@ -85,15 +88,24 @@ def _uint8_loader(n: int = 32, side: int = 40, batch_size: int = 8) -> DataLoade
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
 
 
-def _sweep(model: torch.nn.Module, **settings):
-    augment = BatchAugment(load_params(ROOT / "params.yaml").augment, size=32, seed=0, device=torch.device("cpu"))
+def _sweep(model: torch.nn.Module, channels_last: bool, on_step=None, **settings):
+    params = load_params(ROOT / "params.yaml")
+    cpu = torch.device("cpu")
     # 4 batches per epoch: longer sweeps cycle the loader through several epochs
-    return lr_find(model, _uint8_loader(), augment, wd=0.01, device=torch.device("cpu"), dtype=None, **settings)
+    data = TrainingData(
+        vocab=VOCAB,
+        train_loader=_uint8_loader(),
+        valid_loader=_uint8_loader(),
+        augment=BatchAugment(params.augment, size=32, seed=0, device=cpu),
+        compute=Compute(cpu, None, channels_last),
+        world=SINGLE_PROCESS,
+    )
+    return lr_find(model, data, params.lr_find.model_copy(update=settings), wd=0.01, on_step=on_step)
 
 
 def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path) -> None:
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_net()
     freeze(model)  # as the stage: the body's BN layers still train and update their running statistics
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -123,7 +135,7 @@ def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path) -> None:
 
 def test_lr_find_stops_when_the_loss_diverges() -> None:
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_net()
     result = _sweep(model, start_lr=1e-4, end_lr=1e6, num_it=100, stop_div=True, channels_last=False)
     assert 17 <= len(result.losses) < 100  # stopped long before num_it, with points left for the suggestions
     assert result.losses[-1] > 4 * min(result.losses[:-1])  # the batch that crossed 4x the best is the last

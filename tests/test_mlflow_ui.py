@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_tracking import exp_identity, free_port, write_fake_outputs
 
 from petbreeds import tracking
 
@@ -62,7 +61,9 @@ def page_text(dom: str) -> str:
 
 
 @pytest.mark.slow
-def test_run_page_shows_the_run_and_its_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_page_shows_the_run_and_its_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_fake_outputs, exp_identity, free_port
+) -> None:
     browser = chromium()
     project = tmp_path / "project"
     write_fake_outputs(project)

@@ -1,4 +1,4 @@
-"""Body + fastai head, its init, 3 parameter groups, freezing and checkpoints (spec §3)."""
+"""Body + fastai head, its init, 3 parameter groups, freezing and checkpoints (docs/fastai.md §3)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from petbreeds.augment import IMAGENET_MEAN
+from petbreeds.checkpoint import load_checkpoint, save_checkpoint
 from petbreeds.config import DataParams
 from petbreeds.errors import PetbreedsError
-from petbreeds.model import (
-    NORM_TYPES,
-    AdaptiveConcatPool2d,
-    create_model,
-    freeze,
-    load_checkpoint,
-    param_groups,
-    save_checkpoint,
-    unfreeze,
-)
+from petbreeds.imagenet import IMAGENET_MEAN
+from petbreeds.model import NORM_TYPES, AdaptiveConcatPool2d, create_model, freeze, param_groups, unfreeze
 
 DATA = DataParams(item_size=40, size=32, resize_method="crop", pad_mode="reflection", batch_size=4, num_workers=0)
 VOCAB = ["a", "b", "c"]

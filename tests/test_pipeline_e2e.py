@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ruamel.yaml import YAML
 
-from petbreeds.tracking import experiment_refs
+from petbreeds.relog import experiment_refs
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(ROOT / ".venv/bin/dvc") if (ROOT / ".venv/bin/dvc").exists() else "dvc"
@@ -151,3 +152,28 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
 
     assert (own_store.stat().st_mtime if own_store.exists() else None) == own_before  # nothing leaked here
     assert not list(repo.glob(".dvc/tmp/exps/*/mlflow.db"))
+
+
+@pytest.mark.slow
+def test_an_experiment_on_two_processes_writes_every_output_and_logs_one_run(repo: Path) -> None:
+    """`dvc exp run -S distributed.nproc_per_node=2`: lr_find and both training stages run as 2 gloo ranks."""
+    exp_run(repo, "distributed.nproc_per_node=2", name="ddp2")
+    for stage in ("lr_find", "train_frozen", "train_unfrozen"):
+        info = json.loads((repo / "reports" / "run_info" / f"{stage}.json").read_text())
+        assert info["world_size"] == 2, stage
+    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
+    outs = [out["path"] for stage in lock.values() for out in stage.get("outs", [])]
+    assert len(outs) > 20 and all((repo / path).exists() for path in outs)  # every output dvc.yaml declares
+    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())["valid"]
+    n_valid = evaluate["n_items"]
+    assert n_valid == 22  # int(0.2 * 111): the whole validation split, not one rank's half
+    for stage in ("train_frozen", "train_unfrozen"):
+        error_rate = json.loads((repo / "metrics" / f"{stage}.json").read_text())["error_rate"]
+        assert error_rate * n_valid == pytest.approx(round(error_rate * n_valid), abs=1e-6), stage  # over all 22
+    run_ = parents(repo)["ddp2"]
+    assert run_.data.metrics["train_unfrozen/error_rate"] == pytest.approx(error_rate)
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    live = client.search_runs(
+        [run_.info.experiment_id], "tags.`petbreeds.run_type` = 'live_stage' and tags.`dvc.exp_name` = 'ddp2'"
+    )
+    assert sorted(r.data.tags["dvc.stage"] for r in live) == ["lr_find", "train_frozen", "train_unfrozen"]  # rank 0's

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +186,7 @@ def test_valid_loader_keeps_table_order_and_every_item(tmp_path: Path) -> None:
 def test_two_workers_give_the_same_batches_as_none(tmp_path: Path) -> None:
     table = write_items(tmp_path, 12, ["a", "b"])
     serial = batches(make_loader(table, tmp_path, ["a", "b"], DATA, train=True, seed=5), 2)
-    two = dataclasses.replace(DATA, num_workers=2)
+    two = DATA.model_copy(update={"num_workers": 2})
     parallel = batches(make_loader(table, tmp_path, ["a", "b"], two, train=True, seed=5), 2)
     assert len(serial) == len(parallel) == 6
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, parallel, strict=True))

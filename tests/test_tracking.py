@@ -1,16 +1,15 @@
-"""petbreeds.tracking and the run_info/live-run side of petbreeds.stage, on real temporary sqlite stores.
+"""petbreeds.tracking, petbreeds.relog, petbreeds.live and the run_info/live-run side of petbreeds.stage, on real
+temporary sqlite stores.
 
-The DVC outputs here are written by hand in the layout of docs/architecture.md; tests/test_pipeline_e2e.py
-checks the same against a real `dvc exp run`.
+The DVC outputs here are written by hand (the ``write_fake_outputs`` fixture, tests/conftest.py) in the layout of
+docs/architecture.md; tests/test_pipeline_e2e.py checks the same against a real `dvc exp run`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,47 +18,11 @@ import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from petbreeds import tracking
+from petbreeds import relog, tracking
 from petbreeds.errors import PetbreedsError
 from petbreeds.stage import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE = "ab" + "c" * 38
-FROZEN_ROWS = [
-    {"epoch": 0, "train_loss": 3.1, "valid_loss": 2.5, "error_rate": 0.8, "lr": 0.002, "seconds": 4.0},
-    {"epoch": 1, "train_loss": 2.2, "valid_loss": 1.9, "error_rate": 0.6, "lr": 1.0e-7, "seconds": 5.0},
-]
-
-
-def write_fake_outputs(
-    root: Path, exp_name: str | None = "exp-a", executed: tuple[str, ...] = ("train_frozen",)
-) -> None:
-    """A project folder as the pipeline leaves it: params.yaml, dvc.lock, metrics/, plots/, reports/."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-    lock = {
-        "schema": "2.0",
-        "stages": {
-            "fetch": {"cmd": "python stages/fetch.py", "outs": [{"path": "data/raw", "md5": "0" * 32 + ".dir"}]},
-            "train_unfrozen": {"cmd": "python stages/train_unfrozen.py", "outs": [{"path": "models/model.pt"}]},
-        },
-    }
-    (root / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
-    (root / "metrics").mkdir(exist_ok=True)
-    (root / "metrics/evaluate.json").write_text(json.dumps({"valid": {"error_rate": 0.25, "loss": 0.75}}))
-    (root / "metrics/lr_find.json").write_text(json.dumps({"valley": 1.0e-3, "steep": 2.0e-3}))
-    (root / "plots").mkdir(exist_ok=True)
-    with (root / "plots/train_frozen.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(FROZEN_ROWS[0]))
-        writer.writeheader()
-        writer.writerows(FROZEN_ROWS)
-    (root / "plots/lr_find.csv").write_text("lr,loss\n1e-07,3.7\n1e-06,3.6\n1e-05,3.1\n")
-    (root / "reports/run_info").mkdir(parents=True, exist_ok=True)
-    for stage in ("fetch", "lr_find", "train_frozen"):
-        producer = exp_name if stage in executed else "an-older-exp"
-        info = {"stage": stage, "dvc_exp_name": producer, "baseline_rev": BASELINE, "mlflow_child_run_id": None}
-        info |= {"started": "2026-11-23T10:00:00+00:00", "finished": "2026-11-23T10:00:09+00:00"}
-        (root / f"reports/run_info/{stage}.json").write_text(json.dumps(info))
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +34,7 @@ def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def project(tmp_path: Path, migrated_db: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project(tmp_path: Path, migrated_db: Path, monkeypatch: pytest.MonkeyPatch, write_fake_outputs) -> Path:
     """A fake project with its own default store (DVC_ROOT), MLFLOW_TRACKING_URI unset."""
     root = tmp_path / "project"
     write_fake_outputs(root)
@@ -100,11 +63,9 @@ def assert_no_stray_runs(root: Path) -> None:
     assert all(r.info.experiment_id != "0" for r in runs)
 
 
-def exp_identity(name: str = "exp-a") -> tracking.RunIdentity:
-    return tracking.RunIdentity(name=name, exp_name=name, baseline_rev=BASELINE, git_commit=BASELINE)
-
-
-def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(project: Path) -> None:
+def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(
+    project: Path, exp_identity, frozen_rows
+) -> None:
     run_id = tracking.log_pipeline(project, exp_identity(), project)
 
     client = store(project)
@@ -120,7 +81,7 @@ def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(project
     assert run.data.metrics["lr_find/valley"] == 1.0e-3
     # per-epoch series, with the epoch as step and the real end of each epoch as timestamp
     history = client.get_metric_history(run_id, "frozen/valid_loss")
-    assert [(m.step, m.value) for m in history] == [(r["epoch"], r["valid_loss"]) for r in FROZEN_ROWS]
+    assert [(m.step, m.value) for m in history] == [(r["epoch"], r["valid_loss"]) for r in frozen_rows]
     assert history[1].timestamp - history[0].timestamp == 5000
     assert [m.value for m in client.get_metric_history(run_id, "lr_find/loss")] == [3.7, 3.6, 3.1]
     (dataset,) = run.inputs.dataset_inputs
@@ -136,7 +97,7 @@ def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(project
     assert_no_stray_runs(project)
 
 
-def test_logging_the_same_result_twice_keeps_one_run_and_a_rerun_supersedes(project: Path) -> None:
+def test_logging_the_same_result_twice_keeps_one_run_and_a_rerun_supersedes(project: Path, exp_identity) -> None:
     first = tracking.log_pipeline(project, exp_identity(), project)
     assert tracking.log_pipeline(project, exp_identity(), project) == first
 
@@ -152,13 +113,7 @@ def test_logging_the_same_result_twice_keeps_one_run_and_a_rerun_supersedes(proj
     assert len(all_runs(project)) == 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_unreachable_server_warns_the_stage_succeeds_and_relog_catches_up(project: Path) -> None:
+def test_unreachable_server_warns_the_stage_succeeds_and_relog_catches_up(project: Path, free_port) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
     stage = subprocess.run(
         [sys.executable, str(ROOT / "stages/mlflow_log.py")], cwd=project, env=env, capture_output=True, text=True
@@ -169,8 +124,8 @@ def test_unreachable_server_warns_the_stage_succeeds_and_relog_catches_up(projec
     assert not (project / "reports/run_info/mlflow_log.json").exists()  # not an out of mlflow_log
 
     # The server is "back" (here: the default store) -> the workspace's outputs are logged, once.
-    assert tracking.relog_cli([]) == 0
-    assert tracking.relog_cli([]) == 0
+    assert relog.relog_cli([]) == 0
+    assert relog.relog_cli([]) == 0
     (run,) = all_runs(project)
     assert run.info.run_name == "repro@no-git" and run.data.tags["dvc.run_kind"] == "repro"
     assert run.data.metrics["evaluate/valid.loss"] == 0.75
@@ -191,24 +146,24 @@ def test_relog_reads_an_experiment_from_its_git_commit(project: Path) -> None:
     git(project, "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/exp-b", exp_commit)
     git(project, "reset", "-q", "--hard", baseline)  # the workspace no longer holds the experiment's files
 
-    assert tracking.relog_cli(["exp-b"]) == 0
+    assert relog.relog_cli(["exp-b"]) == 0
     (run,) = all_runs(project)
     assert run.info.run_name == "exp-b" and run.data.tags["dvc.baseline_rev"] == baseline
     assert run.data.metrics["evaluate/valid.error_rate"] == 0.25
     with pytest.raises(PetbreedsError, match="no DVC experiment named 'nope'"):
-        tracking.relog_cli(["nope"])
+        relog.relog_cli(["nope"])
 
 
 def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
-    project: Path, monkeypatch: pytest.MonkeyPatch
+    project: Path, monkeypatch: pytest.MonkeyPatch, exp_identity, frozen_rows, fake_baseline
 ) -> None:
     def main(params: object, ctx: object) -> None:
-        for epoch, row in enumerate(FROZEN_ROWS):
+        for epoch, row in enumerate(frozen_rows):
             ctx.log_metrics({"valid_loss": row["valid_loss"]}, step=epoch)  # type: ignore[attr-defined]
 
     monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
-    monkeypatch.setenv("DVC_EXP_BASELINE_REV", BASELINE)
-    run_stage("train_frozen", main)
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", fake_baseline)
+    run_stage("train_frozen", main, live_run=True)
 
     info = json.loads((project / "reports/run_info/train_frozen.json").read_text())
     assert info["stage"] == "train_frozen" and info["dvc_exp_name"] == "exp-a" and info["device"] == "cpu"
@@ -226,7 +181,7 @@ def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
 
 
 def test_live_runs_are_switched_off_by_env_and_never_fail_a_stage(
-    project: Path, monkeypatch: pytest.MonkeyPatch
+    project: Path, monkeypatch: pytest.MonkeyPatch, free_port
 ) -> None:
     calls = []
 
@@ -235,12 +190,12 @@ def test_live_runs_are_switched_off_by_env_and_never_fail_a_stage(
         calls.append(ctx)
 
     monkeypatch.setenv("PETBREEDS_MLFLOW_LIVE", "0")
-    run_stage("lr_find", main)
+    run_stage("lr_find", main, live_run=True)
     monkeypatch.delenv("PETBREEDS_MLFLOW_LIVE")
     assert calls[0].live is None
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    run_stage("train_unfrozen", main)
+    run_stage("train_unfrozen", main, live_run=True)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert calls[1].live is None
     assert json.loads((project / "reports/run_info/train_unfrozen.json").read_text())["mlflow_child_run_id"] is None

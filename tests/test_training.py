@@ -3,7 +3,6 @@ body (fastai's head and 3 groups), real AdamW/OneCycleLR steps on the CPU; and t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -14,49 +13,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-from torch import nn
+from tiny import COLOURS, ROOT, VOCAB, tiny_net, tiny_project, write_pets
 
-from petbreeds.augment import BatchAugment
 from petbreeds.config import load_params
-from petbreeds.dataloaders import make_loader
+from petbreeds.distributed import SINGLE_PROCESS
 from petbreeds.errors import PetbreedsError
-from petbreeds.model import PetModel, create_head
-from petbreeds.training import SmoothLoss, fit_one_cycle, get_preds, validate
+from petbreeds.training import SmoothLoss, TrainingData, fit_one_cycle, get_preds, training_data, validate
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 50, 40)}
-
-
-def tiny_model(n_classes: int = 3) -> PetModel:
-    """A PetModel with a resnet-like body of 8 children (param_groups cuts resnets at 6) but ~3k parameters."""
-    body = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-    )
-    return PetModel("resnet18", body, create_head(16, n_classes))
-
-
-def write_pets(root: Path, per_class: int = 12, side: int = 48) -> pd.DataFrame:
-    """JPEGs ``images/<colour>_<n>.jpg`` of a noisy colour per class; a split table (every 3rd image valid)."""
-    (root / "images").mkdir(parents=True)
-    rng = torch.Generator().manual_seed(0)
-    rows = []
-    for label, rgb in COLOURS.items():
-        for n in range(per_class):
-            noise = torch.randint(-60, 61, (side, side, 3), generator=rng)
-            pixels = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
-            path = f"images/{label}_{n}.jpg"
-            Image.fromarray(pixels).save(root / path, quality=90)
-            rows.append({"path": path, "label": label, "split": "valid" if n % 3 == 0 else "train"})
-    return pd.DataFrame(rows)
 
 
 @pytest.fixture
@@ -64,34 +28,19 @@ def pets(tmp_path: Path) -> tuple[Path, pd.DataFrame]:
     return tmp_path, write_pets(tmp_path)
 
 
-def _setup(root: Path, table: pd.DataFrame, seed: int = 0):
+def _setup(root: Path, table: pd.DataFrame, seed: int = 0) -> tuple[torch.nn.Module, TrainingData]:
     params = load_params(ROOT / "params.yaml")
-    data = dataclasses.replace(params.data, item_size=40, size=32, batch_size=8, num_workers=0)
-    vocab = sorted(COLOURS)
-    train = make_loader(table[table.split == "train"].reset_index(drop=True), root, vocab, data, train=True, seed=seed)
-    valid = make_loader(table[table.split == "valid"].reset_index(drop=True), root, vocab, data, train=False, seed=seed)
+    data = params.data.model_copy(update={"item_size": 40, "size": 32, "batch_size": 8, "num_workers": 0})
+    params = params.model_copy(update={"data": data})
     torch.manual_seed(seed)
-    return tiny_model(), train, valid, BatchAugment(params.augment, 32, seed, CPU)
+    return tiny_net(), training_data(params, table, VOCAB, root, seed=seed, world=SINGLE_PROCESS)
 
 
-def _fit(model, train, valid, augment, epochs: int, lr: float = 1e-2, stage: str = "train_frozen", on_epoch=None):
-    return fit_one_cycle(
-        model,
-        train,
-        valid,
-        augment,
-        epochs=epochs,
-        lrs=[lr] * 3,
-        pct_start=0.25,
-        div=25.0,
-        div_final=1e5,
-        wd=0.01,
-        device=CPU,
-        dtype=None,
-        channels_last=True,
-        stage=stage,
-        on_epoch=on_epoch,
+def _fit(model, data, epochs: int, lr: float = 1e-2, stage: str = "train_frozen", on_epoch=None):
+    phase = load_params(ROOT / "params.yaml").train_frozen.model_copy(
+        update={"epochs": epochs, "pct_start": 0.25, "div": 25.0, "div_final": 1e5, "wd": 0.01}
     )
+    return fit_one_cycle(model, data, phase, [lr] * 3, stage=stage, on_epoch=on_epoch)
 
 
 def test_smooth_loss_is_fastais_debiased_ema() -> None:
@@ -101,10 +50,10 @@ def test_smooth_loss_is_fastais_debiased_ema() -> None:
 
 
 def test_fit_one_cycle_learns_and_reports_the_books_columns(pets, capsys) -> None:
-    model, train, valid, augment = _setup(*pets)
-    loss_before, _ = validate(model, valid, augment, CPU, None, channels_last=True)
+    model, data = _setup(*pets)
+    loss_before, _ = validate(model, data)
     seen = []
-    history = _fit(model, train, valid, augment, epochs=4, on_epoch=seen.append)
+    history = _fit(model, data, epochs=4, on_epoch=seen.append)
     assert [row["epoch"] for row in history] == [0, 1, 2, 3]
     assert seen == history
     assert set(history[0]) == {"epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds", "images_per_s"}
@@ -138,8 +87,8 @@ def test_non_finite_loss_names_stage_epoch_batch_and_lr(pets) -> None:
 
 def test_get_preds_in_loader_order(pets) -> None:
     root, table = pets
-    model, _, valid, augment = _setup(root, table)
-    logits, targets = get_preds(model, valid, augment, CPU, None, channels_last=False)
+    model, data = _setup(root, table)
+    logits, targets = get_preds(model, data.valid_loader, data.augment, data.compute)
     expected = [sorted(COLOURS).index(label) for label in table[table.split == "valid"]["label"]]
     assert logits.dtype == torch.float32 and logits.shape == (12, 3)
     assert targets.dtype == torch.int64 and targets.tolist() == expected
@@ -156,26 +105,7 @@ def _run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_stages_lr_find_train_frozen_train_unfrozen(tmp_path: Path) -> None:
     """The three stage scripts on a tiny project: resnet18 without pretrained weights, 32 px, real JPEGs."""
-    table = write_pets(tmp_path / "data" / "raw", per_class=16)
-    table.to_csv(tmp_path / "data" / "split.csv", index=False)
-    (tmp_path / "data" / "vocab.json").write_text(json.dumps({"vocab": sorted(COLOURS)}))
-    (tmp_path / "models" / "pretrained").mkdir(parents=True)
-    (tmp_path / "models" / "pretrained" / "weights.json").write_text(
-        json.dumps({"arch": "resnet18", "weights": "none"})
-    )
-    params = (ROOT / "params.yaml").read_text()
-    for old, new in [
-        ("arch: efficientnet_lite0", "arch: resnet18"),
-        ("weights: imagenet ", "weights: none "),
-        ("item_size: 160", "item_size: 40"),
-        ("size: 128", "size: 32"),
-        ("batch_size: 32", "batch_size: 8"),
-        ("num_workers: -1", "num_workers: 0"),
-        ("num_it: 100", "num_it: 20"),
-    ]:
-        assert old in params
-        params = params.replace(old, new)
-    (tmp_path / "params.yaml").write_text(params)
+    tiny_project(tmp_path)
 
     for stage in ("lr_find", "train_frozen", "train_unfrozen"):
         done = _run_stage(stage, tmp_path)

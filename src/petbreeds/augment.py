@@ -1,9 +1,9 @@
-"""The device batch stage (spec §2): fastai's ``aug_transforms`` in ONE resample per image, then normalise.
+"""The device batch stage (docs/fastai.md §2): fastai's ``aug_transforms`` in ONE resample per image, then normalise.
 
 fastai resamples a training image twice when ``min_scale < 1`` (the affine pass at item size, then the random
-resized crop to ``size``; spec §2.4) and draws one crop per batch. Here flip, rotate, zoom, warp and a per-image
-random resized crop are composed into one projective map per image, so one ``F.grid_sample`` call produces the
-``size`` output directly.
+resized crop to ``size``; docs/fastai.md §2.4) and draws one crop per batch. Here flip, rotate, zoom, warp and a
+per-image random resized crop are composed into one projective map per image, so one ``F.grid_sample`` call
+produces the ``size`` output directly.
 
 Coordinates are torch's normalised ones with ``align_corners=False``: (-1, -1) and (1, 1) are the outer edges of
 the image, whatever its resolution. The same map therefore samples the same content from the item-size batch
@@ -13,6 +13,7 @@ a filter, not a second geometric resample.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,9 +22,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from petbreeds.config import AugmentParams
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 # Bilinear sampling reads 2x2 neighbours: once an output pixel spans more than this many input pixels, it aliases.
 _MAX_BILINEAR_STEP = 2.0
@@ -34,7 +33,7 @@ class Draws:
     """One batch's random parameters, each a float tensor ``[B]`` (``flip`` is bool).
 
     angle: rotation in degrees; zoom: fastai's zoom factor z >= 1 zooms in; zoom_x/zoom_y, crop_x/crop_y: centre
-    fractions in [0, 1]; warp_x/warp_y: corner offsets (spec §2.3); crop_side: side of the random resized crop
+    fractions in [0, 1]; warp_x/warp_y: corner offsets (docs/fastai.md §2.3); crop_side: side of the random resized crop
     as a fraction of the image side (sqrt of the area fraction); brightness in (0, 1), 0.5 = unchanged; contrast
     > 0, 1 = unchanged.
     """
@@ -51,6 +50,14 @@ class Draws:
     crop_y: torch.Tensor
     brightness: torch.Tensor
     contrast: torch.Tensor
+
+    def rows(self, start: int, n: int) -> Draws:
+        """The draws of images ``start .. start + n - 1``."""
+        return Draws(**{f.name: getattr(self, f.name)[start : start + n] for f in dataclasses.fields(self)})
+
+    def finest(self) -> float:
+        """The smallest region any image samples, as a fraction of the side (what the prefilter must keep)."""
+        return (self.crop_side / self.zoom).min().item()
 
     @staticmethod
     def identity(n: int, device: torch.device | str = "cpu") -> Draws:
@@ -82,7 +89,7 @@ def _matrices(rows: list[list[torch.Tensor | float]], like: torch.Tensor) -> tor
 
 
 def affine_matrices(d: Draws) -> torch.Tensor:
-    """``M = F · R · Z · C`` ``[B, 3, 3]``: output coordinates → input coordinates (spec §2.3, §2.4).
+    """``M = F · R · Z · C`` ``[B, 3, 3]``: output coordinates → input coordinates (docs/fastai.md §2.3, §2.4).
 
     F flips x, R rotates, Z zooms in around a random centre (fastai's zoom_mat), C maps the output onto the
     random resized crop. fastai applies C to the affine pass's output, so it acts first on output coordinates.
@@ -101,7 +108,7 @@ def affine_matrices(d: Draws) -> torch.Tensor:
 
 
 def warp_matrices(d: Draws) -> torch.Tensor:
-    """fastai's perspective warp (spec §2.3) as homographies ``[B, 3, 3]``.
+    """fastai's perspective warp (docs/fastai.md §2.3) as homographies ``[B, 3, 3]``.
 
     Each maps the corners (-1,-1), (-1,1), (1,-1), (1,1) to the perturbed points fastai pairs them with;
     the 8 unknowns come from ``torch.linalg.solve`` (identity when warp_x = warp_y = 0).
@@ -129,7 +136,7 @@ def sampling_grid(transform: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def lighting_(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
-    """fastai's fused Brightness + Contrast (spec §2.5), in place on float ``[B, C, H, W]`` in [0, 1].
+    """fastai's fused Brightness + Contrast (docs/fastai.md §2.5), in place on float ``[B, C, H, W]`` in [0, 1].
 
     ``sigmoid(contrast · (logit(x) + logit(brightness)))`` with per-image ``brightness`` and ``contrast`` ``[B]``.
     In place because each out-of-place step would allocate and stream a whole batch again (3x slower on CPU).
@@ -144,23 +151,32 @@ class BatchAugment:
     Train: random flip, rotate, zoom, warp, random resized crop (one resample) and lighting, per image. Valid:
     an antialiased resize of the centre square to ``size``. Random draws come from an own generator on
     ``device`` seeded with ``seed``: the same seed gives the same sequence of batches.
+
+    ``shard`` = (rank, world_size) when each of several processes augments its share of a global batch: every
+    rank draws for the whole global batch and keeps its own rows, so an image gets the same augmentation
+    whichever rank loads it, and N ranks together produce exactly the batch one process would.
     """
 
-    def __init__(self, aug: AugmentParams, size: int, seed: int, device: torch.device) -> None:
+    def __init__(
+        self, aug: AugmentParams, size: int, seed: int, device: torch.device, shard: tuple[int, int] = (0, 1)
+    ) -> None:
         self.aug = aug
         self.size = size
         self.device = torch.device(device)
+        self.rank, self.world_size = shard
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor, *, train: bool) -> torch.Tensor:
-        if train:
-            return self.train(x, self.draw(x.shape[0]))
-        return self.valid(x)
+        if not train:
+            return self.valid(x)
+        n = x.shape[0]
+        draws = self.draw(n * self.world_size)  # the global batch's
+        return self.train(x, draws.rows(self.rank * n, n), finest=draws.finest())
 
     def draw(self, n: int) -> Draws:
-        """Random parameters for ``n`` images with fastai's distributions (spec §2.3–§2.5), crop per image.
+        """Random parameters for ``n`` images with fastai's distributions (docs/fastai.md §2.3–§2.5), crop per image.
 
         Always the same number of draws per batch, so one setting never shifts the random stream of another.
         """
@@ -193,21 +209,21 @@ class BatchAugment:
             contrast=kept(keep_lighting[1], uniform(11, -log_contrast, log_contrast).exp(), 1.0),
         )
 
-    def train(self, x: torch.Tensor, d: Draws) -> torch.Tensor:
+    def train(self, x: torch.Tensor, d: Draws, finest: float | None = None) -> torch.Tensor:
         """Apply draws ``d`` to uint8 ``[B, 3, H, H]``: exactly one ``F.grid_sample`` per batch.
 
         Anti-aliasing: an output pixel covers ``H · crop_side / (zoom · size)`` input pixels. When that exceeds 2
         for every image of the batch, the un-augmented input is first area-reduced (a box low-pass filter) to the
         resolution where the most zoomed-in image reads one input pixel per output pixel. This happens before
         any geometry, on the same normalised coordinate frame, so it removes frequencies the output cannot hold
-        without moving anything: the geometric resample is still the single grid_sample.
+        without moving anything: the geometric resample is still the single grid_sample. ``finest``: that
+        image's region when ``d`` is a share of a global batch (:meth:`Draws.finest` of the whole batch).
         """
         h, w = x.shape[-2:]
         if h != w:
             raise ValueError(f"BatchAugment.train needs square items (the item stage makes them), got {h}x{w}")
         img = x.float()
-        finest = (d.crop_side / d.zoom).min().item()  # the smallest sampled region, as a fraction of the side
-        needed = math.ceil(self.size / finest)
+        needed = math.ceil(self.size / (d.finest() if finest is None else finest))
         if h > _MAX_BILINEAR_STEP * needed:
             img = F.interpolate(img, size=(needed, needed), mode="area")
         transform = warp_matrices(d) @ affine_matrices(d)

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("petbreeds.predict", "cli", "breed and probability for an image or a folder of images"),
     "show-batch": ("petbreeds.show", "show_batch_cli", "PNG grids of a training and a validation batch"),
     "summary": ("petbreeds.show", "summary_cli", "walk one sample and one batch through every data step"),
-    "mlflow-relog": ("petbreeds.tracking", "relog_cli", "log the current DVC outputs to MLflow again"),
+    "mlflow-relog": ("petbreeds.relog", "relog_cli", "log the current DVC outputs to MLflow again"),
 }
 
 

@@ -1,30 +1,30 @@
 """params.yaml as one typed, validated config object.
 
-Every knob of the pipeline lives in params.yaml; this module turns it into frozen dataclasses and
-refuses anything it does not understand, naming the key and the expected form:
+Every knob of the pipeline lives in params.yaml; this module turns it into frozen pydantic models (strict: ``true``
+is no integer, ``"3"`` no number; an integer is a number) and refuses anything it does not understand, naming the
+key and the expected form:
 
     params.yaml: train_frozen.epochs must be an integer >= 0, got -1
 
-The file is read with ruamel.yaml (YAML 1.2, what DVC itself uses): PyYAML would read ``1e-06``,
-the form ``dvc exp run -S`` writes, as a string.
+A field's ``description`` is that expected form; without one it follows from the type. The file is read with
+ruamel.yaml (YAML 1.2, what DVC itself uses): PyYAML would read ``1e-06``, the form ``dvc exp run -S`` writes, as a
+string.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from itertools import takewhile
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from petbreeds.errors import PetbreedsError
-
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite0")
 
 Source = Literal["sample", "oxford-iiit-pet", "local"]
 SplitMethod = Literal["random", "official", "stratified"]
@@ -41,136 +41,160 @@ class ParamsError(PetbreedsError):
     """params.yaml is missing, unreadable, or has a wrong key, type or value."""
 
 
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _float_text(value: Any) -> Any:
+    # A YAML 1.1 writer (PyYAML) quotes nothing but reads '1e-06' back as text: accept the number.
+    return float(value) if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()) else value
+
+
+def _require(ok: Callable[[Any], bool]) -> AfterValidator:
+    """A check beyond pydantic's constraints; its message is the field's description."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError("out of range")
+        return value
+
+    return AfterValidator(check)
+
+
+Number = Annotated[float, BeforeValidator(_float_text)]
+PositiveInt = Annotated[int, Field(gt=0, description="an integer > 0")]
+NonNegativeInt = Annotated[int, Field(ge=0, description="an integer >= 0")]
+Positive = Annotated[Number, Field(gt=0, description="a number > 0")]
+NonNegative = Annotated[Number, Field(ge=0, description="a number >= 0")]
+Probability = Annotated[Number, Field(ge=0, le=1, description="a number between 0 and 1")]
+Fraction = Annotated[Number, Field(ge=0, lt=1, description="a number in [0, 1)")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
 # --------------------------------------------------------------------------------------------------
-# The schema. Field order is the order of params.yaml; the docstrings of params.yaml explain each key.
+# The schema. Field order is the order of params.yaml; the comments of params.yaml explain each key.
 
 
-@dataclass(frozen=True)
-class SampleParams:
-    per_breed: int
+class SampleParams(_Model):
+    per_breed: PositiveInt
     seed: int
-    min_side: int
+    min_side: int = Field(ge=32, description="an integer >= 32")
     max_side: int
 
 
-@dataclass(frozen=True)
-class OxfordParams:
+class OxfordParams(_Model):
     images_url: str
     images_md5: str
     annotations_url: str
     annotations_md5: str
 
 
-@dataclass(frozen=True)
-class FetchParams:
+class FetchParams(_Model):
     source: Source
     sample: SampleParams
     oxford_iiit_pet: OxfordParams
     local_path: str
-    retries: int
-    timeout_s: float
+    retries: NonNegativeInt
+    timeout_s: Positive
 
 
-@dataclass(frozen=True)
-class IndexParams:
+class IndexParams(_Model):
     label_regex: str
-    min_class_images: int
-    workers: int
+    min_class_images: PositiveInt
+    workers: NonNegativeInt
 
 
-@dataclass(frozen=True)
-class SplitParams:
+class SplitParams(_Model):
     method: SplitMethod
-    valid_pct: float
+    valid_pct: Number = Field(gt=0, lt=1, description="a number strictly between 0 and 1")
     seed: int
 
 
-@dataclass(frozen=True)
-class DataParams:
-    item_size: int
-    size: int
+class DataParams(_Model):
+    item_size: PositiveInt
+    size: PositiveInt
     resize_method: ResizeMethod
     pad_mode: PadMode
-    batch_size: int
-    num_workers: int
+    batch_size: PositiveInt
+    num_workers: int = Field(ge=-1, description="an integer >= 0, or -1 for one per core")
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    mult: float
+class AugmentParams(_Model):
+    mult: NonNegative
     do_flip: bool
-    max_rotate: float
-    min_zoom: float
-    max_zoom: float
-    max_warp: float
-    max_lighting: float
-    p_affine: float
-    p_lighting: float
-    min_scale: float
+    max_rotate: NonNegative
+    min_zoom: Positive
+    max_zoom: Number
+    max_warp: Fraction
+    max_lighting: Fraction
+    p_affine: Probability
+    p_lighting: Probability
+    min_scale: Number = Field(gt=0, le=1, description="a number in (0, 1]")
 
 
-@dataclass(frozen=True)
-class ModelParams:
+class ModelParams(_Model):
     arch: Arch
     weights: Literal["imagenet", "none"]
     resnet50_weights: Literal["IMAGENET1K_V1", "IMAGENET1K_V2"]
 
 
-@dataclass(frozen=True)
-class TrainParams:
+class TrainParams(_Model):
     precision: Precision
     channels_last: bool
 
 
-@dataclass(frozen=True)
-class LrFindParams:
-    start_lr: float
-    end_lr: float
-    num_it: int
+class LrFindParams(_Model):
+    start_lr: Positive
+    end_lr: Number
+    num_it: int = Field(ge=6, description="an integer >= 6 (fastai's minimum)")
     stop_div: bool
     suggestion: Suggestion
 
 
-@dataclass(frozen=True)
-class OneCycleParams:
+class OneCycleParams(_Model):
     """Fields shared by both training phases (fastai's fit_one_cycle arguments)."""
 
-    epochs: int
-    pct_start: float
-    div: float
-    div_final: float
-    wd: float
+    epochs: NonNegativeInt
+    pct_start: Probability
+    div: Positive
+    div_final: Positive
+    wd: NonNegative
 
 
-@dataclass(frozen=True)
 class TrainFrozenParams(OneCycleParams):
-    lr: float | None = None
+    lr: Annotated[Number, Field(gt=0)] | None = Field(description="a number > 0, or null for the lr_find suggestion")
 
 
-@dataclass(frozen=True)
 class TrainUnfrozenParams(OneCycleParams):
-    lr_slice: list[float] = field(default_factory=list)
+    lr_slice: Annotated[
+        list[Number],
+        _require(lambda v: len(v) == 2 and 0 < v[0] <= v[1]),
+        Field(description="a list [lo, hi] with 0 < lo <= hi, e.g. [1.0e-6, 1.0e-4]"),
+    ]
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    splits: list[EvalSplit]
-    top_losses_k: int
-    most_confused_min_val: int
+class EvaluateParams(_Model):
+    splits: Annotated[
+        list[EvalSplit],
+        _require(lambda v: len(v) > 0 and len(set(v)) == len(v)),
+        Field(description="a non-empty list of valid/test"),
+    ]
+    top_losses_k: NonNegativeInt
+    most_confused_min_val: PositiveInt
 
 
-@dataclass(frozen=True)
-class DistributedParams:
-    nproc_per_node: int
-    nnodes: int
+class DistributedParams(_Model):
+    nproc_per_node: PositiveInt
+    nnodes: PositiveInt
     rdzv_endpoint: str
     backend: Backend
     sync_bn: bool
-    timeout_s: float
+    timeout_s: Positive
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(_Model):
     seed: int
     fetch: FetchParams
     index: IndexParams
@@ -184,58 +208,6 @@ class Params:
     train_unfrozen: TrainUnfrozenParams
     evaluate: EvaluateParams
     distributed: DistributedParams
-
-
-# --------------------------------------------------------------------------------------------------
-# Value checks beyond types: (key, predicate, expected form).
-
-_POSITIVE_INT = (lambda v: v > 0, "an integer > 0")
-_NON_NEGATIVE_INT = (lambda v: v >= 0, "an integer >= 0")
-_PROBABILITY = (lambda v: 0.0 <= v <= 1.0, "a number between 0 and 1")
-_POSITIVE = (lambda v: v > 0, "a number > 0")
-_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
-
-_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "fetch.sample.per_breed": _POSITIVE_INT,
-    "fetch.sample.min_side": (lambda v: v >= 32, "an integer >= 32"),
-    "fetch.retries": _NON_NEGATIVE_INT,
-    "fetch.timeout_s": _POSITIVE,
-    "index.workers": _NON_NEGATIVE_INT,
-    "index.min_class_images": _POSITIVE_INT,
-    "split.valid_pct": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
-    "data.item_size": _POSITIVE_INT,
-    "data.size": _POSITIVE_INT,
-    "data.batch_size": _POSITIVE_INT,
-    "data.num_workers": (lambda v: v >= -1, "an integer >= 0, or -1 for one per core"),
-    "augment.mult": _NON_NEGATIVE,
-    "augment.max_rotate": _NON_NEGATIVE,
-    "augment.min_zoom": _POSITIVE,
-    "augment.max_warp": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "augment.max_lighting": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "augment.p_affine": _PROBABILITY,
-    "augment.p_lighting": _PROBABILITY,
-    "augment.min_scale": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
-    "lr_find.start_lr": _POSITIVE,
-    "lr_find.num_it": (lambda v: v >= 6, "an integer >= 6 (fastai's minimum)"),
-    "train_frozen.epochs": _NON_NEGATIVE_INT,
-    "train_frozen.lr": (lambda v: v is None or v > 0, "a number > 0, or null for the lr_find suggestion"),
-    "train_unfrozen.epochs": _NON_NEGATIVE_INT,
-    "train_unfrozen.lr_slice": (
-        lambda v: len(v) == 2 and 0 < v[0] <= v[1],
-        "a list [lo, hi] with 0 < lo <= hi, e.g. [1.0e-6, 1.0e-4]",
-    ),
-    "evaluate.splits": (lambda v: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of valid/test"),
-    "evaluate.top_losses_k": _NON_NEGATIVE_INT,
-    "evaluate.most_confused_min_val": _POSITIVE_INT,
-    "distributed.nproc_per_node": _POSITIVE_INT,
-    "distributed.nnodes": _POSITIVE_INT,
-    "distributed.timeout_s": _POSITIVE,
-}
-for _phase in ("train_frozen", "train_unfrozen"):
-    _CHECKS[f"{_phase}.pct_start"] = (lambda v: 0.0 <= v <= 1.0, "a number between 0 and 1")
-    _CHECKS[f"{_phase}.div"] = _POSITIVE
-    _CHECKS[f"{_phase}.div_final"] = _POSITIVE
-    _CHECKS[f"{_phase}.wd"] = _NON_NEGATIVE
 
 
 def _cross_checks(p: Params) -> list[str]:
@@ -268,97 +240,46 @@ def _cross_checks(p: Params) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The generic part: walk the dataclasses, convert and check every value.
-
-_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+# pydantic's errors in our words.
 
 
-def _describe(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
+def _expected(tp: Any, field: FieldInfo | None = None) -> str:
+    if field is not None and field.description:
+        return field.description
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping with keys " + ", ".join(tp.model_fields)
+    if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in get_args(tp))
-    if origin is list:
-        return f"a list of {_describe(get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    wrong = ParamsError(f"params.yaml: {key} must be {_describe(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in get_args(tp):
-            return None
-        for option in get_args(tp):
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, key)
-            except ParamsError:
-                pass
-        raise wrong
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise wrong
-    if origin is list:
-        if not isinstance(value, list):
-            raise wrong
-        (item,) = get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise wrong
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return int(value)
-        raise wrong
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # A YAML 1.1 writer (PyYAML) quotes nothing but reads '1e-06' back as text: accept the number.
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            return float(value)
-        raise wrong
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise wrong
-    raise TypeError(f"unsupported type {tp!r} for {key}")  # a schema bug, not a user error
-
-
-def _build(cls: Any, raw: Any, prefix: str) -> Any:
-    where = prefix or "the top level"
-    if not isinstance(raw, dict):
-        raise ParamsError(f"params.yaml: {where} must be {_describe(cls)}, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        keys = ", ".join(f"{prefix}.{k}" if prefix else str(k) for k in unknown)
-        raise ParamsError(f"params.yaml: unknown key {keys} (known keys under {where}: {', '.join(names)})")
-    values = {}
-    for name in names:
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in raw:
-            raise ParamsError(f"params.yaml: missing key {key} (expected {_describe(hints[name])})")
-        value = _convert(raw[name], hints[name], key)
-        check = _CHECKS.get(key)
-        if check is not None and not check[0](value):
-            raise ParamsError(f"params.yaml: {key} must be {check[1]}, got {raw[name]!r}")
-        values[name] = value
-    return cls(**values)
+def _message(e: ValidationError, raw: Any) -> str:
+    """The first problem, unknown keys first (a typo there explains the rest), as ``params.yaml: ...``."""
+    errors = e.errors()
+    error = min(errors, key=lambda err: err["type"] != "extra_forbidden")
+    extra = error["type"] == "extra_forbidden"
+    # the section holding an unknown key; else the key itself (a list item's problem is the list's)
+    path = error["loc"][:-1] if extra else tuple(takewhile(lambda part: isinstance(part, str), error["loc"]))
+    model, field, value = Params, None, raw
+    for name in path:
+        field = model.model_fields[name]
+        model, value = field.annotation, value.get(name) if isinstance(value, dict) else None
+    key = ".".join(map(str, path)) or "the top level"
+    if extra:
+        unknown = [err["loc"] for err in errors if err["type"] == "extra_forbidden" and err["loc"][:-1] == path]
+        keys, known = ", ".join(sorted(".".join(map(str, u)) for u in unknown)), ", ".join(model.model_fields)
+        return f"params.yaml: unknown key {keys} (known keys under {key}: {known})"
+    if error["type"] == "missing":
+        return f"params.yaml: missing key {key} (expected {_expected(model, field)})"
+    return f"params.yaml: {key} must be {_expected(model, field)}, got {value!r}"
 
 
 def parse_params(raw: Any) -> Params:
     """Validate an already-loaded mapping (the content of params.yaml)."""
-    params = _build(Params, raw, "")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_message(e, raw)) from None
     problems = _cross_checks(params)
     if problems:
         raise ParamsError("params.yaml: " + "; ".join(problems))
@@ -378,9 +299,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``Params`` (or any nested dataclass/dict) as ``{"train_frozen.lr": 0.003, ...}`` for trackers."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    """``Params`` (or any nested model/dict) as ``{"train_frozen.lr": 0.003, ...}`` for trackers."""
+    if isinstance(obj, BaseModel):
+        obj = dict(obj)
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         for k, v in obj.items():

@@ -1,4 +1,4 @@
-"""DataLoaders over the split table (spec §10.1): uint8 batches, seeded shuffling and workers.
+"""DataLoaders over the split table (docs/fastai.md §10.1): uint8 batches, seeded shuffling and workers.
 
 Train: shuffled, ``drop_last`` (fastai's default when shuffling), fresh crop positions every epoch.
 Valid: table order, every item. Batches stay uint8 until the device (a quarter of float32's bytes to copy).
@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from petbreeds.config import DataParams
+from petbreeds.distributed import SINGLE_PROCESS, World
 from petbreeds.errors import PetbreedsError
 from petbreeds.presizing import PresizedImages
 
@@ -24,33 +25,42 @@ from petbreeds.presizing import PresizedImages
 _MAX_DEFAULT_WORKERS = 16
 
 
-def default_num_workers(requested: int) -> int:
-    """``data.num_workers``, with -1 meaning one worker per core this process may use (at most 16)."""
+def default_num_workers(requested: int, processes: int = 1) -> int:
+    """``data.num_workers``, with -1 meaning the cores this process may use shared among the ``processes`` that
+    train on this machine (one worker per core for one process; at most 16, fastai's cap)."""
     if requested >= 0:
         return requested
-    return min(_MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return min(_MAX_DEFAULT_WORKERS, max(1, cores // processes))
 
 
 class EpochShuffle(Sampler[tuple[int, int]]):
-    """A seeded random permutation per epoch, yielding ``(index, epoch)`` pairs.
+    """A seeded random permutation per epoch, in global batches of ``batch_size``, yielding ``(index, epoch)``.
 
+    Every rank draws the same permutation and takes its own contiguous share of each global batch, so N ranks
+    together see exactly the batches one process would (the incomplete last batch is dropped, as fastai does).
     The epoch travels with each index so that :class:`PresizedImages` can draw that epoch's crop position even
     inside persistent workers, which hold their own copy of the dataset and never see an epoch counter.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, batch_size: int, world: World) -> None:
         self.n = n
+        self.batch_size = batch_size
+        self.share = batch_size // world.world_size
+        self.offset = world.rank * self.share
         self.epoch = 0
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.batch_size * self.share
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
         self.epoch += 1
-        for index in torch.randperm(self.n, generator=self.generator).tolist():
-            yield index, epoch
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        for start in range(0, len(self) // self.share * self.batch_size, self.batch_size):
+            for index in order[start + self.offset : start + self.offset + self.share]:
+                yield index, epoch
 
 
 def seed_worker(worker_id: int) -> None:
@@ -61,11 +71,21 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(
-    table: pd.DataFrame, root: Path, vocab: list[str], data: DataParams, *, train: bool, seed: int
+    table: pd.DataFrame,
+    root: Path,
+    vocab: list[str],
+    data: DataParams,
+    *,
+    train: bool,
+    seed: int,
+    world: World = SINGLE_PROCESS,
 ) -> DataLoader:
     """A DataLoader of ``(x uint8 [B, 3, item_size, item_size], y int64 [B])`` over ``table`` (columns path, label).
 
     ``path`` is relative to ``root``. A label outside ``vocab`` is an error, never a silently dropped item.
+    ``data.batch_size`` is the global batch: each of ``world``'s ranks loads its share of every training batch
+    (``batch_size / world_size`` items). Validation loads the whole ``table`` in table order; the caller hands
+    each rank its own rows (:meth:`World.shard`).
     """
     missing = {"path", "label"} - set(table.columns)
     if missing:
@@ -91,11 +111,11 @@ def make_loader(
         train=train,
         seed=seed,
     )
-    workers = default_num_workers(data.num_workers)
+    workers = default_num_workers(data.num_workers, world.local_world_size)
     return DataLoader(
         dataset,
-        batch_size=data.batch_size,
-        sampler=EpochShuffle(len(dataset), seed) if train else None,
+        batch_size=data.batch_size // world.world_size,
+        sampler=EpochShuffle(len(dataset), seed, data.batch_size, world) if train else None,
         drop_last=train,
         num_workers=workers,
         persistent_workers=workers > 0,

@@ -1,9 +1,10 @@
-"""Where and in which precision the model runs (spec §8, fastai's to_fp16 / to_bf16).
+"""Where and in which precision the model runs (docs/fastai.md §8, fastai's to_fp16 / to_bf16).
 
     device = pick_device()                                      # on CPU also keeps freed memory for reuse
-    dtype = resolve_precision(params.train.precision, device)   # None = plain fp32
-    scaler = make_grad_scaler(device, dtype)
-    with autocast(device, dtype):
+    compute = Compute(device, resolve_precision(params.train.precision, device), channels_last=True)
+    compute.place(model)
+    scaler = compute.grad_scaler()
+    with compute.autocast():
         logits = model(x)
     loss = loss_fn(logits.float(), y)                            # the loss always in fp32
 
@@ -18,8 +19,10 @@ import functools
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from petbreeds.errors import PetbreedsError
 
@@ -35,10 +38,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _TRIM_THRESHOLD_BYTES = 1 << 30
 
 
-def pick_device() -> torch.device:
-    """CUDA when available, else the CPU (after :func:`reuse_freed_cpu_memory`: training runs there)."""
+def pick_device(local_rank: int = 0) -> torch.device:
+    """CUDA when available (GPU ``local_rank``: one per process on the machine), else the CPU (after
+    :func:`reuse_freed_cpu_memory`: training runs there)."""
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     reuse_freed_cpu_memory()
     return torch.device("cpu")
 
@@ -102,3 +107,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """fastai's fp16 loss scaling (torch defaults); disabled (a pass-through) unless fp16 on CUDA."""
     return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and dtype == torch.float16)
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how the model computes: the device, the autocast dtype (None = fp32) and the memory layout."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool
+
+    def place(self, model: nn.Module) -> None:
+        """Move ``model`` here, in channels_last layout when asked (in place: the Parameters stay the same)."""
+        model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        return autocast(self.device, self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return make_grad_scaler(self.device, self.dtype)

@@ -1,4 +1,4 @@
-"""Model interpretation, as fastai's ``ClassificationInterpretation`` (spec §7), on plain tensors.
+"""Model interpretation, as fastai's ``ClassificationInterpretation`` (docs/fastai.md §7), on plain tensors.
 
 The maths are pure functions over ``logits [N, C]`` (fp32), ``targets [N]`` (int64) and the vocab;
 the writers turn their results into the files the evaluate stage declares (CSV, JSON, PNG).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,31 +214,3 @@ def save_top_losses_png(path: Path, rows: list[TopLoss], images: Sequence[torch.
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=100)
-
-
-def write_valid_reports(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    paths: Sequence[str],
-    vocab: Sequence[str],
-    item: Callable[[int], tuple[torch.Tensor, int]],
-    *,
-    top_losses_k: int,
-    min_val: int,
-) -> None:
-    """Every interpretation file of the evaluate stage for one split (the paths dvc.yaml declares).
-
-    ``item(i)``: (uint8 [3, H, W] image, target) of item i, for the top-losses grid. Prints most_confused as
-    the book shows it.
-    """
-    preds = logits.argmax(dim=1)
-    cm = confusion_matrix(preds, targets, len(vocab))
-    cells = most_confused(cm, vocab, min_val)
-    print(f"most_confused(min_val={min_val}):", cells)
-    rows = top_loss_rows(logits, targets, paths, vocab, top_losses_k)
-    write_confusion_json(Path("plots/confusion.json"), preds, targets, vocab)
-    save_confusion_png(Path("reports/confusion_matrix.png"), cm, vocab, "Confusion matrix (validation)")
-    save_top_losses_png(Path("reports/top_losses.png"), rows, [item(r.index)[0] for r in rows])
-    write_csv(Path("reports/top_losses.csv"), top_losses_table(rows))
-    write_csv(Path("reports/most_confused.csv"), most_confused_table(cells))
-    write_csv(Path("reports/per_class.csv"), per_class_table(cm, vocab))

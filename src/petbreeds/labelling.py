@@ -1,6 +1,6 @@
 """Stage index: find the images, label each by the regex on its file name, check that each one decodes.
 
-fastai's ``get_image_files`` + ``RegexLabeller`` (spec §1.1-§1.3), with three differences on purpose:
+fastai's ``get_image_files`` + ``RegexLabeller`` (docs/fastai.md §1.1-§1.3), with three differences on purpose:
 the paths are sorted (fastai keeps directory order), every file is decoded once up front (fastai finds a
 broken file mid-epoch), and a file that cannot be used is excluded with a reason instead of raising.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import re
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from petbreeds.errors import PetbreedsError
 IMAGE_EXTENSIONS = frozenset(
     ext for ext, mime in mimetypes.MimeTypes().types_map[True].items() if mime.startswith("image/")
 )
-EXCLUSION_REASONS = ("empty", "no_label_match", "undecodable")
+EXCLUSION_REASONS = ("empty", "no_label_match", "unknown_class", "undecodable")
 INDEX_COLUMNS = ["path", "label", "width", "height", "format", "bytes"]
 EXCLUDED_COLUMNS = ["path", "reason", "detail"]
 
@@ -34,14 +35,21 @@ EXCLUDED_COLUMNS = ["path", "reason", "detail"]
 @dataclass(frozen=True)
 class IndexResult:
     """``table``: one row per usable image (INDEX_COLUMNS), sorted by path; ``excluded``: one row per
-    unusable file (EXCLUDED_COLUMNS), sorted by path; ``vocab``: the sorted labels."""
+    unusable file (EXCLUDED_COLUMNS), sorted by path; ``vocab``: the sorted labels; ``small_classes``: the labels
+    with fewer than ``min_class_images`` images, when no ``annotations/list.txt`` says which classes exist."""
 
     table: pd.DataFrame
     excluded: pd.DataFrame
     vocab: list[str]
+    small_classes: list[str]
+    min_class_images: int
 
     def metrics(self) -> dict[str, Any]:
-        """What ``metrics/index.json`` holds: counts only, every reason present (0 when none)."""
+        """What ``metrics/index.json`` holds: counts only, every reason present (0 when none).
+
+        Only numbers, as DVC metrics must be: the small classes are counted here, named in :meth:`warning` and
+        in ``per_class``.
+        """
         per_reason = self.excluded["reason"].value_counts()
         per_class = self.table["label"].value_counts()
         return {
@@ -49,8 +57,23 @@ class IndexResult:
             "classes": len(self.vocab),
             "excluded_total": len(self.excluded),
             "excluded": {reason: int(per_reason.get(reason, 0)) for reason in EXCLUSION_REASONS},
+            "small_classes": len(self.small_classes),
             "per_class": {label: int(per_class[label]) for label in self.vocab},
         }
+
+    def warning(self) -> str | None:
+        """The line :func:`index_images` prints on stderr when a class looks like stray files, else None."""
+        if not self.small_classes:
+            return None
+        per_class = self.table["label"].value_counts()
+        named = ", ".join(
+            f"{label} ({per_class[label]} image{'s' if per_class[label] > 1 else ''})" for label in self.small_classes
+        )
+        return (
+            f"warning: index: class(es) {named} have fewer than index.min_class_images={self.min_class_images} "
+            "images; if they are stray files, exclude them: move or rename them in fetch.local_path (data/raw is "
+            "its copy) and re-run, or tighten index.label_regex in params.yaml so that their names do not match"
+        )
 
     def summary(self) -> str:
         excluded = ", ".join(f"{n} {reason}" for reason, n in self.metrics()["excluded"].items() if n)
@@ -106,8 +129,10 @@ def _inspect_all(paths: list[Path], workers: int) -> list[tuple[int, int, str] |
 def index_images(root: Path, params: IndexParams) -> IndexResult:
     """Index ``root/images`` (the archive's layout, fastai's ``get_image_files(path/'images')``).
 
-    Paths in the result are relative to ``root``. Raises PetbreedsError when no usable image is left, or
-    when a class listed in ``root/annotations/list.txt`` has none.
+    Paths in the result are relative to ``root``. With ``root/annotations/list.txt``, a label that is not one of
+    its classes is excluded (``unknown_class``); without it, the labels with fewer than
+    ``params.min_class_images`` images are kept and named on stderr (:meth:`IndexResult.warning`). Raises
+    PetbreedsError when no usable image is left, or when a class listed in ``list.txt`` has none.
     """
     folder = root / "images"
     if not folder.is_dir():
@@ -115,6 +140,8 @@ def index_images(root: Path, params: IndexParams) -> IndexResult:
     pattern = re.compile(params.label_regex)
     if pattern.groups < 1:
         raise PetbreedsError(f"params.yaml: index.label_regex {params.label_regex!r} needs a group (...) for the label")
+    list_txt = root / "annotations" / "list.txt"
+    listed = _listed_classes(list_txt, pattern) if list_txt.is_file() else None
 
     rows, excluded, to_decode = [], [], []
     for rel in (f"images/{p}" for p in find_image_files(folder)):
@@ -124,6 +151,8 @@ def index_images(root: Path, params: IndexParams) -> IndexResult:
             excluded.append((rel, "empty", "0 bytes"))
         elif not label:
             excluded.append((rel, "no_label_match", f"file name does not match index.label_regex {pattern.pattern}"))
+        elif listed is not None and label not in listed:
+            excluded.append((rel, "unknown_class", f"label {label!r} is not one of the classes in {list_txt}"))
         else:
             to_decode.append((rel, label, size))
     for (rel, label, size), decoded in zip(
@@ -135,29 +164,42 @@ def index_images(root: Path, params: IndexParams) -> IndexResult:
             rows.append((rel, label, *decoded, size))
 
     table = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    per_class = table["label"].value_counts()
     result = IndexResult(
         table=table,
         excluded=pd.DataFrame(sorted(excluded), columns=EXCLUDED_COLUMNS),
         vocab=sorted(set(table["label"])),
+        # With list.txt every kept label is a listed class, however few its images; without it, a label with very
+        # few images is most likely a stray file that matched the regex (`IMG_0001.jpg` -> "IMG").
+        small_classes=[] if listed is not None else sorted(per_class.index[per_class < params.min_class_images]),
+        min_class_images=params.min_class_images,
     )
     if table.empty:
         raise PetbreedsError(
             f"{folder}: no usable image ({result.summary()}); check that the folder holds images named like "
             f"index.label_regex {pattern.pattern!r} expects"
         )
-    _check_annotated_classes(root, pattern, result)
+    if listed is not None:
+        _check_annotated_classes(root, list_txt, listed, pattern, result)
+    warning = result.warning()
+    if warning:
+        print(warning, file=sys.stderr)
     return result
 
 
-def _check_annotated_classes(root: Path, pattern: re.Pattern[str], result: IndexResult) -> None:
-    """Every class of the official list must keep at least one image: a missing breed is a broken download."""
-    list_txt = root / "annotations" / "list.txt"
-    if not list_txt.is_file():
-        return
+def _listed_classes(list_txt: Path, pattern: re.Pattern[str]) -> set[str]:
+    """The classes of the official list: the labels its images get from ``pattern``."""
     # list.txt names images by stem (`Abyssinian_100 1 1 1`); the archive's images are all .jpg, so the same
     # regex gives the labels the images themselves would get.
     stems = [line.split()[0] for line in list_txt.read_text(encoding="utf-8").splitlines() if line.strip()]
-    listed = {label_of(pattern, f"{stem}.jpg") for stem in stems if not stem.startswith("#")} - {None}
+    labels = (label_of(pattern, f"{stem}.jpg") for stem in stems if not stem.startswith("#"))
+    return {label for label in labels if label}
+
+
+def _check_annotated_classes(
+    root: Path, list_txt: Path, listed: set[str], pattern: re.Pattern[str], result: IndexResult
+) -> None:
+    """Every class of the official list must keep at least one image: a missing breed is a broken download."""
     missing = sorted(listed - set(result.vocab))
     if missing:
         lost = result.excluded[[label_of(pattern, p) in missing for p in result.excluded["path"]]]

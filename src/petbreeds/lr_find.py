@@ -1,12 +1,12 @@
-"""fastai's learning-rate finder and its four suggestions (spec §6).
+"""fastai's learning-rate finder and its four suggestions (docs/fastai.md §6).
 
-    result = lr_find(model, train_loader, augment, start_lr=1e-7, end_lr=10.0, num_it=100, stop_div=True,
-                     wd=0.01, device=device, dtype=None, channels_last=True)
+    result = lr_find(model, data, params.lr_find, wd=0.01)
     result.suggestions["valley"]
 
 Training batch i runs at start·(end/start)^(i/num_it) on every group; the recorded loss is the smoothed training
 loss (reset at the start); the sweep stops after ``num_it`` batches, or once the smoothed loss exceeds 4× its best.
-The model's weights and BatchNorm buffers are put back bit-for-bit afterwards.
+The model's weights and BatchNorm buffers are put back bit-for-bit afterwards. With several processes the loss
+is the global batch's (averaged over the ranks), so every rank records the same curve and stops at the same batch.
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from petbreeds.atomic import atomic_output
-from petbreeds.device import make_grad_scaler
+from petbreeds.config import LrFindParams
 from petbreeds.errors import PetbreedsError
-from petbreeds.model import param_groups
+from petbreeds.model import PetModel, param_groups
 from petbreeds.schedule import make_optimizer
-from petbreeds.training import Augment, SmoothLoss, batch_inputs, place, train_step
+from petbreeds.training import SmoothLoss, TrainingData, batch_inputs, train_step
 
 # fastai's Adam default mom: lr_find does not schedule momentum, so a fresh learner's 0.9 applies.
 LR_FIND_BETA1 = 0.9
@@ -43,7 +42,7 @@ class LrFindResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# Suggestions, on the recorded curve without its first 10% and last 5 points (spec §6)
+# Suggestions, on the recorded curve without its first 10% and last 5 points (docs/fastai.md §6)
 
 
 def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
@@ -131,54 +130,50 @@ def _batches_forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.T
 
 
 def lr_find(
-    model: nn.Module,
-    train_loader: DataLoader,
-    augment: Augment,
-    *,
-    start_lr: float,
-    end_lr: float,
-    num_it: int,
-    stop_div: bool,
+    model: PetModel,
+    data: TrainingData,
+    sweep: LrFindParams,
     wd: float,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    channels_last: bool,
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> LrFindResult:
     """Sweep the lr exponentially over training batches; ``model`` comes back exactly as it was given.
 
-    ``on_step(i, lr, smoothed_loss)`` is called after every batch.
+    ``wd``: the weight decay of the optimizer the sweep stands in for. ``on_step(i, lr, smoothed_loss)`` is
+    called after every batch (on rank 0).
     """
-    place(model, device, channels_last)
+    compute, world = data.compute, data.world
+    compute.place(model)
     saved = {name: value.clone() for name, value in model.state_dict().items()}
     was_training = model.training
-    opt = make_optimizer(param_groups(model), [start_lr] * 3, wd, beta1=LR_FIND_BETA1)
-    sched = LambdaLR(opt, lambda i: (end_lr / start_lr) ** (i / num_it))
-    scaler = make_grad_scaler(device, dtype)
+    net = world.wrap(model, compute.device)
+    groups = param_groups(model)
+    opt = make_optimizer(groups, [sweep.start_lr] * len(groups), wd, beta1=LR_FIND_BETA1)
+    sched = LambdaLR(opt, lambda i: (sweep.end_lr / sweep.start_lr) ** (i / sweep.num_it))
+    scaler = compute.grad_scaler()
     smooth = SmoothLoss()
     best = math.inf
     lrs: list[float] = []
     losses: list[float] = []
     try:
-        model.train()
-        for i, batch in enumerate(_batches_forever(train_loader)):
-            x, y = batch_inputs(batch, augment, device, channels_last, train=True)
+        net.train()
+        for i, batch in enumerate(_batches_forever(data.train_loader)):
+            x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
-            loss = smooth.add(train_step(model, opt, scaler, x, y, device, dtype).item())
+            loss = smooth.add(world.mean(train_step(net, opt, scaler, x, y, compute)).item())
             lrs.append(lr)
             losses.append(loss)
-            if on_step is not None:
+            if on_step is not None and world.is_main:
                 on_step(i, lr, loss)
             if loss < best:  # never true for NaN: a NaN loss neither sets the best nor stops the sweep (fastai)
                 best = loss
-            if (stop_div and loss > DIVERGENCE_FACTOR * best) or i + 1 == num_it:
+            if (sweep.stop_div and loss > DIVERGENCE_FACTOR * best) or i + 1 == sweep.num_it:
                 break
             sched.step()
     finally:
         model.load_state_dict(saved)
         opt.zero_grad(set_to_none=True)
         model.train(was_training)
-    return LrFindResult(lrs=lrs, losses=losses, suggestions=suggest(lrs, losses, num_it))
+    return LrFindResult(lrs=lrs, losses=losses, suggestions=suggest(lrs, losses, sweep.num_it))
 
 
 def save_lr_find_plot(result: LrFindResult, chosen: str, path: Path) -> None:

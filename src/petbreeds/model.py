@@ -1,12 +1,12 @@
-"""The learner's model: a pretrained body + fastai's head, its 3 parameter groups, freezing, checkpoints.
+"""The learner's model: a pretrained body + fastai's head, its 3 parameter groups, freezing.
 
     model = create_model("resnet34", n_classes=37, pretrained_dir=Path("models/pretrained"))
     groups = param_groups(model)          # [ParamGroup(decay, no_decay)] * 3, as fastai's splitter
     freeze(model)                         # head + every norm layer train (fastai's train_bn=True)
-    save_checkpoint(path, model, arch=..., vocab=..., data=params.data)
-    model, ckpt = load_checkpoint(path, device)
 
-Behaviour follows spec §3 (body cut, head layout and init, splitter, freeze).
+Checkpoints of it: ``petbreeds.checkpoint``.
+
+Behaviour follows docs/fastai.md §3 (body cut, head layout and init, splitter, freeze).
 """
 
 from __future__ import annotations
@@ -20,12 +20,8 @@ import torch
 import torchvision
 from torch import nn
 
-from petbreeds.atomic import atomic_output
-from petbreeds.augment import IMAGENET_MEAN, IMAGENET_STD
-from petbreeds.config import DataParams
 from petbreeds.errors import PetbreedsError
 
-CHECKPOINT_FORMAT = "petbreeds-model/1"
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Layers whose parameters fastai treats as "norm" params: trained while frozen (train_bn) and never weight-decayed.
@@ -58,7 +54,7 @@ def create_imagenet_net(arch: str) -> nn.Module:
 
 
 def body_of(arch: str, net: nn.Module) -> nn.Sequential:
-    """Cut an ImageNet network before its pooling and classifier (spec §3.1), sharing its modules.
+    """Cut an ImageNet network before its pooling and classifier (docs/fastai.md §3.1), sharing its modules.
 
     resnets: ``children[:-2]`` = conv1, bn1, relu, maxpool, layer1..layer4 (indices 0..7).
     efficientnet_lite0: conv_stem, bn1(+act), its 7 block stages, conv_head, bn2(+act) (indices 0..10), flat so
@@ -102,7 +98,7 @@ def _load_pretrained_body(body: nn.Module, arch: str, pretrained_dir: Path) -> N
 
 
 # --------------------------------------------------------------------------------------------------
-# Head (spec §3.2, §3.3)
+# Head (docs/fastai.md §3.2, §3.3)
 
 
 class AdaptiveConcatPool2d(nn.Module):
@@ -159,7 +155,7 @@ def create_model(arch: str, n_classes: int, pretrained_dir: Path | None) -> PetM
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter groups and freezing (spec §3.4, §3.5, §4)
+# Parameter groups and freezing (docs/fastai.md §3.4, §3.5, §4)
 
 
 @dataclass
@@ -187,7 +183,7 @@ def _split(modules: list[nn.Module]) -> ParamGroup:
 
 
 def param_groups(model: PetModel) -> list[ParamGroup]:
-    """The 3 groups of spec §3.4 (early body | late body | head), each split into decay / no-decay params."""
+    """The 3 groups of docs/fastai.md §3.4 (early body | late body | head), each split into decay / no-decay params."""
     cut = _BODY_CUT[model.arch]
     body = list(model.body)
     return [_split(body[:cut]), _split(body[cut:]), _split([model.head])]
@@ -205,64 +201,3 @@ def freeze(model: PetModel) -> None:
 def unfreeze(model: PetModel) -> None:
     """fastai's ``unfreeze()``: every parameter trains."""
     model.requires_grad_(True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints (docs/architecture.md)
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint's metadata: all that predicting needs besides the weights."""
-
-    arch: str
-    vocab: list[str]
-    item_size: int
-    size: int
-    resize_method: str
-    pad_mode: str
-    mean: list[float]
-    std: list[float]
-
-
-def save_checkpoint(path: Path, model: PetModel, *, arch: str, vocab: list[str], data: DataParams) -> None:
-    """Write the model and what predicting needs, atomically, in the ``petbreeds-model/1`` format."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "arch": arch,
-        "vocab": list(vocab),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "item_size": data.item_size,
-        "size": data.size,
-        "resize_method": data.resize_method,
-        "pad_mode": data.pad_mode,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path, device: torch.device) -> tuple[PetModel, Checkpoint]:
-    """Read a checkpoint written by :func:`save_checkpoint`; the model comes back on ``device`` in eval mode."""
-    path = Path(path)
-    redo = "re-run `dvc repro train_unfrozen` (or pass the models/model.pt the pipeline wrote)"
-    if not path.is_file():
-        raise PetbreedsError(f"{path}: checkpoint not found; {redo}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a file that is not its format
-        raise PetbreedsError(f"{path}: not a petbreeds checkpoint ({type(e).__name__}); {redo}") from None
-    if not isinstance(state, dict) or "format" not in state:
-        raise PetbreedsError(f"{path}: not a petbreeds checkpoint (no 'format' entry); {redo}")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise PetbreedsError(
-            f"{path}: checkpoint format {state['format']!r}, this version reads {CHECKPOINT_FORMAT!r}; {redo}"
-        )
-    try:
-        meta = Checkpoint(**{name: state[name] for name in Checkpoint.__dataclass_fields__})
-        model = create_model(meta.arch, len(meta.vocab), None)
-        model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError, PetbreedsError) as e:
-        raise PetbreedsError(f"{path}: damaged petbreeds checkpoint ({e}); {redo}") from None
-    return model.to(device).eval(), meta

@@ -27,11 +27,9 @@ from pathlib import Path
 import torch
 
 from petbreeds.atomic import atomic_write_text
-from petbreeds.augment import BatchAugment
-from petbreeds.config import DataParams
-from petbreeds.device import pick_device, resolve_precision
+from petbreeds.checkpoint import load_checkpoint
+from petbreeds.device import Compute, pick_device, resolve_precision
 from petbreeds.errors import PetbreedsError
-from petbreeds.model import Checkpoint, load_checkpoint
 from petbreeds.presizing import PresizedImages
 from petbreeds.training import get_preds
 
@@ -54,26 +52,6 @@ class Prediction:
     @property
     def probability(self) -> float:
         return self.top_k[0][1]
-
-
-def checkpoint_data(ckpt: Checkpoint, batch_size: int = BATCH_SIZE, num_workers: int = 0) -> DataParams:
-    """The item and batch transforms the checkpoint's model was trained with, as ``DataParams``."""
-    return DataParams(
-        item_size=ckpt.item_size,
-        size=ckpt.size,
-        resize_method=ckpt.resize_method,  # type: ignore[arg-type]  # validated when the model was trained
-        pad_mode=ckpt.pad_mode,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        num_workers=num_workers,
-    )
-
-
-def valid_augment(ckpt: Checkpoint, device: torch.device) -> BatchAugment:
-    """The batch stage's valid path for the checkpoint's input size (it draws nothing, so no seed matters).
-
-    The valid path never reads the augmentation params, hence None (no params.yaml is needed to predict).
-    """
-    return BatchAugment(None, ckpt.size, seed=0, device=device)  # type: ignore[arg-type]
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -145,13 +123,13 @@ def predict(
             raise PetbreedsError(f"{path}: no such file or folder; pass an image or a folder of images")
     device = device or pick_device()
     model, ckpt = load_checkpoint(Path(model_path), device)
-    augment = valid_augment(ckpt, device)
-    dtype = resolve_precision("auto", device)
-    items = PresizedImages(files, [0] * len(files), checkpoint_data(ckpt), train=False, seed=0)
+    augment = ckpt.valid_augment(device)
+    compute = Compute(device, resolve_precision("auto", device), channels_last=False)
+    items = PresizedImages(files, [0] * len(files), ckpt.data_params(BATCH_SIZE), train=False, seed=0)
     predictions = []
     for chunk, x in _batches(items, from_folder):
         # get_preds takes any iterable of (x, y) batches; the targets are placeholders for unlabelled images.
-        logits, _ = get_preds(model, [(x, torch.zeros(len(x), dtype=torch.int64))], augment, device, dtype, False)
+        logits, _ = get_preds(model, [(x, torch.zeros(len(x), dtype=torch.int64))], augment, compute)
         probs, indices = logits.softmax(dim=1).topk(min(top_k, len(ckpt.vocab)), dim=1)
         for path, p, idx in zip(chunk, probs.tolist(), indices.tolist(), strict=True):
             predictions.append(Prediction(path, [(ckpt.vocab[i], q) for i, q in zip(idx, p, strict=True)]))

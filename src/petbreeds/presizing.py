@@ -1,4 +1,4 @@
-"""The CPU item stage (spec §1.5–§1.6): decode → RGB → ``Resize(item_size)`` → uint8 CHW tensor.
+"""The CPU item stage (docs/fastai.md §1.5–§1.6): decode → RGB → ``Resize(item_size)`` → uint8 CHW tensor.
 
 This is fastai's "presizing" half: every image is resized once, in DataLoader workers, to a generous
 square (``data.item_size``) so that batches can be collated and augmented on the device in one go.
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from petbreeds.config import DataParams
 from petbreeds.errors import PetbreedsError
 
-# fastai's PadMode names → torchvision's pad modes (spec §1.6).
+# fastai's PadMode names → torchvision's pad modes (docs/fastai.md §1.6).
 _PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
 
 # Pillow cannot reduce 16/32-bit integer images to 8 bits: convert("RGB") clips everything above 255 to white.
@@ -55,7 +55,7 @@ def load_rgb(path: Path, min_side: int | None = None) -> Image.Image:
 def presize(
     img: Image.Image, size: int, method: str, pad_mode: str, pos: tuple[float, float] = (0.5, 0.5)
 ) -> torch.Tensor:
-    """fastai's ``Resize(size, method, pad_mode)`` on a PIL image → uint8 ``[3, size, size]`` (spec §1.6).
+    """fastai's ``Resize(size, method, pad_mode)`` on a PIL image → uint8 ``[3, size, size]`` (docs/fastai.md §1.6).
 
     ``pos`` = (px, py) in [0, 1]: where the square window sits along the long side (crop) or where the image
     sits in the padded square (pad); (0.5, 0.5) is centred. Squish ignores it. The resize is Pillow's

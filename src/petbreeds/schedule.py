@@ -1,4 +1,4 @@
-"""fastai's optimizer and one-cycle schedule, built from torch's AdamW and OneCycleLR (spec §4, §5).
+"""fastai's optimizer and one-cycle schedule, built from torch's AdamW and OneCycleLR (docs/fastai.md §4, §5).
 
     lrs = group_lrs([1e-6, 1e-4], 3)                  # [1e-6, 1e-5, 1e-4]: fastai's slice(1e-6, 1e-4)
     opt = make_optimizer(param_groups(model), lrs, wd=0.01)
@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 
 from petbreeds.model import ParamGroup
 
-# fastai's Adam (spec §4): beta2 = sqr_mom 0.99 and eps 1e-5 (not torch's defaults).
+# fastai's Adam (docs/fastai.md §4): beta2 = sqr_mom 0.99 and eps 1e-5 (not torch's defaults).
 ADAM_BETA2 = 0.99
 ADAM_EPS = 1e-5
 # fastai's fit_one_cycle moms=(0.95, 0.85, 0.95): beta1 falls while the lr warms up, then rises again.

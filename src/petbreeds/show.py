@@ -7,8 +7,6 @@ petbreeds summary    [--params params.yaml] [--data data]
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ from petbreeds.config import Params, load_params
 from petbreeds.dataloaders import make_loader
 from petbreeds.errors import PetbreedsError
 from petbreeds.presizing import PresizedImages, load_rgb, presize
+from petbreeds.splitting import read_split_table, read_vocab
 
 _CELL_INCHES = 2.0
 _DPI = 100
@@ -65,16 +64,7 @@ def save_show_batch(
 
 def _read_inputs(params_path: str, data_dir: Path) -> tuple[Params, pd.DataFrame, list[str]]:
     """params, ``split.csv`` and the vocab, or a PetbreedsError saying which stage to run."""
-    params = load_params(params_path)
-    split_csv, vocab_json = data_dir / "split.csv", data_dir / "vocab.json"
-    for needed in (split_csv, vocab_json):
-        if not needed.is_file():
-            raise PetbreedsError(f"{needed} not found; run dvc repro split first")
-    table = pd.read_csv(split_csv)
-    if "split" not in table.columns:
-        raise PetbreedsError(f"{split_csv} has no split column; re-run dvc repro split")
-    vocab = json.loads(vocab_json.read_text(encoding="utf-8"))["vocab"]
-    return params, table, vocab
+    return load_params(params_path), read_split_table(data_dir / "split.csv"), read_vocab(data_dir / "vocab.json")
 
 
 def _split_rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -94,7 +84,7 @@ def show_batch_cli(argv: list[str]) -> int:
     """``petbreeds show-batch``: ``show_batch_train.png`` (augmented) and ``show_batch_valid.png`` in ``--out``."""
     args = _arguments("show-batch", argv, out=True)
     params, table, vocab = _read_inputs(args.params, args.data)
-    data = dataclasses.replace(params.data, num_workers=0)  # one batch: starting workers would cost more
+    data = params.data.model_copy(update={"num_workers": 0})  # one batch: starting workers would cost more
     for split in ("train", "valid"):
         loader = make_loader(
             _split_rows(table, split), args.data / "raw", vocab, data, train=split == "train", seed=params.seed

@@ -1,11 +1,12 @@
 """Stage split: which images train, which validate (and, with the official lists, which test).
 
-``random`` is fastai's ``RandomSplitter`` (spec §1.4) over the paths sorted, so the split is the same on every
+``random`` is fastai's ``RandomSplitter`` (docs/fastai.md §1.4) over the paths sorted, so the split is the same on every
 machine; fastai's own follows directory order and differs between filesystems.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -101,3 +102,21 @@ def split_metrics(table: pd.DataFrame, vocab: list[str]) -> dict[str, Any]:
         **{name: int(per_split.get(name, 0)) for name in (*SPLITS, UNLISTED)},
         "per_class": {label: {name: int(counts.get((label, name), 0)) for name in SPLITS} for label in vocab},
     }
+
+
+def read_vocab(path: Path) -> list[str]:
+    """The index stage's ``vocab.json``: the sorted labels, class i = vocab[i]."""
+    if not path.is_file():
+        raise PetbreedsError(f"{path} not found; run `dvc repro index` first")
+    return json.loads(path.read_text(encoding="utf-8"))["vocab"]
+
+
+def read_split_table(path: Path) -> pd.DataFrame:
+    """The split stage's table (the index plus ``split``), exactly as written: a label such as "NA" stays text."""
+    if not path.is_file():
+        raise PetbreedsError(f"{path} not found; run `dvc repro split` first")
+    table = pd.read_csv(path, keep_default_na=False)
+    missing = {"path", "label", "split"} - set(table.columns)
+    if missing:
+        raise PetbreedsError(f"{path} lacks column(s) {', '.join(sorted(missing))}; re-run `dvc repro split`")
+    return table

@@ -13,6 +13,11 @@ A stage script is a ``main`` and one call::
 After ``main`` succeeds, ``run_stage`` writes ``reports/run_info/<stage>.json``, a DVC out of every stage
 (see ``petbreeds.provenance``). Stages that ask for it (``live_run=True``: the training stages) also stream
 live metrics into an MLflow child run.
+
+Stages that train (``distributed=True``) run as several processes when ``distributed.nproc_per_node`` or
+``distributed.nnodes`` ask for more than one: the script launches itself under torchrun's launcher (or joins
+the torchrun that started it), and every rank runs ``main`` with ``ctx.world`` telling it its place. Rank 0
+alone writes outputs, the sidecar and the live run; a rank's error ends the whole stage with exit 1.
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ from typing import Protocol
 
 from petbreeds.atomic import atomic_write_json
 from petbreeds.config import Params, load_params
+from petbreeds.distributed import (
+    SINGLE_PROCESS,
+    World,
+    collective_failure,
+    join,
+    launch,
+    leave,
+    record_error,
+    under_torchrun,
+)
 from petbreeds.errors import PetbreedsError
 from petbreeds.provenance import run_info, run_info_path
 
@@ -35,7 +50,7 @@ LIVE_ENV = "PETBREEDS_MLFLOW_LIVE"
 
 
 class MetricsSink(Protocol):
-    """Where ``StageContext.log_metrics`` streams to (``petbreeds.tracking.LiveRun``)."""
+    """Where ``StageContext.log_metrics`` streams to (``petbreeds.live.LiveRun``)."""
 
     run_id: str
 
@@ -46,26 +61,32 @@ class MetricsSink(Protocol):
 
 @dataclass
 class StageContext:
-    """Handed to a stage's ``main``: its name, the folder it runs in, and a sink for live per-step metrics.
+    """Handed to a stage's ``main``: its name, the folder it runs in, a sink for live per-step metrics, and its
+    place among the ranks (``world.is_main``: the process that writes the outputs).
 
-    ``log_metrics`` streams to the live tracking run when one is open (see petbreeds.tracking);
+    ``log_metrics`` streams to the live tracking run when one is open (see petbreeds.live);
     it never fails the stage.
     """
 
     name: str
     root: Path
     live: MetricsSink | None = None
+    world: World = SINGLE_PROCESS
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Stream metrics while the stage runs (no-op without a live tracking run)."""
         if self.live is not None:
             self.live.log_metrics(metrics, step)
 
+    def log_epoch(self, row: Mapping[str, float]) -> None:
+        """Stream one epoch's history row, its ``epoch`` as the step."""
+        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
 
 def _open_live_run(name: str, root: Path) -> MetricsSink | None:
     if os.environ.get(LIVE_ENV, "1") == "0":
         return None
-    from petbreeds.tracking import LiveRun  # imports mlflow (~3 s): only the training stages pay for it
+    from petbreeds.live import LiveRun  # imports mlflow (~3 s): only the training stages pay for it
 
     return LiveRun.start(name, root)
 
@@ -75,11 +96,13 @@ def run_stage(
     main: Callable[[Params, StageContext], None],
     params_path: str = "params.yaml",
     *,
+    distributed: bool = False,
     live_run: bool = False,
     write_run_info: bool = True,
 ) -> None:
     """Run a stage's ``main``; a :class:`PetbreedsError` ends the process with ``error: ...`` and exit 1.
 
+    ``distributed``: the stage can run as several processes (see the module's docstring).
     ``live_run``: stream the stage's per-step metrics into an MLflow child run while it runs (the training stages).
     On success, writes ``reports/run_info/<name>.json`` unless ``write_run_info`` is false (``mlflow_log``,
     which has no outputs).
@@ -87,21 +110,45 @@ def run_stage(
     root = Path.cwd()
     started = time.time()
     live: MetricsSink | None = None
+    world = SINGLE_PROCESS
     try:
         params = load_params(params_path)
-        live = _open_live_run(name, root) if live_run else None
-        main(params, StageContext(name=name, root=root, live=live))
+        d = params.distributed
+        if distributed and d.nproc_per_node * d.nnodes > 1 and not under_torchrun():
+            launch(Path(sys.argv[0]).resolve(), d, name)  # rank 0 writes the outputs and the sidecar
+            return
+        world = join(d) if distributed else SINGLE_PROCESS
+        live = _open_live_run(name, root) if live_run and world.is_main else None
+        main(params, StageContext(name=name, root=root, live=live, world=world))
     except PetbreedsError as e:
         if live is not None:
             live.end("FAILED")
-        print(f"error: stage {name}: {e}", file=sys.stderr)
+        _report(name, world, str(e))
+        sys.exit(1)
+    except Exception as e:
+        if live is not None:
+            live.end("FAILED")
+        failure = collective_failure(e, params.distributed) if world.world_size > 1 else None
+        if failure is None:
+            raise
+        _report(name, world, failure)
         sys.exit(1)
     except BaseException:
         if live is not None:
             live.end("FAILED")
         raise
+    finally:
+        leave()
     if live is not None:
         live.end("FINISHED")
-    if write_run_info:
+    if write_run_info and world.is_main:
         live_id = live.run_id if live is not None else None
-        atomic_write_json(run_info_path(root, name), run_info(name, root, started, time.time(), live_id))
+        info = run_info(name, root, started, time.time(), live_id, world.world_size)
+        atomic_write_json(run_info_path(root, name), info)
+
+
+def _report(stage: str, world: World, message: str) -> None:
+    """``error: stage <name>: ...`` on stderr; a rank under torchrun hands it to the launcher, which names it."""
+    if world.world_size > 1 and record_error(message):
+        return
+    print(f"error: stage {stage}: {message}", file=sys.stderr)

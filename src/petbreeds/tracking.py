@@ -1,11 +1,12 @@
-"""MLflow for the pipeline: one parent run per pipeline result, built from the DVC outputs, plus live child runs.
+"""MLflow for the pipeline: the store, and one parent run per pipeline result, built from the DVC outputs.
 
 Why the parent is built by a final stage (``mlflow_log``, always changed) instead of inside the training code:
 DVC restores stages from its run cache without running them, so logging done while training would leave holes
 in every experiment that reused a stage. ``mlflow_log`` reads what the stages wrote (``metrics/``, ``plots/``,
 ``reports/``, ``dvc.lock``, ``params.yaml``) and is complete however they were produced. The training stages
-also stream live curves and system metrics into a child run (:class:`LiveRun`) that the parent adopts through
-the ``reports/run_info/<stage>.json`` sidecars (see ``petbreeds.stage``).
+also stream live curves and system metrics into a child run (``petbreeds.live.LiveRun``) that the parent adopts
+through the ``reports/run_info/<stage>.json`` sidecars (see ``petbreeds.stage``). ``petbreeds mlflow-relog``
+(``petbreeds.relog``) logs results again when the store was unreachable.
 
 Store: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project root>/mlflow.db`` with artifacts in
 ``<project root>/mlartifacts``. The project root is ``DVC_ROOT``, which DVC points at the real repo even for
@@ -15,17 +16,12 @@ Only the explicit-run client API is used (``MlflowClient``): fluent calls withou
 
 from __future__ import annotations
 
-import argparse
 import csv
 import fcntl
 import hashlib
-import io
 import json
 import os
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +34,6 @@ from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run
 from mlflow.exceptions import MlflowException
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from requests.exceptions import RequestException
 from ruamel.yaml import YAML
@@ -151,7 +146,8 @@ class PipelineOutputs:
     run_info: dict[str, dict[str, Any]]  # reports/run_info/<stage>.json, by stage
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
+    """A YAML file of the pipeline outputs; a :class:`PetbreedsError` naming it if unreadable."""
     try:
         return YAML(typ="safe").load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -182,8 +178,8 @@ def read_outputs(root: Path) -> PipelineOutputs:
             raise PetbreedsError(f"{root / name}: not found; run `dvc repro` (or `dvc exp run`) first")
     return PipelineOutputs(
         root=root,
-        params=flatten(_read_yaml(root / "params.yaml") or {}),
-        lock=_read_yaml(root / "dvc.lock") or {},
+        params=flatten(read_yaml(root / "params.yaml") or {}),
+        lock=read_yaml(root / "dvc.lock") or {},
         metrics={p.stem: _numbers(p) for p in sorted((root / "metrics").glob("*.json"))},
         run_info={p.stem: _read_json(p) for p in sorted((root / RUN_INFO_DIR).glob("*.json"))},
     )
@@ -265,7 +261,8 @@ class RunIdentity:
     invocation: str | None = None  # the running dvc process (see petbreeds.provenance.dvc_invocation)
 
 
-def _repro_name(commit: str | None) -> str:
+def repro_name(commit: str | None) -> str:
+    """The run name of a plain ``dvc repro`` at ``commit``."""
     return f"repro@{commit[:7]}" if commit else "repro@no-git"
 
 
@@ -274,7 +271,7 @@ def current_identity(root: Path) -> RunIdentity:
     exp_name = os.environ.get("DVC_EXP_NAME") or None
     commit = git_commit(root)
     return RunIdentity(
-        name=exp_name or _repro_name(commit),
+        name=exp_name or repro_name(commit),
         exp_name=exp_name,
         baseline_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
         git_commit=commit,
@@ -293,7 +290,7 @@ def stage_status(info: Mapping[str, Any], identity: RunIdentity) -> str:
 
 
 def _producer(info: Mapping[str, Any]) -> str:
-    return f"{info.get('dvc_exp_name') or _repro_name(info.get('git_commit'))} at {info.get('started')}"
+    return f"{info.get('dvc_exp_name') or repro_name(info.get('git_commit'))} at {info.get('started')}"
 
 
 def result_key(outputs: PipelineOutputs, identity: RunIdentity) -> str:
@@ -419,167 +416,3 @@ def log_pipeline_or_warn(files_root: Path) -> None:
             "`petbreeds mlflow-relog EXP_NAME`) once the store is back",
             file=sys.stderr,
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Live child runs
-
-
-class LiveRun:
-    """A training stage's live child run: per-step metrics as they happen and ``system/*`` metrics.
-
-    Best effort: any tracking problem becomes one warning and the stage trains on untracked, because the
-    DVC outputs are the record and ``mlflow_log`` builds the complete run from them anyway.
-    """
-
-    def __init__(self, client: MlflowClient, run_id: str, monitor: SystemMetricsMonitor) -> None:
-        self.client, self.run_id, self.monitor = client, run_id, monitor
-        self.broken = False
-
-    @classmethod
-    def start(cls, stage: str, root: Path) -> LiveRun | None:
-        try:
-            client, experiment_id = open_experiment(project_root())
-            identity = current_identity(root)
-            tags = {
-                "petbreeds.run_type": "live_stage",
-                "dvc.stage": stage,
-                "dvc.exp_name": identity.exp_name or "",
-                "dvc.baseline_rev": identity.baseline_rev or "",
-                "git.commit": identity.git_commit or "",
-            }
-            run = client.create_run(
-                experiment_id, run_name=f"{identity.name}:{stage}", tags={k: v for k, v in tags.items() if v}
-            )
-            monitor = SystemMetricsMonitor(run.info.run_id, tracking_uri=client.tracking_uri)
-            monitor.start()
-            return cls(client, run.info.run_id, monitor)
-        except Exception as e:  # best effort by design, see the class docstring
-            print(f"warning: no live MLflow run for {stage} ({type(e).__name__}: {e}); it trains on", file=sys.stderr)
-            return None
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.broken:
-            return
-        now = int(time.time() * 1000)
-        try:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-        except Exception as e:  # best effort by design
-            self.broken = True
-            print(f"warning: live MLflow logging stopped ({type(e).__name__}: {e}); training goes on", file=sys.stderr)
-
-    def end(self, status: str) -> None:
-        try:
-            self.monitor.finish()
-            self.client.set_terminated(self.run_id, status)
-        except Exception as e:  # best effort by design
-            print(f"warning: could not close live MLflow run {self.run_id} ({e})", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------------------------------
-# petbreeds mlflow-relog
-
-
-@dataclass(frozen=True)
-class ExperimentRef:
-    name: str
-    baseline_rev: str
-    commit: str
-
-
-def experiment_refs(root: Path) -> list[ExperimentRef]:
-    """DVC experiments as git keeps them: ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>``."""
-    out = _git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/")
-    refs = []
-    for line in out.splitlines():
-        ref, commit = line.split(" ")
-        parts = ref.split("/")
-        if len(parts) == 5 and len(parts[2]) == 2 and len(parts[3]) == 38:  # not refs/exps/celery/..., stash
-            refs.append(ExperimentRef(parts[4], parts[2] + parts[3], commit))
-    return refs
-
-
-def _git(root: Path, *args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=root, capture_output=True, check=False)
-    if out.returncode != 0:
-        raise PetbreedsError(f"git {' '.join(args)} in {root} failed: {out.stderr.decode(errors='replace').strip()}")
-    return out.stdout.decode()
-
-
-def _lock_stages(text: str) -> Any:
-    stages = (YAML(typ="safe").load(text) or {}).get("stages", {})
-    return {k: v for k, v in stages.items() if k != PARENT_STAGE}
-
-
-def workspace_identity(root: Path) -> RunIdentity:
-    """The experiment whose committed dvc.lock the workspace holds (after ``dvc exp run``), else ``dvc repro``."""
-    commit = git_commit(root)
-    lock = root / "dvc.lock"
-    if commit and lock.is_file():
-        ours = _lock_stages(lock.read_text(encoding="utf-8"))
-        for ref in experiment_refs(root):
-            if ref.baseline_rev == commit and _lock_stages(_git(root, "show", f"{ref.commit}:dvc.lock")) == ours:
-                return RunIdentity(ref.name, ref.name, ref.baseline_rev, commit)
-    return RunIdentity(_repro_name(commit), None, None, commit)
-
-
-def _find_experiment(root: Path, name: str) -> ExperimentRef:
-    matches = [r for r in experiment_refs(root) if r.name == name]
-    head = git_commit(root)
-    if len(matches) > 1:
-        matches = [r for r in matches if r.baseline_rev == head]
-    if len(matches) != 1:
-        found = "no" if not matches else "more than one"
-        raise PetbreedsError(f"{found} DVC experiment named {name!r} (on this commit); see `dvc exp ls -A`")
-    return matches[0]
-
-
-def _export_commit(root: Path, commit: str, dest: Path) -> None:
-    """An experiment's outputs as its commit holds them, into ``dest``: git keeps params.yaml, dvc.lock, metrics/
-    and plots/ (``cache: false``); reports/ (run_info sidecars included) come from DVC's cache, read through DVC at
-    that commit. They are cached so that DVC's run cache works (dvc.yaml)."""
-    archive = subprocess.run(["git", "archive", commit], cwd=root, capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(dest, filter="data")
-    import dvc.api  # here only: importing DVC takes a second that logging from the workspace never needs
-
-    lock = _read_yaml(dest / "dvc.lock") or {}
-    for stage in lock.get("stages", {}).values():
-        for out in stage.get("outs", []):
-            path = out["path"]
-            if not path.startswith("reports/") or (dest / path).exists():
-                continue
-            try:
-                data = dvc.api.read(path, repo=str(root), rev=commit, mode="rb")
-            except Exception as e:  # DVC raises several types for an object its cache no longer has
-                raise PetbreedsError(
-                    f"{path} of commit {commit[:7]}: not in DVC's cache ({type(e).__name__}: {e}); "
-                    "`dvc exp apply` the experiment and `dvc repro` it, then relog from the workspace"
-                ) from None
-            (dest / path).parent.mkdir(parents=True, exist_ok=True)
-            (dest / path).write_bytes(data)
-
-
-def relog_cli(argv: list[str]) -> int:
-    """``petbreeds mlflow-relog [EXPERIMENT ...]``: log DVC outputs to MLflow again (nothing logged twice)."""
-    parser = argparse.ArgumentParser(
-        prog="petbreeds mlflow-relog",
-        description="Log pipeline results to MLflow from the DVC outputs, e.g. after the tracking server was "
-        "unreachable. A result already logged is left as it is.",
-    )
-    parser.add_argument(
-        "experiments",
-        nargs="*",
-        metavar="EXPERIMENT",
-        help="DVC experiment names (`dvc exp ls`), read from their git commits; none: the workspace's outputs",
-    )
-    args = parser.parse_args(argv)
-    root = project_root()
-    if not args.experiments:
-        log_pipeline(root, workspace_identity(root), root)
-    for name in args.experiments:
-        ref = _find_experiment(root, name)
-        with tempfile.TemporaryDirectory() as tmp:
-            _export_commit(root, ref.commit, Path(tmp))
-            log_pipeline(Path(tmp), RunIdentity(ref.name, ref.name, ref.baseline_rev, ref.baseline_rev), root)
-    return 0

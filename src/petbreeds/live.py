@@ -1,0 +1,70 @@
+"""A training stage's live MLflow child run: per-step curves and ``system/*`` metrics while the stage runs.
+
+``run_stage`` opens one for the stages that ask for it (``live_run=True``) unless ``PETBREEDS_MLFLOW_LIVE=0``;
+its id goes into the stage's ``reports/run_info/<stage>.json`` sidecar, through which the parent run built by
+``mlflow_log`` (``petbreeds.tracking``) adopts it. The store and the run's name come from ``petbreeds.tracking``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from mlflow.entities import Metric
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient
+
+from petbreeds.tracking import current_identity, open_experiment, project_root
+
+
+class LiveRun:
+    """A training stage's live child run: per-step metrics as they happen and ``system/*`` metrics.
+
+    Best effort: any tracking problem becomes one warning and the stage trains on untracked, because the
+    DVC outputs are the record and ``mlflow_log`` builds the complete run from them anyway.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, monitor: SystemMetricsMonitor) -> None:
+        self.client, self.run_id, self.monitor = client, run_id, monitor
+        self.broken = False
+
+    @classmethod
+    def start(cls, stage: str, root: Path) -> LiveRun | None:
+        try:
+            client, experiment_id = open_experiment(project_root())
+            identity = current_identity(root)
+            tags = {
+                "petbreeds.run_type": "live_stage",
+                "dvc.stage": stage,
+                "dvc.exp_name": identity.exp_name or "",
+                "dvc.baseline_rev": identity.baseline_rev or "",
+                "git.commit": identity.git_commit or "",
+            }
+            run = client.create_run(
+                experiment_id, run_name=f"{identity.name}:{stage}", tags={k: v for k, v in tags.items() if v}
+            )
+            monitor = SystemMetricsMonitor(run.info.run_id, tracking_uri=client.tracking_uri)
+            monitor.start()
+            return cls(client, run.info.run_id, monitor)
+        except Exception as e:  # best effort by design, see the class docstring
+            print(f"warning: no live MLflow run for {stage} ({type(e).__name__}: {e}); it trains on", file=sys.stderr)
+            return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.broken:
+            return
+        now = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        except Exception as e:  # best effort by design
+            self.broken = True
+            print(f"warning: live MLflow logging stopped ({type(e).__name__}: {e}); training goes on", file=sys.stderr)
+
+    def end(self, status: str) -> None:
+        try:
+            self.monitor.finish()
+            self.client.set_terminated(self.run_id, status)
+        except Exception as e:  # best effort by design
+            print(f"warning: could not close live MLflow run {self.run_id} ({e})", file=sys.stderr)

@@ -1,0 +1,236 @@
+"""torch.distributed on CPUs with real gloo processes: the sharding, one DDP step against one process, the
+training stages launched under torchrun's launcher, a killed rank, and two "nodes" meeting at a c10d rendezvous."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from tiny import ROOT, VOCAB, tiny_net, tiny_project, write_pets
+
+from petbreeds.augment import BatchAugment
+from petbreeds.config import load_params
+from petbreeds.dataloaders import EpochShuffle
+from petbreeds.distributed import World
+
+TESTS = Path(__file__).resolve().parent
+OUTPUTS = (
+    "models/frozen.pt",
+    "metrics/train_frozen.json",
+    "plots/train_frozen.csv",
+    "reports/run_info/train_frozen.json",
+)
+
+
+def test_ranks_share_every_global_batch_exactly() -> None:
+    single = [i for i, _ in EpochShuffle(50, seed=1, batch_size=8, world=World())]
+    ranks = [[i for i, _ in EpochShuffle(50, seed=1, batch_size=8, world=World(r, 2))] for r in (0, 1)]
+    assert len(single) == 48  # 6 whole batches; the last 2 images wait for another epoch (drop_last)
+    assert all(len(r) == 24 for r in ranks)
+    for b in range(6):
+        assert ranks[0][4 * b : 4 * b + 4] + ranks[1][4 * b : 4 * b + 4] == single[8 * b : 8 * b + 8]
+
+
+def test_validation_shards_cover_every_item_once() -> None:
+    for n, size in ((10, 3), (2, 4), (7, 1)):
+        shards = [World(r, size).shard(n) for r in range(size)]
+        assert [i for s in shards for i in s] == list(range(n))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_an_image_gets_the_same_augmentation_on_whichever_rank_loads_it() -> None:
+    augment = load_params(ROOT / "params.yaml").augment
+    x = torch.randint(0, 256, (8, 3, 160, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    single = BatchAugment(augment, 64, seed=5, device=cpu)(x, train=True)
+    halves = [
+        BatchAugment(augment, 64, seed=5, device=cpu, shard=(r, 2))(x[4 * r : 4 * r + 4], train=True) for r in (0, 1)
+    ]
+    assert torch.equal(torch.cat(halves), single)
+
+
+def _torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PETBREEDS_MLFLOW_LIVE": "0", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_one_ddp_step_on_two_gloo_ranks_equals_one_process(tmp_path: Path) -> None:
+    """2 ranks x 16 images vs 32 images in one process: same batches, same augmentation, same averaged gradient
+    (BatchNorm in eval mode, so the statistics do not depend on how the batch is split)."""
+    write_pets(tmp_path, per_class=36).to_csv(tmp_path / "split.csv", index=False)  # 72 train: 2 batches of 32
+    script = str(TESTS / "ddp_step.py")
+    one = subprocess.run(
+        [sys.executable, script, str(tmp_path), str(tmp_path / "one.pt")], env=_env(), capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        _torchrun(script, str(tmp_path), str(tmp_path / "two.pt")), env=_env(), capture_output=True, text=True
+    )
+    assert two.returncode == 0, two.stderr
+    one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("one", "two"))
+    assert (one["world"], two["world"]) == (1, 2)
+    assert two["targets"] == one["targets"]  # rank 0's 16 then rank 1's 16 are the single process's 32
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    changed = 0
+    for name, value in one["state"].items():
+        torch.testing.assert_close(two["state"][name], value, atol=1e-5, rtol=0, msg=name)
+        changed += not torch.equal(value, tiny_state_at_init()[name])
+    assert changed > 0  # the steps did move the weights
+
+
+def tiny_state_at_init() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return tiny_net().state_dict()
+
+
+def _set(project: Path, **values: object) -> None:
+    """Edit params.yaml in place: ``section__key=value``."""
+    text = (project / "params.yaml").read_text()
+    for key, value in values.items():
+        section, name = key.split("__")
+        start = text.index(f"\n{section}:")
+        line_start = text.index(f"\n  {name}:", start) + 1
+        line_end = text.index("\n", line_start)
+        comment = text[line_start:line_end].split("#", 1)
+        text = (
+            text[:line_start]
+            + f"  {name}: {value}"
+            + (f"  # {comment[1]}" if len(comment) > 1 else "")
+            + text[line_end:]
+        )
+    (project / "params.yaml").write_text(text)
+
+
+def _stage(project: Path, name: str) -> subprocess.Popen[str]:
+    script = str(ROOT / "stages" / f"{name}.py")
+    return subprocess.Popen(
+        [sys.executable, script], cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _digests(project: Path) -> dict[str, str]:
+    return {p: hashlib.sha256((project / p).read_bytes()).hexdigest() for p in OUTPUTS}
+
+
+@pytest.fixture
+def ddp_project(tmp_path: Path) -> Path:
+    """A tiny project whose training stages run as 2 gloo ranks, with train_frozen's outputs of one such run."""
+    project = tiny_project(tmp_path, per_class=12)
+    _set(project, distributed__nproc_per_node=2, train_frozen__lr=0.01, train_frozen__epochs=1)
+    done = _stage(project, "train_frozen")
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert out.count("train_loss") == 1  # rank 0 alone prints the table
+    return project
+
+
+@pytest.mark.slow
+def test_the_stage_launches_two_ranks_and_rank_0_writes_for_all(ddp_project: Path) -> None:
+    info = json.loads((ddp_project / "reports/run_info/train_frozen.json").read_text())
+    assert info["world_size"] == 2
+    metrics = json.loads((ddp_project / "metrics/train_frozen.json").read_text())
+    n_valid = 12  # every third image of 12 per class: exact over both ranks' shares, not a mean of two means
+    assert metrics["error_rate"] * n_valid == pytest.approx(round(metrics["error_rate"] * n_valid), abs=1e-6)
+    ckpt = torch.load(ddp_project / "models/frozen.pt", weights_only=True)
+    assert ckpt["vocab"] == VOCAB and not any(k.startswith("module.") for k in ckpt["state_dict"])
+
+
+def _descendant_with_rank(parent: psutil.Process, rank: str, timeout: float = 120) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in parent.children(recursive=True):
+            try:
+                if child.environ().get("RANK") == rank and child.environ().get("LOCAL_RANK") is not None:
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} process appeared")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_stage_and_leaves_the_previous_outputs(ddp_project: Path) -> None:
+    before = _digests(ddp_project)
+    _set(ddp_project, train_frozen__epochs=200)  # long enough to be killed in the middle
+    started = _stage(ddp_project, "train_frozen")
+    victim = _descendant_with_rank(psutil.Process(started.pid), "1")
+    time.sleep(8)  # past start-up, into training
+    victim.send_signal(signal.SIGKILL)
+    _, err = started.communicate(timeout=120)
+    assert started.returncode == 1
+    assert "error: stage train_frozen: rank 1 failed (killed by SIGKILL)" in err, err
+    assert "Traceback" not in err.split("error: stage train_frozen")[-1]
+    assert _digests(ddp_project) == before
+
+
+@pytest.mark.slow
+def test_an_error_in_the_ranks_is_one_line_naming_the_rank(ddp_project: Path) -> None:
+    before = _digests(ddp_project)
+    _set(ddp_project, train_frozen__lr="1.0e+30")  # every rank sees the same global loss diverge
+    failed = _stage(ddp_project, "train_frozen")
+    _, err = failed.communicate(timeout=300)
+    assert failed.returncode == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "failed (exit code 1): train_frozen diverged" in line and "rank " in line, err
+    assert _digests(ddp_project) == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_a_c10d_rendezvous_on_localhost(tmp_path: Path) -> None:
+    """Two launches of the same stage, as two machines would run it (here sharing one folder, as on a shared
+    filesystem): nnodes 2 x 1 process, meeting at 127.0.0.1:PORT."""
+    project = tiny_project(tmp_path, per_class=12)
+    _set(
+        project,
+        distributed__nnodes=2,
+        distributed__rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        train_frozen__lr=0.01,
+        train_frozen__epochs=1,
+    )
+    nodes = [_stage(project, "train_frozen") for _ in range(2)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err for _, err in results]
+    assert sum(out.count("train_loss") for out, _ in results) == 1  # one rank 0 in the world of 2
+    info = json.loads((project / "reports/run_info/train_frozen.json").read_text())
+    assert info["world_size"] == 2
+    assert json.loads((project / "metrics/train_frozen.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_a_hung_rank_becomes_an_error_after_the_timeout_not_a_stuck_stage(ddp_project: Path) -> None:
+    before = _digests(ddp_project)
+    _set(ddp_project, train_frozen__epochs=200, distributed__timeout_s=15.0)
+    started = _stage(ddp_project, "train_frozen")
+    victim = _descendant_with_rank(psutil.Process(started.pid), "1")
+    time.sleep(8)
+    victim.send_signal(signal.SIGSTOP)  # alive but silent: rank 0 waits for it in the next all-reduce
+    try:
+        _, err = started.communicate(timeout=180)
+    finally:
+        if victim.is_running():
+            victim.kill()
+    assert started.returncode == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "rank 0 failed (exit code 1): a collective with the other ranks failed" in line, err
+    assert "distributed.timeout_s=15" in line
+    assert _digests(ddp_project) == before
