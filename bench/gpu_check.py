@@ -8,7 +8,8 @@
     .venv/bin/python bench/gpu_check.py --device cpu --tiny --out /tmp/gpu_check
 
 Sections, each in its own try/except (a failure is a "FAILED: ..." row; the others still run), skipped once
-``--budget-s`` is spent:
+``--budget-s`` (420) is spent; at ``--budget-s`` + ``--grace-s`` (480 s in all) whatever still runs (a hung loader or
+collective) is stopped, the table printed and the process ends with exit code 3:
 
 1. tests: pytest (``-x -q -p no:cacheprovider``) on the test files that need neither mlflow nor dvc, on CUDA.
 2. sample: a full-scale generated sample (37 x 200 = 7,400 images; the real archive has 7,390), indexed and split
@@ -20,15 +21,16 @@ Sections, each in its own try/except (a failure is a "FAILED: ..." row; the othe
    (b) the raw JPEG bytes from the workers, decoded on the device by ``torchvision.io.decode_jpeg`` (nvJPEG),
        square-cropped and resized to 460 with torch ops, then the library's ``BatchAugment``.
    The epochs are timed by a small loop that mirrors ``fit_one_cycle``'s steps (``batch_inputs``, ``train_step``,
-   ``.item()``, OneCycleLR), not by ``fit_one_cycle`` itself, to see how long each step waits for the loader
+   ``.item()``, the one-cycle schedule), not by ``fit_one_cycle`` itself, to see how long each step waits for the loader
    (``cuda.synchronize()`` at every step boundary; ``fit_one_cycle``'s ``.item()`` syncs there too). A few batches
    of a discarded partial epoch warm up first (workers, cudnn autotune, the allocator). Then ``fit_one_cycle``
    itself, one epoch with validation, on path (a): the library's own numbers.
 4. DDP: a process group of one (NCCL on CUDA, gloo on CPU) and the model under ``DistributedDataParallel``
    directly (``World.wrap`` returns the bare model for one process), on pre-augmented batches held on the device,
    against the bare model on the same batches: the model-only speed and DDP's overhead.
-5. fastai: only when ``import fastai`` works (it does not travel in .whl: its closure needs scipy, scikit-learn
-   and spacy, compiled wheels well over the budget), else a "not run" row.
+5. fastai: a "not run" row. fastai cannot travel in .whl: ``fastai.vision.all`` imports scipy, scikit-learn,
+   fasthtml, requests, rich, ... (with fastai ~55 MB of wheels, compiled ones among them, on top of the ~20 MB the
+   library needs), so the lent machine never has it and this check has no fastai run (bench/vs_fastai.py, CPU).
 
 Prints the machine (bench/machine.py, plus the GPU) and ONE Markdown table at the end; with ``--out DIR`` also
 writes ``gpu_check.md`` (rewritten after every section, so a killed run keeps what it measured),
@@ -49,6 +51,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -58,36 +61,43 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when run through runpy
 
 ARCHS = ("resnet34", "efficientnet_lite0")
 N_CLASSES = 37
 
-# The test files that import and pass without mlflow, dvc (or the dvc CLI) and without .venv: checked by running the
-# whole suite with `import mlflow` / `import dvc` blocked and .venv/bin off PATH. Left out: test_tracking.py,
-# test_mlflow_ui.py, test_pipeline_e2e.py (import mlflow), test_training.py and test_evaluate.py (their stage runs
-# open a live MLflow run), test_dvc_yaml.py (reads dvc.yaml with the dvc package).
+# The test files that pass without mlflow, dvc (package and CLI), fastai and an installed petbreeds, as on the lent
+# machine (PYTHONPATH=src). Checked by running the suite with mlflow* and dvc* imports blocked as
+# tests/test_gpu_check.py does and .venv/bin off PATH: these files passed (the stage runs of test_training.py and
+# test_evaluate.py too: PETBREEDS_MLFLOW_LIVE=0); test_vs_fastai.py skips itself without fastai. Left out:
+# test_tracking.py, test_mlflow_ui.py, test_pipeline_e2e.py (import mlflow), test_check_params.py (runs the dvc CLI),
+# test_dvc_yaml.py (reads dvc's plot templates from dvc_render),
+# test_cli.py (reads the installed petbreeds distribution's version), test_gpu_check.py (this script's CPU dry run).
+# A new test file runs here once it is added. Order: what CUDA changes first, test_distributed.py last (2 ranks under
+# torchrun, the slowest): with -x the first failure stops the rest.
 DEVICE_TESTS = (
-    "tests/test_atomic.py",
+    "tests/test_device.py",
     "tests/test_augment.py",
+    "tests/test_model.py",
+    "tests/test_training.py",
+    "tests/test_lr_find.py",
+    "tests/test_predict.py",
+    "tests/test_evaluate.py",
+    "tests/test_presizing.py",
+    "tests/test_show.py",
+    "tests/test_interpret.py",
+    "tests/test_schedule.py",
+    "tests/test_pretrained.py",
+    "tests/test_atomic.py",
     "tests/test_bench_machine.py",
     "tests/test_config.py",
-    "tests/test_device.py",
-    "tests/test_distributed.py",
     "tests/test_download.py",
     "tests/test_fetch.py",
     "tests/test_imports.py",
-    "tests/test_interpret.py",
     "tests/test_labelling.py",
-    "tests/test_lr_find.py",
-    "tests/test_model.py",
-    "tests/test_predict.py",
-    "tests/test_presizing.py",
-    "tests/test_pretrained.py",
     "tests/test_sample_data.py",
-    "tests/test_schedule.py",
-    "tests/test_show.py",
     "tests/test_splitting.py",
+    "tests/test_vs_fastai.py",
+    "tests/test_distributed.py",
 )
 TINY_TESTS = ("tests/test_device.py",)
 
@@ -110,10 +120,13 @@ class Scale:
 
     per_breed: int
     # Sample sides: the long side is uniform in [min_side, max_side], the short side long / U(1, 1.6) (at least
-    # min_side). 300-650 gives a mean of ~186k pixels per image, what the real archive's typical 500x375 has (its
-    # short sides are mostly 300-500 px). The real archive also has a few percent of larger photos, up to ~2,500 px;
-    # a uniform long side reaching that far would make most images huge, so the tail is left out: presizing decodes
-    # those with JPEG draft mode at 1/2-1/4 scale, so they cost about what the bulk does.
+    # min_side). 300-650 gives 189k pixels per image on average, what the real archive's typical 500x375 has, and
+    # short sides of 300-544 px for 90% of the images (median 366), as the real ones are mostly 300-500 px. The real
+    # archive also has a few percent of larger photos, up to ~2,500 px; a uniform long side reaching that far would
+    # make most images huge, so that tail is left out. Path (a) decodes such photos in JPEG draft mode at 1/2-1/4
+    # scale (a few times a typical image's cost); nvJPEG in path (b) decodes them whole. And the drawn images compress
+    # to ~28 KiB (quality 90) against ~105 KiB for the real photos (~790 MB / 7,390): less entropy decoding per image.
+    # So both data paths may read fast; section 2's row gives the sample's file size.
     min_side: int
     max_side: int
     item_size: int
@@ -195,20 +208,33 @@ def gpu_header() -> list[str]:
     ]
 
 
+def host_memory() -> str:
+    """RAM, and /dev/shm, where DataLoader workers hand batches over (a container's default 64 MB is too small)."""
+    import shutil
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    shm = f"{shutil.disk_usage('/dev/shm').total / 2**30:.1f} GiB" if Path("/dev/shm").is_dir() else "none"
+    return f"RAM {ram:.0f} GiB, /dev/shm {shm}"
+
+
 def header(args: argparse.Namespace, scale: Scale) -> str:
+    import torch
     import torchvision
-    from machine import machine_header
+
+    if str(Path(__file__).resolve().parent) not in sys.path:  # run through runpy (tests/test_gpu_check.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import machine_header  # bench/machine.py
 
     return "\n".join(
         [
             machine_header(),
             *gpu_header(),
-            f"# python:  {sys.version.split()[0]}, torchvision {torchvision.__version__}",
+            f"# python:  {sys.version.split()[0]}, torchvision {torchvision.__version__}; {host_memory()}",
             f"# run:     bench/gpu_check.py --device {args.device}{' --tiny' if args.tiny else ''} "
             f"--budget-s {args.budget_s:g}; sample {N_CLASSES} x {scale.per_breed} images, sides "
             f"{scale.min_side}-{scale.max_side} px; item {scale.item_size} -> size {scale.size}, batch "
             f"{scale.batch_size}, bf16 autocast + channels_last, unfrozen, random init (weights none), "
-            f"{scale.workers} loader workers (path b: {scale.bytes_workers})",
+            f"{scale.workers} loader workers (path b: {scale.bytes_workers}), {torch.get_num_threads()} CPU threads",
         ]
     )
 
@@ -293,13 +319,27 @@ class JpegBytes:
         return read_file(str(self.paths[index])), self.targets[index]
 
 
-def collate_bytes(items: list[tuple[Any, int]]) -> tuple[list[Any], Any]:
+def collate_bytes(items: list[tuple[Any, int]]) -> tuple[Any, Any, Any]:
+    """(all the files' bytes in one flat uint8 tensor, their lengths, targets): one shared-memory block per batch.
+
+    A list of per-file tensors would cross from the worker as one file descriptor each, and read_file's tensors
+    cannot be shared that way at all ("Bad file descriptor" in the worker's feeder thread, and the loader hangs).
+    """
     import torch
 
-    return [data for data, _ in items], torch.tensor([target for _, target in items])
+    datas = [data for data, _ in items]
+    lengths = torch.tensor([len(data) for data in datas])
+    return torch.cat(datas), lengths, torch.tensor([target for _, target in items])
 
 
-def bytes_loader(table: Any, raw: Path, vocab: list[str], scale: Scale, seed: int) -> Any:
+def split_bytes(flat: Any, lengths: Any) -> list[Any]:
+    """The list of per-file byte tensors ``decode_jpeg`` takes, each its own copy (no view into the batch's block)."""
+    import torch
+
+    return [part.clone() for part in torch.split(flat, lengths.tolist())]
+
+
+def bytes_loader(table: Any, raw: Path, vocab: list[str], scale: Scale, seed: int, timeout_s: float) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
@@ -315,6 +355,7 @@ def bytes_loader(table: Any, raw: Path, vocab: list[str], scale: Scale, seed: in
         persistent_workers=scale.bytes_workers > 0,
         collate_fn=collate_bytes,
         generator=torch.Generator().manual_seed(seed),
+        timeout=timeout_s if scale.bytes_workers > 0 else 0,  # a stuck worker is an error, not a hang
     )
 
 
@@ -355,6 +396,8 @@ class Check:
         self.sample: dict[str, Any] | None = None  # table, vocab, raw, params
         self.data_a: Any = None  # petbreeds.training.TrainingData of path (a), shared by the sections
         self.held: tuple[Any, list[Any]] | None = None  # section 4: the model and the batches on the device
+        self.current = ""  # the section running now
+        self.child: subprocess.Popen[str] | None = None  # pytest, while it runs
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -369,6 +412,7 @@ class Check:
             row.result = "skipped: no sample (section 2 did not finish)"
         else:
             print(f"== {name} (at {self.elapsed():.0f} s)", flush=True)
+            self.current = name
             started = time.perf_counter()
             try:
                 run(row)
@@ -413,7 +457,7 @@ class Check:
         timeout = max(30.0, min(self.args.tests_timeout_s, self.deadline - time.monotonic() - 180))
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files]
         started = time.perf_counter()
-        proc = subprocess.Popen(
+        proc = self.child = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )
         try:
@@ -421,7 +465,10 @@ class Check:
             timed_out = False
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # pytest and whatever it started (torchrun, stage scripts)
-            output, _ = proc.communicate()
+            try:
+                output, _ = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:  # a grandchild in a session of its own still holds the pipe
+                output = "(pytest killed at the timeout; its output could not be read)"
             timed_out = True
         seconds = time.perf_counter() - started
         if self.args.out is not None:
@@ -515,7 +562,8 @@ class Check:
             loader = data.train_loader
         else:
             assert self.sample is not None
-            loader = bytes_loader(self.sample["table"], self.sample["raw"], self.sample["vocab"], s, seed=42)
+            sample = self.sample
+            loader = bytes_loader(sample["table"], sample["raw"], sample["vocab"], s, seed=42, timeout_s=120)
         n_batches = len(loader)
         opt = make_optimizer(param_groups(model), group_lrs(phase.lr_slice, 3), phase.wd)
         sched = make_one_cycle(opt, s.warmup_steps + n_batches, phase.pct_start, phase.div, phase.div_final)
@@ -527,8 +575,8 @@ class Check:
             nonlocal decode_s
             if path == "b":
                 started = time.perf_counter()
-                datas, y = batch
-                batch = (device_presize(datas, s.item_size, compute.device, crops), y)
+                flat, lengths, y = batch
+                batch = (device_presize(split_bytes(flat, lengths), s.item_size, compute.device, crops), y)
                 sync(compute.device)
                 decode_s += time.perf_counter() - started
             x, y = batch_inputs(batch, data.augment, compute, train=True)
@@ -652,16 +700,33 @@ class Check:
         import importlib.util
 
         if importlib.util.find_spec("fastai") is None:
-            row.result = "not run: fastai not installed (its closure, scipy + scikit-learn + spacy, is not in .whl)"
+            row.result = "not run: fastai not installed (with scipy, scikit-learn, fasthtml, ... it does not fit .whl)"
             return
         import fastai
 
+        # In .venv (the dev extra), never on the lent machine: no fastai run to keep up that could never run there.
         row.result = (
-            f"not run: fastai {fastai.__version__} is installed, but this check has no fastai run "
-            "(bench/vs_fastai.py is the CPU comparison)"
+            f"not run: fastai {fastai.__version__} is importable, but its wheels do not travel to the device "
+            "(scipy, scikit-learn, fasthtml, ...: over the .whl budget), so this check has no fastai run; "
+            "bench/vs_fastai.py compares on CPU"
         )
 
     # -- all ---------------------------------------------------------------------------------------
+
+    def plan(self) -> list[tuple[str, Callable[[Row], None], bool]]:
+        """(section, what runs it, whether it needs the sample), in :data:`SECTIONS` order."""
+        steps: list[tuple[str, Callable[[Row], None], bool]] = [(SECTIONS[0], self.tests, False)]
+        steps.append((SECTIONS[1], self.make_sample, False))
+        for arch in ARCHS:
+            steps.append((f"3a {arch}, CPU decode", lambda row, arch=arch: self.epoch(row, arch, "a"), True))
+            steps.append((f"3b {arch}, device decode", lambda row, arch=arch: self.epoch(row, arch, "b"), True))
+        for arch in ARCHS:
+            steps.append((f"3c {arch}, fit_one_cycle (library)", lambda row, arch=arch: self.fit(row, arch), True))
+        steps.append((SECTIONS[-3], self.model_bare, True))
+        steps.append((SECTIONS[-2], self.model_ddp, True))
+        steps.append((SECTIONS[-1], self.fastai, False))
+        assert [name for name, _, _ in steps] == list(SECTIONS)
+        return steps
 
     def run(self) -> None:
         import torch
@@ -669,48 +734,74 @@ class Check:
         if self.args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no CUDA device; use --device cpu for a dry run")
         torch.backends.cudnn.benchmark = True
-        self.header = header(self.args, self.scale)
+        if self.args.tiny:
+            # The dry run measures nothing: one thread keeps it at ~40 s on 2 busy cores, where 2 OpenMP threads
+            # that spin-wait for each other took ~2 min.
+            torch.set_num_threads(1)
+        try:
+            self.header = header(self.args, self.scale)
+        except Exception as e:  # the numbers matter more than the header
+            traceback.print_exc()
+            self.header = f"# machine: FAILED to describe it: {type(e).__name__}: {e}"
         print(self.header, flush=True)
-        self.section(SECTIONS[0], self.tests)
-        self.section(SECTIONS[1], self.make_sample)
-        for arch in ARCHS:
-            self.section(f"3a {arch}, CPU decode", lambda row, arch=arch: self.epoch(row, arch, "a"), True)
-            self.section(f"3b {arch}, device decode", lambda row, arch=arch: self.epoch(row, arch, "b"), True)
-        for arch in ARCHS:
-            self.section(f"3c {arch}, fit_one_cycle (library)", lambda row, arch=arch: self.fit(row, arch), True)
-        self.section(SECTIONS[-3], self.model_bare, True)
-        if self.held is None:
-            self.rows.append(Row(SECTIONS[-2], result="skipped: section 4's bare run did not finish"))
-        else:
-            self.section(SECTIONS[-2], self.model_ddp, True)
-        self.held = self.data_a = None  # the loaders' persistent workers end here
-        reset_peak(torch.device("cpu"))
-        self.section(SECTIONS[-1], self.fastai)
+        watchdog = threading.Timer(max(0.0, self.deadline + self.args.grace_s - time.monotonic()), self.hard_stop)
+        watchdog.daemon = True
+        watchdog.start()
+        for name, run, needs_sample in self.plan():
+            if name == SECTIONS[-2] and self.held is None:
+                self.rows.append(Row(name, result="skipped: the bare run of section 4 did not finish"))
+                continue
+            if name == SECTIONS[-1]:
+                self.held = self.data_a = None  # the loaders' persistent workers end here
+                reset_peak(torch.device("cpu"))
+            self.section(name, run, needs_sample)
+        watchdog.cancel()
         self.write()
         print(f"\n{self.header}\n\n{markdown_table(self.rows)}\n\ntotal {self.elapsed():.0f} s", flush=True)
 
+    def hard_stop(self) -> None:
+        """Still running at --budget-s + --grace-s (a hung loader, a stuck collective): report what there is, end."""
+        limit = self.args.budget_s + self.args.grace_s
+        if self.child is not None and self.child.poll() is None:
+            os.killpg(self.child.pid, signal.SIGKILL)
+        rows, done = list(self.rows), {row.section for row in self.rows}
+        for name in SECTIONS:
+            if name == self.current and name not in done:
+                rows.append(Row(name, result=f"FAILED: still running at the hard limit ({limit:g} s); stopped"))
+            elif name not in done:
+                rows.append(Row(name, result=f"skipped: the hard limit ({limit:g} s) was reached"))
+        self.rows = rows
+        self.write()
+        print(f"\n{self.header}\n\n{markdown_table(self.rows)}\n\nstopped at {self.elapsed():.0f} s", flush=True)
+        os._exit(3)
+
 
 def pytest_counts(output: str) -> dict[str, int]:
-    """``{"passed": 12, "skipped": 2, ...}`` from pytest's last summary line (``12 passed, 2 skipped in 3.1s``)."""
+    """``{"passed": 12, "skipped": 2, ...}`` from pytest's last summary line (``12 passed, 2 skipped in 3.1s``);
+    without one (killed at the timeout), the so-far counts from ``-q``'s progress characters (``..s.F [ 40%]``)."""
     for line in reversed(output.splitlines()):
         if re.search(r"\bin [\d.]+s\b", line):
             found = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", line)
             if found:
                 return {word: int(n) for n, word in found}
-    return {}
+    progress = "".join(m.group(1) for m in re.finditer(r"^([.sFExX]+)\s*(?:\[\s*\d+%\])?$", output, re.MULTILINE))
+    names = {".": "passed so far", "s": "skipped so far", "F": "failed so far", "E": "errors so far"}
+    return {name: progress.count(char) for char, name in names.items() if progress.count(char)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu hides the GPUs")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (4 images per breed) and one test file: the CPU dry run")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, one test file: the CPU dry run")
     parser.add_argument("--out", type=Path, default=None, help="write gpu_check.md, gpu_check.json, pytest.log here")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip the sections left after this (420)")
+    parser.add_argument(
+        "--grace-s", type=float, default=60.0, help="past --budget-s + this, report and exit 3 whatever runs (60)"
+    )
     parser.add_argument("--tests-timeout-s", type=float, default=200.0, help="pytest's own limit (200)")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the library's pick_device sees no GPU
-    os.environ.setdefault("TQDM_MININTERVAL", "5")  # fit_one_cycle's bar: a line per 5 s, not per 0.1 s
     check = Check(args)
     try:
         check.run()

@@ -202,8 +202,7 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
     found = lr_find(model, data, sweep, WD)
     lr_find_s = time.perf_counter() - started
     frozen = OneCycleParams(epochs=1, pct_start=FROZEN_PCT, div=DIV, div_final=DIV_FINAL, wd=WD)
-    frozen_lrs = [BASE_LR / 10, BASE_LR / 10, BASE_LR]  # fastai's slice(base_lr)
-    history = fit_one_cycle(model, data, frozen, frozen_lrs, stage="frozen")
+    history = fit_one_cycle(model, data, frozen, group_lrs([BASE_LR], 3), stage="frozen")  # fastai's slice(base_lr)
     unfreeze(model)
     unfrozen = OneCycleParams(
         epochs=recipe.unfrozen_epochs, pct_start=UNFROZEN_PCT, div=UNFROZEN_DIV, div_final=DIV_FINAL, wd=WD

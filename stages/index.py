@@ -1,7 +1,8 @@
-"""Stage index: data/raw → data/index.csv, data/vocab.json, reports/index_excluded.csv, metrics/index.json."""
+"""Stage index: data/raw → data/index.csv, data/vocab.json, reports/index_excluded.csv, reports/index.json."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from petbreeds.atomic import atomic_output, atomic_write_json
@@ -17,8 +18,11 @@ def main(params: Params, ctx: StageContext) -> None:
     atomic_write_json("data/vocab.json", {"vocab": result.vocab})
     with atomic_output("reports/index_excluded.csv") as tmp:
         result.excluded.to_csv(tmp, index=False)
-    atomic_write_json("metrics/index.json", result.metrics())
+    atomic_write_json("reports/index.json", result.metrics())
     print(result.summary())
+    warning = result.warning()
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

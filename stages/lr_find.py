@@ -1,6 +1,6 @@
 """Stage lr_find: the learning-rate finder on the frozen model (as fastai's lr_find after vision_learner).
 
-Writes plots/lr_find.csv (lr, smoothed loss), reports/lr_find.png, metrics/lr_find.json (every suggestion, the
+Writes plots/lr_find.csv (lr, smoothed loss), reports/lr_find.png, reports/lr_find.json (every suggestion, the
 chosen one, seconds, iterations) and a look at the batches: reports/show_batch_{train,valid}.png.
 """
 
@@ -41,7 +41,7 @@ def main(params: Params, ctx: StageContext) -> None:
         "seconds": seconds,
         "iterations": len(result.lrs),
     }
-    atomic_write_json("metrics/lr_find.json", metrics)
+    atomic_write_json("reports/lr_find.json", metrics)
     print("lr_find: " + ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items()) + f"; {chosen} used")
     for split, loader in (("train", data.train_loader), ("valid", data.valid_loader)):
         x, y = next(iter(loader))

@@ -1,4 +1,4 @@
-"""Stage split: data/index.csv → data/split.csv (the index plus a `split` column), metrics/split.json."""
+"""Stage split: data/index.csv → data/split.csv (the index plus a `split` column), reports/split.json."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main(params: Params, ctx: StageContext) -> None:
     with atomic_output("data/split.csv") as tmp:
         table.to_csv(tmp, index=False)
     metrics = split_metrics(table, vocab)
-    atomic_write_json("metrics/split.json", metrics)
+    atomic_write_json("reports/split.json", metrics)
     print("split: " + ", ".join(f"{metrics[name]} {name}" for name in ("train", "valid", "test", "unlisted")))
 
 

@@ -1,6 +1,6 @@
 """Stage train_unfrozen: models/frozen.pt, unfrozen, one cycle with discriminative lrs (train_unfrozen.lr_slice).
 
-Writes models/model.pt, plots/train_unfrozen.csv (per epoch) and metrics/train_unfrozen.json.
+Writes models/model.pt, plots/train_unfrozen.csv (per epoch) and reports/train_unfrozen.json.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def main(params: Params, ctx: StageContext) -> None:
     metrics = phase_metrics(history, model, data)
     if ctx.world.is_main:
         save_checkpoint(Path("models/model.pt"), model, arch=params.model.arch, vocab=vocab, data=params.data)
-        write_history(Path("plots/train_unfrozen.csv"), history)
-        atomic_write_json("metrics/train_unfrozen.json", {**metrics, "lr_lo": lo, "lr_hi": hi})
+        # its epochs follow the frozen phase's on the plots' axis
+        write_history(Path("plots/train_unfrozen.csv"), history, first_epoch=params.train_frozen.epochs)
+        atomic_write_json("reports/train_unfrozen.json", {**metrics, "lr_lo": lo, "lr_hi": hi})
 
 
 if __name__ == "__main__":

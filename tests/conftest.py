@@ -73,8 +73,7 @@ def _write_fake_outputs(
     }
     (root / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
     (root / "metrics").mkdir(exist_ok=True)
-    (root / "metrics/evaluate.json").write_text(json.dumps({"valid": {"error_rate": 0.25, "loss": 0.75}}))
-    (root / "metrics/lr_find.json").write_text(json.dumps({"valley": 1.0e-3, "steep": 2.0e-3}))
+    (root / "metrics/evaluate.json").write_text(json.dumps({"error_rate": 0.25, "valid_loss": 0.75}))
     (root / "plots").mkdir(exist_ok=True)
     with (root / "plots/train_frozen.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(FAKE_FROZEN_ROWS[0]))
@@ -82,6 +81,7 @@ def _write_fake_outputs(
         writer.writerows(FAKE_FROZEN_ROWS)
     (root / "plots/lr_find.csv").write_text("lr,loss\n1e-07,3.7\n1e-06,3.6\n1e-05,3.1\n")
     (root / "reports/run_info").mkdir(parents=True, exist_ok=True)
+    (root / "reports/lr_find.json").write_text(json.dumps({"valley": 1.0e-3, "steep": 2.0e-3}))
     for stage in ("fetch", "lr_find", "train_frozen"):
         producer = exp_name if stage in executed else "an-older-exp"
         info = {"stage": stage, "dvc_exp_name": producer, "baseline_rev": FAKE_BASELINE, "mlflow_child_run_id": None}
@@ -140,6 +140,7 @@ NUMERIC_MODULES = frozenset(
         "test_pretrained.py",
         "test_schedule.py",
         "test_training.py",
+        "test_vs_fastai.py",
     }
 )
 

@@ -108,12 +108,15 @@ def test_forced_crop_and_zoom_pick_the_expected_region() -> None:
     assert torch.allclose(aug.train(x, zoomed), aug.train(x, top_left), atol=1e-4)
 
 
-def test_warp_maps_the_corners_to_fastais_perturbed_points() -> None:
+def test_warp_maps_fastais_perturbed_points_to_the_corners() -> None:
+    # fastai's image warp: the output pixel at the perturbed point (1 + y_t, -1 + x_t) reads the input's (1, -1).
     d = dataclasses.replace(Draws.identity(2), warp_x=torch.tensor([0.0, 0.1]), warp_y=torch.tensor([0.0, -0.2]))
     h = warp_matrices(d)
     assert torch.allclose(h[0], torch.eye(3), atol=1e-6)
-    corner = h[1] @ torch.tensor([1.0, -1.0, 1.0])  # (1, -1) → (1 + y_t, -1 + x_t)
-    assert torch.allclose(corner[:2] / corner[2], torch.tensor([1 - 0.2, -1 + 0.1]), atol=1e-5)
+    corner = h[1] @ torch.tensor([1 - 0.2, -1 + 0.1, 1.0])
+    assert torch.allclose(corner[:2] / corner[2], torch.tensor([1.0, -1.0]), atol=1e-5)
+    top_left = h[1] @ torch.tensor([-1.0, -1.0, 1.0])  # the output's corner reads outside the input (reflected)
+    assert torch.allclose(top_left[:2] / top_left[2], torch.tensor([-1.1793, -0.8335]), atol=1e-4)
 
 
 def test_affine_is_identity_for_identity_draws() -> None:

@@ -42,7 +42,13 @@ def test_default_params_load():
         ("data.batch_size", 32.0, "data.batch_size must be an integer > 0, got 32.0"),
         ("augment.do_flip", 1, "augment.do_flip must be true or false, got 1"),
         ("augment.mult", True, "augment.mult must be a number >= 0, got True"),
-        ("train_frozen.lr", "fast", "train_frozen.lr must be a number > 0, or null for the lr_find suggestion"),
+        ("train_frozen.lr", "fast", "train_frozen.lr must be a number > 0, a list [lo, hi] with 0 < lo <= hi"),
+        ("train_frozen.lr", -1.0, "train_frozen.lr must be a number > 0, a list [lo, hi]"),
+        ("train_frozen.lr", [1.0e-3, 1.0e-5], "train_frozen.lr must be a number > 0, a list [lo, hi]"),
+        ("train_frozen.lr", [], "train_frozen.lr must be a number > 0, a list [lo, hi]"),
+        ("train_frozen.lr", [0.0], "train_frozen.lr must be a number > 0, a list [lo, hi]"),
+        ("train_frozen.lr", [1e-5, 1e-4, 1e-3], "train_frozen.lr must be a number > 0, a list [lo, hi]"),
+        ("train_frozen.lr", ["a"], "train_frozen.lr must be a number > 0, a list [lo, hi] with 0 < lo <= hi (fast"),
         ("evaluate.splits", ["valid", "valid"], "evaluate.splits must be a non-empty list of valid/test"),
         ("evaluate.splits", ["train"], "evaluate.splits must be a non-empty list of valid/test, got ['train']"),
         ("distributed.backend", "mpi", "distributed.backend must be one of 'auto', 'nccl', 'gloo', got 'mpi'"),
@@ -110,6 +116,17 @@ def test_an_integer_is_a_number():
     assert type(p.train_frozen.lr) is float
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(3.0e-3, 3.0e-3), (None, None), ([1.0e-6, 1.0e-4], [1.0e-6, 1.0e-4]), ([2.0e-3], [2.0e-3]), (["2e-3"], [2e-3])],
+)
+def test_train_frozen_lr_takes_fastais_forms(value, expected):
+    # a float, slice(lo, hi) as [lo, hi], slice(hi) as [hi], or null (the lr_find suggestion)
+    raw = raw_params()
+    raw["train_frozen"]["lr"] = value
+    assert parse_params(raw).train_frozen.lr == expected
+
+
 def test_params_are_frozen_and_flatten_like_the_yaml():
     p = load_params(ROOT / "params.yaml")
     with pytest.raises(ValueError):
@@ -149,8 +166,8 @@ def test_unknown_and_missing_keys():
 def test_values_written_by_dvc_exp_run_load(tmp_path):
     """`dvc exp run -S 'train_unfrozen.lr_slice=[1e-6,1e-4]'` writes `- 1e-06`; YAML 1.2 reads floats."""
     text = (ROOT / "params.yaml").read_text()
-    text = text.replace("lr_slice: [1.0e-5, 1.0e-3]", "lr_slice:\n  - 1e-06\n  - 0.0001")
-    text = text.replace("  lr: null", "  lr: 1e-3")
+    text = text.replace("  - 1.0e-5\n  - 1.0e-3\n", "  - 1e-06\n  - 0.0001\n")
+    text = text.replace("  lr:                         #", "  lr: 1e-3                    #")
     path = tmp_path / "params.yaml"
     path.write_text(text)
     p = load_params(path)

@@ -1,5 +1,5 @@
-"""dvc.yaml stays honest: each stage's deps list exactly the library modules its script runs, and DVC's run cache
-can keep every stage that has outputs.
+"""dvc.yaml stays honest: each stage's deps list exactly the library modules its script runs, DVC's run cache
+can keep every stage that has outputs, and each plot is drawn once.
 
 A module missing from deps means a code change silently reuses stale outputs; an extra one means
 needless re-runs. Plumbing that cannot change a stage's results (params loading, atomic writes,
@@ -18,6 +18,8 @@ from ruamel.yaml import YAML
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "petbreeds"
 PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "tracking", "live"}
+# A stage whose work is a plumbing module depends on it: the MLflow run, the validation of params.yaml.
+OWN_PLUMBING = {"mlflow_log": {"tracking"}, "check_params": {"config"}}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -59,7 +61,7 @@ def test_stage_deps_match_imports(name):
     deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
     assert f"stages/{name}.py" in deps
     listed = {Path(d).stem for d in deps if d.startswith("src/petbreeds/")}
-    expected = reachable(script) | ({"tracking"} if name == "mlflow_log" else set())
+    expected = reachable(script) | OWN_PLUMBING.get(name, set())
     assert listed == expected, f"stage {name}: deps list {sorted(listed)} but the script runs {sorted(expected)}"
 
 
@@ -89,3 +91,19 @@ def test_settings_that_change_only_speed_invalidate_no_stage(name):
     for key in SPEED_ONLY:
         section = key.split(".")[0]
         assert key not in params and section not in params, f"stage {name} depends on {key} (via {section!r}?)"
+
+
+def test_each_plot_is_drawn_once_titled_and_labelled():
+    """DVC draws a stage's `plots:` output on its own, besides every top-level plot that uses it (9 plots for 4, four
+    of them `seconds` against `step`): the plot data are plain outputs, drawn only by the top-level `plots:`."""
+    from dvc_render.vega_templates import TEMPLATES
+
+    assert not [name for name, stage in STAGES.items() if "plots" in stage]
+    outs = {o if isinstance(o, str) else next(iter(o)) for stage in STAGES.values() for o in stage.get("outs", [])}
+    builtin = {template.DEFAULT_NAME for template in TEMPLATES}
+    for plot in YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["plots"]:
+        ((name, definition),) = plot.items()
+        assert set(definition["y"]) <= outs, f"plot {name}: its data must be outputs of the pipeline"
+        assert {"title", "x_label", "y_label"} <= set(definition), f"plot {name}: title and axis labels"
+        template = definition["template"]
+        assert template in builtin or (ROOT / ".dvc" / "plots" / f"{template}.json").is_file(), name

@@ -45,26 +45,19 @@ def _repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_evaluate_writes_every_declared_output(project, breeds, capsys):
     run_evaluate(project)
+    # what experiments are compared by (dvc exp show), in fastai's names; the rest of the numbers in the report
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert list(metrics) == ["valid"]
-    valid = metrics["valid"]
-    assert set(valid) == {
-        "error_rate",
-        "accuracy",
-        "top5_accuracy",
-        "loss",
-        "macro_precision",
-        "macro_recall",
-        "n_items",
-    }
-    assert valid["n_items"] == 6
-    assert valid["error_rate"] == pytest.approx(1 - valid["accuracy"])
-    assert valid["top5_accuracy"] == 1.0  # 3 classes
+    assert list(metrics) == ["error_rate", "valid_loss"]
+    report = json.loads((project / "reports" / "evaluate.json").read_text())
+    assert list(report) == ["accuracy", "top5_accuracy", "macro_precision", "macro_recall", "n_items"]
+    assert report["n_items"] == 6
+    assert metrics["error_rate"] == pytest.approx(1 - report["accuracy"])
+    assert report["top5_accuracy"] == 1.0  # 3 classes
 
     records = json.loads((project / "plots" / "confusion.json").read_text())
     assert len(records) == 6 and {r["actual"] for r in records} == set(breeds)
     wrong = sum(r["actual"] != r["predicted"] for r in records)
-    assert valid["error_rate"] == pytest.approx(wrong / 6)
+    assert metrics["error_rate"] == pytest.approx(wrong / 6)
 
     top = pd.read_csv(project / "reports" / "top_losses.csv")
     assert len(top) == 6  # top_losses_k 9 > 6 items: all of them, largest loss first
@@ -89,6 +82,16 @@ def test_evaluate_is_deterministic(project):
 
 def test_test_split_without_official_list_is_explained(project):
     params_path = project / "params.yaml"
-    params_path.write_text(params_path.read_text().replace("splits: [valid]", "splits: [valid, test]"))
+    params_path.write_text(params_path.read_text().replace("  - valid\n", "  - valid\n  - test\n"))
     with pytest.raises(PetbreedsError, match="no official test list.*split.method: official"):
         run_evaluate(project)
+
+
+def test_a_test_split_is_compared_under_its_name():
+    from stages.evaluate import metrics_and_report
+
+    numbers = {"error_rate": 0.25, "accuracy": 0.75, "top5_accuracy": 1.0, "loss": 0.5, "n_items": 4}
+    metrics, report = metrics_and_report({"valid": numbers, "test": {**numbers, "n_items": 8}})
+    assert metrics == {"error_rate": 0.25, "valid_loss": 0.5, "test": {"error_rate": 0.25, "loss": 0.5}}
+    rest = {"accuracy": 0.75, "top5_accuracy": 1.0}
+    assert report == {**rest, "n_items": 4, "test": {**rest, "n_items": 8}}

@@ -21,6 +21,7 @@ from petbreeds.interpret import (
     save_confusion_png,
     save_top_losses_png,
     top_loss_rows,
+    top_loss_title,
     top_losses,
     top_losses_table,
     write_confusion_json,
@@ -117,6 +118,12 @@ def test_top_loss_rows_report_prediction_and_probabilities():
     assert first.prob_predicted == pytest.approx(float(probs[1, 1]))
     assert first.loss == pytest.approx(-float(probs[1, 0].log()), rel=1e-5)
     assert rows[1].predicted == rows[1].actual == "c"
+
+
+def test_top_loss_title_shows_the_predicted_class_probability():
+    # fastai's plot_top_losses: prediction/actual / loss / the largest probability (the model's confidence)
+    row = TopLoss(3, "images/x_3.jpg", "Ragdoll", "Birman", 2.345, prob_actual=0.096, prob_predicted=0.871)
+    assert top_loss_title(row) == "Birman/Ragdoll\n2.35 / 0.87"
 
 
 def test_per_class_table():

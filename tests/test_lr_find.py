@@ -37,6 +37,14 @@ def test_valley_run_from_the_first_point_keeps_fastais_negative_index() -> None:
     assert valley([1.0, 2.0], [2.0, 1.0]) == 2.0
 
 
+def test_valley_without_a_decrease_is_the_first_lr() -> None:
+    # No strictly decreasing pair: fastai's s and e stay 0, so idx = 0, the smallest lr of the window.
+    assert valley([1.0, 10.0], [2.0, 3.0]) == 1.0
+    assert valley(LRS, [1.0] * len(LRS)) == 1.0  # flat
+    assert valley(LRS, [float(i) for i in range(len(LRS))]) == 1.0  # rising
+    assert valley([1.0, 10.0, 100.0], [2.0, 3.0, 2.5]) == 1.0  # one decrease (3 > 2.5): run [1, 1, 2], s = 0
+
+
 def test_minimum_is_a_tenth_of_the_lowest_point() -> None:
     assert minimum(LRS, LOSSES) == pytest.approx(1e6)
     assert minimum([1.0, 2.0, 4.0], [0.5, 0.2, 0.2]) == pytest.approx(0.2)  # the first of equal minima

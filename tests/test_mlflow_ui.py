@@ -1,4 +1,5 @@
-"""The MLflow UI shows our run: a real `mlflow ui` on a free localhost port, opened in headless Chromium.
+"""The MLflow UI shows our runs: a real `mlflow ui` on a free localhost port, opened in headless Chromium with a
+fresh profile (as a user who never touched the UI's GenAI / Model training toggle).
 
 Chromium is the Debian package `chromium` (.ci/run installs it). Without it the test skips locally and fails
 under CI (env CI set), so CI always runs it.
@@ -61,13 +62,14 @@ def page_text(dom: str) -> str:
 
 
 @pytest.mark.slow
-def test_run_page_shows_the_run_and_its_metrics(
+def test_the_printed_link_lists_the_runs_and_the_run_page_shows_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_fake_outputs, exp_identity, free_port
 ) -> None:
     browser = chromium()
     project = tmp_path / "project"
     write_fake_outputs(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.log_pipeline(project, exp_identity("exp-ui-other"), project)
     run_id = tracking.log_pipeline(project, exp_identity("exp-ui"), project)
     experiment_id = tracking.open_experiment(project)[1]
 
@@ -80,8 +82,11 @@ def test_run_page_shows_the_run_and_its_metrics(
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, server)
-        url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
         common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"]
+        # the link `make ui` prints
+        runs_url = tracking.ui_url(project, base)
+        runs_dom = subprocess.run([*common, "--dump-dom", runs_url], capture_output=True, text=True, timeout=180).stdout
+        url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
         dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
         screenshot = tmp_path / "mlflow_run.png"
         shot = [*common, "--hide-scrollbars", "--window-size=1400,1100", f"--screenshot={screenshot}", url]
@@ -90,8 +95,15 @@ def test_run_page_shows_the_run_and_its_metrics(
         server.terminate()
         server.wait(timeout=30)
 
+    runs = page_text(runs_dom)
+    # the training view: its sidebar has the model registry, the GenAI view's has Observability and no runs table
+    assert "Model registry" in runs and "Observability" not in runs, runs
+    assert "Run Name" in runs and "2 matching runs" in runs
+    assert " exp-ui " in runs and " exp-ui-other " in runs  # the runs table, by name
+
     text = page_text(dom)
     assert "exp-ui" in text
-    assert "evaluate/valid.error_rate 0.25" in text  # the Metrics table: key, then value
+    assert "Duration 9.0s" in text  # the stages' times (tests/conftest.py's sidecars), not the logging's
+    assert "evaluate/error_rate 0.25" in text  # the Metrics table: key, then value
     assert "oxford-iiit-pet (sample)" in text  # the dataset input
     assert screenshot.stat().st_size > 10_000

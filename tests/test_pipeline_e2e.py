@@ -1,20 +1,25 @@
 """The whole pipeline under real `dvc exp run` (workspace, run cache, queue) logging to a real MLflow store.
 
 One temporary git repo holds a copy of the project; MLFLOW_TRACKING_URI is unset, so the default store must be
-`<DVC_ROOT>/mlflow.db` of that repo — and nothing may leak into this checkout's store.
+`<DVC_ROOT>/mlflow.db` of that repo — and nothing may leak into this checkout's store. It follows the README's
+workflow: `dvc repro`, commit the results, experiments (workspace, queued sweep), compare them, apply and commit one.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import dvc.api
 import pytest
+from dvc.utils.hydra import apply_overrides
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
@@ -22,7 +27,19 @@ from petbreeds.relog import experiment_refs
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(ROOT / ".venv/bin/dvc") if (ROOT / ".venv/bin/dvc").exists() else "dvc"
-STAGES = ("fetch", "index", "split", "weights", "lr_find", "train_frozen", "train_unfrozen", "evaluate", "mlflow_log")
+STAGES = (
+    "check_params",
+    "fetch",
+    "index",
+    "split",
+    "weights",
+    "lr_find",
+    "train_frozen",
+    "train_unfrozen",
+    "evaluate",
+    "mlflow_log",
+)
+# The baseline's params.yaml: a pipeline of seconds
 TINY = [
     "fetch.sample.per_breed=3",
     "data.item_size=48",
@@ -36,19 +53,43 @@ TINY = [
     "train_frozen.epochs=1",
     "train_unfrozen.epochs=1",
 ]
+# The README's commands: committing results (after `dvc repro`, or `dvc exp apply`), and comparing experiments
+COMMIT_RESULTS = ("git", "add", "params.yaml", "dvc.lock", "metrics", "plots", "reports")
+COMPARE = (
+    "exp",
+    "show",
+    "--only-changed",
+    "--keep",
+    "error_rate|valid_loss",
+    "--drop",
+    "State|Executor",
+    "--sort-by",
+    "error_rate",
+)
 
 
-def run(repo: Path, *args: str) -> str:
+def run(repo: Path, *args: str, **extra_env: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "MLFLOW_RUN_ID")}
     env |= {"DVC_NO_ANALYTICS": "1", "PATH": f"{ROOT / '.venv/bin'}:{env['PATH']}", "OMP_NUM_THREADS": "1"}
+    env |= extra_env
     out = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout}\n{out.stderr}"
     return out.stdout + out.stderr
 
 
 def exp_run(repo: Path, *overrides: str, name: str, queue: bool = False) -> str:
-    sets = [a for o in (*TINY, *overrides) for a in ("-S", o)]
-    return run(repo, DVC, "exp", "run", "-n", name, *(["--queue"] if queue else []), *sets)
+    sets = [a for o in overrides for a in ("-S", o)]
+    out = run(repo, DVC, "exp", "run", "-n", name, *(["--queue"] if queue else []), *sets)
+    assert "WARNING" not in out, out
+    return out
+
+
+def commit(repo: Path, message: str) -> None:
+    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
+
+def stages_run(dvc_output: str) -> list[str]:
+    return [line.split("'")[1] for line in dvc_output.splitlines() if line.startswith("Running stage")]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +106,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(repo, "git", "init", "-q")
     run(repo, DVC, "init", "-q")
     run(repo, DVC, "config", "core.analytics", "false")
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates dvc.yaml names
+    apply_overrides(repo / "params.yaml", TINY)  # DVC's own writer, as `dvc exp run -S` uses it
     run(repo, "git", "add", "-A")
-    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline")
+    commit(repo, "baseline")
+    out = run(repo, DVC, "repro")
+    assert stages_run(out) == list(STAGES) and "WARNING" not in out, out
+    run(repo, *COMMIT_RESULTS)
+    commit(repo, "baseline results")
     return repo
 
 
@@ -74,15 +121,17 @@ def parents(repo: Path) -> dict[str, object]:
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("petbreeds")
     runs = client.search_runs([experiment.experiment_id], "tags.`petbreeds.run_type` = 'pipeline'")
+    names = sorted(r.info.run_name for r in runs)
+    assert len(names) == len(set(names)), f"two MLflow runs of one name: {names}"
     return {r.info.run_name: r for r in runs}
 
 
-def assert_history_matches_csv(repo: Path, run_id: str, stage: str, prefix: str, exp_name: str) -> None:
+def assert_history_matches_csv(repo: Path, run_id: str, stage: str, exp_name: str) -> None:
     (commit,) = [r.commit for r in experiment_refs(repo) if r.name == exp_name]
-    text = run(repo, "git", "show", f"{commit}:plots/{stage}.csv")
+    text = dvc.api.read(f"plots/{stage}.csv", repo=str(repo), rev=commit)  # a DVC-cached output
     rows = list(csv.DictReader(text.splitlines()))
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    history = client.get_metric_history(run_id, f"{prefix}/valid_loss")
+    history = client.get_metric_history(run_id, f"{stage}/valid_loss")
     assert [(m.step, m.value) for m in history] == [(int(r["epoch"]), float(r["valid_loss"])) for r in rows]
 
 
@@ -90,20 +139,25 @@ def assert_history_matches_csv(repo: Path, run_id: str, stage: str, prefix: str,
 def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo: Path) -> None:
     own_store = ROOT / "mlflow.db"
     own_before = own_store.stat().st_mtime if own_store.exists() else None
+    # the committed baseline reproduced: nothing to run but mlflow_log, and its run takes the commit's name
+    head = run(repo, "git", "rev-parse", "--short=7", "HEAD").strip()
+    assert stages_run(run(repo, DVC, "repro")) == ["mlflow_log"]
+    assert f"repro@{head}" in parents(repo)
 
     exp_run(repo, "train_frozen.lr=0.001", name="e1")
     exp_run(repo, "train_frozen.lr=0.002", name="e2")
     runs = parents(repo)
-    assert set(runs) == {"e1", "e2"}
+    assert {name for name in runs if not name.startswith("repro@")} == {"e1", "e2"}
     for name, lr in (("e1", "0.001"), ("e2", "0.002")):
         run_ = runs[name]
         assert run_.data.params["train_frozen.lr"] == lr and run_.data.params["data.size"] == "32"
         assert run_.data.tags["stage.train_frozen.status"] == "executed"
-        assert_history_matches_csv(repo, run_.info.run_id, "train_frozen", "frozen", name)
-        assert_history_matches_csv(repo, run_.info.run_id, "train_unfrozen", "unfrozen", name)
-    # e2 changed only train_frozen.lr: DVC keeps e1's lr_find outputs, and the run says so
-    assert runs["e1"].data.tags["stage.lr_find.status"] == "executed"
-    assert runs["e2"].data.tags["stage.lr_find.status"] == "reused"
+        assert_history_matches_csv(repo, run_.info.run_id, "train_frozen", name)
+        assert_history_matches_csv(repo, run_.info.run_id, "train_unfrozen", name)
+    # e1 and e2 changed only train_frozen.lr: DVC keeps the baseline's lr_find outputs, and the runs say so
+    for name in ("e1", "e2"):
+        assert runs[name].data.tags["stage.lr_find.status"] == "reused"
+        assert runs[name].data.tags["stage.lr_find.producer"].startswith("repro@"), name
 
     # The first experiment's params again: DVC restores e1's training and evaluation from its run cache without
     # running them, the run says so for each stage, and it holds e1's results.
@@ -112,10 +166,22 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     e3, e1 = parents(repo)["e3"], parents(repo)["e1"]
     for stage in ("lr_find", "train_frozen", "train_unfrozen", "evaluate"):
         assert e3.data.tags[f"stage.{stage}.status"] == "reused", stage
-        assert e3.data.tags[f"stage.{stage}.producer"].startswith("e1 at "), stage
+        producer = "repro@" if stage == "lr_find" else "e1 at "  # lr_find's outputs are the baseline's, as for e1
+        assert e3.data.tags[f"stage.{stage}.producer"].startswith(producer), stage
     timing = ("seconds", "images_per_s")
     results = {k: v for k, v in e1.data.metrics.items() if not k.endswith(timing)}
     assert {k: v for k, v in e3.data.metrics.items() if not k.endswith(timing)} == results
+
+    # e1 applied to the workspace and reproduced before it is committed: nothing runs, and the run is not named
+    # after the commit, whose name the baseline's results have (parents() checks that no name is taken twice)
+    run(repo, DVC, "exp", "apply", "e1")
+    assert stages_run(run(repo, DVC, "repro")) == ["mlflow_log"]
+    runs = parents(repo)
+    (applied,) = [name for name in runs if name.startswith(f"repro@{head}+dirty-")]
+    assert runs[applied].data.params["train_frozen.lr"] == "0.001"
+    assert runs[f"repro@{head}"].data.params["train_frozen.lr"] == "null"
+    run(repo, *COMMIT_RESULTS)  # e1 becomes the baseline of the next experiments
+    commit(repo, "e1")
 
     # Two queued experiments in parallel on a fresh database (the alembic race the lock prevents).
     (repo / "mlflow.db").unlink()
@@ -138,6 +204,39 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     )
     names = run(repo, sys.executable, "-c", query, f"sqlite:///{repo / 'mlflow.db'}")
     assert "['q1', 'q2']" in names, names
+    for name in ("q1", "q2"):  # a queued run checks out the committed baseline's outputs: no missing hashes
+        assert "WARNING" not in run(repo, DVC, "queue", "logs", name), name
+    # `-S` rewrote only the key it set: the experiment's params.yaml differs from the baseline's by one line
+    (q1,) = [r.commit for r in experiment_refs(repo) if r.name == "q1"]
+    baseline, q1_params = (run(repo, "git", "show", f"{rev}:params.yaml") for rev in ("HEAD", q1))
+    changed = [line for line in difflib.ndiff(baseline.splitlines(), q1_params.splitlines()) if line[:1] in "+-"]
+    assert [" ".join(line.split("#")[0].split()) for line in changed] == ["- epochs: 1", "+ epochs: 2"], changed
+
+    # README's comparison at 120 columns, as a terminal shows DVC's paged table (`less -S`): the error rate, the
+    # validation loss and the params the experiments changed, with the baseline's numbers, best first
+    assert shlex.join(("dvc", *COMPARE)) in (ROOT / "README.md").read_text()
+    table = run(repo, DVC, *COMPARE, COLUMNS="120")
+    assert "WARNING" not in table and "!" not in table, table
+    shown = [line[:120] for line in table.splitlines()]
+    (header,) = [line for line in shown if "Experiment" in line]
+    assert all(name in header for name in ("error_rate", "valid_loss", "train_unfrozen.epochs", "train_frozen.epochs"))
+    rows = [line for line in shown if "[q1]" in line or "[q2]" in line or line.strip().startswith(("master", "main"))]
+    assert len(rows) == 3, table
+    ranked = list(csv.DictReader(run(repo, DVC, *COMPARE, "--csv").splitlines()))
+    errors = [float(row["error_rate"]) for row in ranked if row["Experiment"] in ("q1", "q2")]
+    assert len(errors) == 2 and errors == sorted(errors)
+
+    # dvc plots diff: one plot per idea, titled and labelled as dvc.yaml says; lr_find on a log axis
+    plots = json.loads(run(repo, DVC, "plots", "diff", "--json", "HEAD", "q1", "q2"))["data"]
+    definitions = {k: v for d in YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["plots"] for k, v in d.items()}
+    assert sorted(plots) == sorted(definitions)
+    for name, definition in definitions.items():
+        (plot,) = plots[name]
+        spec = json.dumps(plot["content"])
+        assert plot["revisions"] == ["HEAD", "q1", "q2"], name
+        for text in (definition["title"], definition["x_label"], definition["y_label"]):
+            assert json.dumps(text) in spec, (name, text)
+    assert plots["lr_find"][0]["content"]["encoding"]["x"]["scale"] == {"type": "log"}
 
     # e1 logged again from its git commit, its reports/ (run_info sidecars included) read from DVC's cache
     run(repo, str(ROOT / ".venv" / "bin" / "petbreeds"), "mlflow-relog", "e1")
@@ -164,16 +263,21 @@ def test_an_experiment_on_two_processes_writes_every_output_and_logs_one_run(rep
     lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
     outs = [out["path"] for stage in lock.values() for out in stage.get("outs", [])]
     assert len(outs) > 20 and all((repo / path).exists() for path in outs)  # every output dvc.yaml declares
-    evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())["valid"]
-    n_valid = evaluate["n_items"]
+    n_valid = json.loads((repo / "reports" / "evaluate.json").read_text())["n_items"]
     assert n_valid == 22  # int(0.2 * 111): the whole validation split, not one rank's half
     for stage in ("train_frozen", "train_unfrozen"):
-        error_rate = json.loads((repo / "metrics" / f"{stage}.json").read_text())["error_rate"]
+        error_rate = json.loads((repo / "reports" / f"{stage}.json").read_text())["error_rate"]
         assert error_rate * n_valid == pytest.approx(round(error_rate * n_valid), abs=1e-6), stage  # over all 22
-    run_ = parents(repo)["ddp2"]
-    assert run_.data.metrics["train_unfrozen/error_rate"] == pytest.approx(error_rate)
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    live = client.search_runs(
-        [run_.info.experiment_id], "tags.`petbreeds.run_type` = 'live_stage' and tags.`dvc.exp_name` = 'ddp2'"
+    # A new process: this one's MLflow store still reads the database the first test deleted.
+    query = (
+        "import json, sys; from mlflow.tracking import MlflowClient; c = MlflowClient(tracking_uri=sys.argv[1]); "
+        "e = c.get_experiment_by_name('petbreeds').experiment_id; "
+        "(r,) = c.search_runs([e], \"attributes.run_name = 'ddp2'\"); "
+        "live = c.search_runs([e], \"tags.`petbreeds.run_type` = 'live_stage' and tags.`dvc.exp_name` = 'ddp2'\"); "
+        "stages = sorted(x.data.tags['dvc.stage'] for x in live); "
+        "print(json.dumps([r.data.metrics['train_unfrozen/error_rate'], stages]))"
     )
-    assert sorted(r.data.tags["dvc.stage"] for r in live) == ["lr_find", "train_frozen", "train_unfrozen"]  # rank 0's
+    out = run(repo, sys.executable, "-c", query, f"sqlite:///{repo / 'mlflow.db'}").splitlines()[-1]
+    logged_error_rate, live = json.loads(out)
+    assert logged_error_rate == pytest.approx(error_rate)
+    assert live == ["lr_find", "train_frozen", "train_unfrozen"]  # rank 0's

@@ -3,6 +3,7 @@ then asked about new ones."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,45 @@ def test_missing_model(new_images, tmp_path, capsys):
     missing = tmp_path / "models" / "model.pt"
     assert cli.main(["predict", str(new_images), "--model", str(missing)]) == 1
     assert f"{missing}: checkpoint not found" in capsys.readouterr().err
+
+
+def test_default_model_is_found_from_inside_the_project(tiny_model, new_images, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copy(tiny_model, project / "models" / "model.pt")
+    (project / "photos").mkdir()
+    image = shutil.copy(new_images / "green_cat_500.jpg", project / "photos")
+
+    monkeypatch.chdir(project / "photos")  # below the root: the project's model
+    assert cli.main(["predict", "green_cat_500.jpg"]) == 0
+    assert capsys.readouterr().out.split()[0] == "green_cat"
+
+    # a models/model.pt in the current folder comes first (the project's is made unreadable to tell)
+    (project / "photos" / "models").mkdir()
+    shutil.move(project / "models" / "model.pt", project / "photos" / "models" / "model.pt")
+    (project / "models" / "model.pt").write_text("not a checkpoint")
+    assert [p.breed for p in predict(image)] == ["green_cat"]
+
+
+def test_no_default_model_names_both_places(new_images, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    project = tmp_path / "project"
+    (project / "photos").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(project / "photos")
+    assert cli.main(["predict", str(new_images)]) == 1
+    err = capsys.readouterr().err
+    here, root = project.resolve() / "photos", project.resolve()
+    assert f"models/model.pt is in neither the current folder ({here}) nor the project root ({root})" in err
+    assert "--model PATH" in err
+
+    outside = tmp_path / "elsewhere"  # no dvc.yaml from here up
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    with pytest.raises(PetbreedsError, match="no folder from here up holds dvc.yaml"):
+        predict(new_images)
 
 
 def test_checkpoint_of_another_format(new_images, tiny_model, tmp_path):

@@ -1,5 +1,5 @@
-"""even_mults, group_lrs, the optimizer's fastai settings, and OneCycleLR's values against the formulas of
-docs/fastai.md §5."""
+"""even_mults, group_lrs, the optimizer's fastai settings, and the one-cycle schedule's values against the formulas
+of docs/fastai.md §5 (tests/test_vs_fastai.py compares them with fastai's own functions)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ def test_even_mults_is_geometric() -> None:
     assert even_mults(2e-3, 5.0, 1) == [5.0]
 
 
-def test_group_lrs_float_and_slice() -> None:
+def test_group_lrs_float_and_slices() -> None:
     assert group_lrs(3e-3, 3) == [3e-3, 3e-3, 3e-3]
     assert group_lrs([1e-5, 1e-3], 3) == pytest.approx([1e-5, 1e-4, 1e-3], rel=1e-12)
+    assert group_lrs([2e-3], 3) == pytest.approx([2e-4, 2e-4, 2e-3], rel=1e-12)  # fine_tune's slice(2e-3)
+    assert group_lrs([2e-3], 1) == [2e-3]
     with pytest.raises(ValueError, match="lo, hi"):
         group_lrs([1e-5, 1e-4, 1e-3], 3)
 
@@ -62,53 +64,64 @@ def fastai_combined_cos(pct: float, a: float, b: float, c: float, pos: float) ->
 
 
 def _run_schedule(n: int, pct: float, lrs: list[float], div: float, div_final: float) -> tuple[list, list]:
-    """(lrs per torch group, beta1 of group 0) used by each of the n batches."""
+    """(lrs per torch group, beta1 of every group) used by each of the n batches, and after the fit."""
     opt = make_optimizer(_groups(len(lrs)), lrs, wd=0.01)
     sched = make_one_cycle(opt, n, pct, div, div_final)
     seen_lrs, seen_moms = [], []
-    for _ in range(n):
+    for _ in range(n + 1):
         seen_lrs.append([g["lr"] for g in opt.param_groups])
-        seen_moms.append(opt.param_groups[0]["betas"][0])
+        moms = {g["betas"][0] for g in opt.param_groups}
+        assert len(moms) == 1 and all(g["betas"][1] == 0.99 for g in opt.param_groups)
+        seen_moms.append(moms.pop())
         opt.step()
         sched.step()
     return seen_lrs, seen_moms
 
 
+def _fastai_lrs(n: int, pct: float, lr: float, div: float, div_final: float) -> list[float]:
+    return [fastai_combined_cos(pct, lr / div, lr, lr / div_final, s / n) for s in range(n)]
+
+
 def test_one_cycle_values_at_known_steps() -> None:
-    n, pct, div, div_final = 20, 0.25, 25.0, 1e5  # warm-up ends at batch pct·n - 1 = 4 in torch, 5 in fastai
+    n, pct, div, div_final = 20, 0.25, 25.0, 1e5  # warm-up over batches 0-4, peak at batch 5 (pos = pct)
     lrs, moms = _run_schedule(n, pct, [1e-4, 1e-3], div, div_final)
     head = [step[-1] for step in lrs]
-    assert lrs[0] == pytest.approx([1e-4 / div] * 2 + [1e-3 / div] * 2, rel=1e-9)  # each group from its own max/div
-    assert head[0] == pytest.approx(fastai_combined_cos(pct, 1e-3 / div, 1e-3, 1e-3 / div_final, 0.0), rel=1e-9)
-    assert head[4] == pytest.approx(1e-3, rel=1e-9)  # torch peaks one batch before fastai (pos 5/20 = pct)
-    assert head[-1] == pytest.approx(1e-3 / div_final, rel=1e-6)  # torch ends on the floor; fastai at pos 19/20
-    # Warm-up: torch's fraction is s/(pct·n - 1), fastai's s/(pct·n).
-    assert head[2] == pytest.approx(fastai_combined_cos(pct, 1e-3 / div, 1e-3, 1e-3 / div_final, 0.5 * pct), rel=1e-9)
-    # Anneal: torch's batch s runs at fastai's lr of batch s+1.
-    for s in range(4, n):
-        expected = fastai_combined_cos(pct, 1e-3 / div, 1e-3, 1e-3 / div_final, (s + 1) / n)
-        assert head[s] == pytest.approx(expected, rel=1e-9), s
+    assert lrs[0] == pytest.approx([1e-4 / div] * 2 + [1e-3 / div] * 2, rel=1e-12)  # each group from its own max/div
+    assert head[5] == pytest.approx(1e-3, rel=1e-12)
+    assert head[2] == pytest.approx(1e-3 / div + (1 - math.cos(math.pi * 2 / 5)) / 2 * (1e-3 - 1e-3 / div), rel=1e-12)
+    assert head[:n] == pytest.approx(_fastai_lrs(n, pct, 1e-3, div, div_final), rel=1e-12)
+    assert head[n - 1] > 1e-3 / div_final * 1.5  # the last batch stays above the floor (pos 19/20 < 1)
+    assert head[n] == head[n - 1]  # after the fit the hypers keep the last batch's values, as fastai's do
     # beta1 mirrors the lr: 0.95 -> 0.85 (at the peak) -> 0.95.
-    assert moms[0] == pytest.approx(0.95)
-    assert moms[4] == pytest.approx(0.85)
-    assert moms[12] == pytest.approx(fastai_combined_cos(pct, 0.95, 0.85, 0.95, 13 / n), rel=1e-9)
-    assert moms[-1] == pytest.approx(0.95)
+    assert moms[0] == pytest.approx(0.95, rel=1e-12)
+    assert moms[5] == pytest.approx(0.85, rel=1e-12)
+    assert moms[12] == pytest.approx(fastai_combined_cos(pct, 0.95, 0.85, 0.95, 12 / n), rel=1e-12)
 
 
 def test_one_cycle_fine_tune_frozen_epoch() -> None:
-    # fine_tune's frozen phase: pct 0.99 over one 25-batch epoch. fastai never anneals (last pos 24/25 < 0.99);
-    # torch peaks at batch 23 (24.75 - 1 rounds down) and spends the last batch on the floor.
+    # fine_tune's frozen phase: pct 0.99 over one 25-batch epoch. The last pos, 24/25, is below 0.99: fastai never
+    # anneals, the last batch runs near the peak.
     lrs, _ = _run_schedule(25, 0.99, [2e-3], 25.0, 1e5)
     head = [step[-1] for step in lrs]
-    assert head[0] == pytest.approx(2e-3 / 25)
-    assert head[23] == pytest.approx(2e-3, rel=5e-3)
-    assert head[24] == pytest.approx(2e-3 / 1e5, rel=1e-6)
+    assert head[0] == pytest.approx(2e-3 / 25, rel=1e-12)
+    assert head[24] == pytest.approx(fastai_combined_cos(0.99, 2e-3 / 25, 2e-3, 2e-8, 24 / 25), rel=1e-12)
+    assert head[24] == pytest.approx(0.998 * 2e-3, rel=1e-3)
 
 
-def test_one_cycle_one_step_warm_up_does_not_divide_by_zero() -> None:
-    # torch's OneCycleLR raises ZeroDivisionError when pct_start·total_steps == 1; make_one_cycle avoids it.
-    lrs, _ = _run_schedule(4, 0.25, [1e-3], 25.0, 1e5)
+@pytest.mark.parametrize(
+    ("n", "pct"),
+    [(4, 0.25), (20, 0.0), (20, 1.0), (1, 0.25), (1, 0.0), (1, 1.0), (10, 0.05), (7, 0.3), (92, 0.99)],
+)
+def test_one_cycle_is_fastais_formula_at_the_edges(n: int, pct: float) -> None:
+    # pct·n = 1 (torch's OneCycleLR divided by zero there), pct 0 (no warm-up) and 1 (no anneal), a 1-batch fit,
+    # pct·n < 1 (only batch 0 warms up).
+    lrs, moms = _run_schedule(n, pct, [1e-3], 25.0, 1e5)
     head = [step[-1] for step in lrs]
-    assert head[0] == pytest.approx(1e-3 / 25)
-    for s in (1, 2, 3):  # then the anneal, again torch's batch s at fastai's s+1
-        assert head[s] == pytest.approx(fastai_combined_cos(0.25, 1e-3 / 25, 1e-3, 1e-3 / 1e5, (s + 1) / 4), rel=1e-5)
+    assert head[:n] == pytest.approx(_fastai_lrs(n, pct, 1e-3, 25.0, 1e5), rel=1e-12)
+    assert moms[:n] == pytest.approx([fastai_combined_cos(pct, 0.95, 0.85, 0.95, s / n) for s in range(n)], rel=1e-12)
+    assert head[0] == pytest.approx(1e-3 if pct == 0 else 1e-3 / 25, rel=1e-12)
+
+
+def test_one_cycle_needs_a_step() -> None:
+    with pytest.raises(ValueError, match="total_steps=0"):
+        make_one_cycle(make_optimizer(_groups(1), [1e-3], wd=0.01), 0, 0.25, 25.0, 1e5)

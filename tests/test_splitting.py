@@ -170,7 +170,7 @@ def test_index_then_split_stages_on_real_files(tmp_path: Path) -> None:
     split = pd.read_csv(tmp_path / "data" / "split.csv")
     assert split.columns.tolist() == ["path", "label", "width", "height", "format", "bytes", "split"]
     assert valid_paths(split) == sorted(split["path"][i] for i in random_permutation(20, 42)[:4])
-    metrics = json.loads((tmp_path / "metrics" / "split.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "split.json").read_text())
     assert metrics["per_class"]["Birman"]["train"] + metrics["per_class"]["Birman"]["valid"] == 10
 
 

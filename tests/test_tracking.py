@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,11 @@ def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(
     assert run.data.params["train_unfrozen.lr_slice"] == "[1e-05, 0.001]"
     assert run.data.params["train_frozen.lr"] == "null"
     assert run.data.params["model.arch"] == "efficientnet_lite0"
-    # finals: exactly the numbers of metrics/*.json (what dvc exp show lists)
-    assert run.data.metrics["evaluate/valid.error_rate"] == 0.25
+    # finals: exactly the numbers of metrics/*.json (what dvc exp show lists) and of reports/*.json
+    assert run.data.metrics["evaluate/error_rate"] == 0.25
     assert run.data.metrics["lr_find/valley"] == 1.0e-3
-    # per-epoch series, with the epoch as step and the real end of each epoch as timestamp
-    history = client.get_metric_history(run_id, "frozen/valid_loss")
+    # per-epoch series under the stage's name, with the epoch as step and the real end of each epoch as timestamp
+    history = client.get_metric_history(run_id, "train_frozen/valid_loss")
     assert [(m.step, m.value) for m in history] == [(r["epoch"], r["valid_loss"]) for r in frozen_rows]
     assert history[1].timestamp - history[0].timestamp == 5000
     assert [m.value for m in client.get_metric_history(run_id, "lr_find/loss")] == [3.7, 3.6, 3.1]
@@ -95,6 +96,71 @@ def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(
     assert {a.path for a in client.list_artifacts(run_id, "reports/run_info")} >= {"reports/run_info/lr_find.json"}
     assert not (project / "mlruns").exists()
     assert_no_stray_runs(project)
+
+
+def test_one_name_per_quantity_and_the_run_shows_the_final_numbers(project: Path, exp_identity) -> None:
+    """plots/train_frozen.csv and reports/train_frozen.json as the training code writes them, logged together."""
+    from petbreeds.training import phase_metrics, write_history
+
+    history = [
+        {"epoch": 0, "train_loss": 3.1, "valid_loss": 2.5, "error_rate": 0.8, "lr": 2e-3, "seconds": 4.0},
+        {"epoch": 1, "train_loss": 2.2, "valid_loss": 1.9, "error_rate": 0.6, "lr": 1e-7, "seconds": 5.0},
+    ]
+    history = [{**row, "images_per_s": 30.0} for row in history]
+    write_history(project / "plots/train_frozen.csv", history)
+    finals = {**phase_metrics(history, None, None), "lr": 2e-3}  # type: ignore[arg-type]  # as the stage writes it
+    (project / "reports/train_frozen.json").write_text(json.dumps(finals))
+
+    run_id = tracking.log_pipeline(project, exp_identity(), project)
+
+    client = store(project)
+    metrics = client.get_run(run_id).data.metrics
+    assert not [k for k in metrics if k.startswith(("frozen/", "unfrozen/"))]  # one section per stage
+    assert "train_frozen/global_epoch" not in metrics  # the plots' x axis, not a quantity
+    for key in metrics:  # a name with two values at one step would be two quantities under one name
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), key
+    # each final number under its dvc exp show name, the value the run shows (the latest: the last step)
+    for key, value in finals.items():
+        assert metrics[f"train_frozen/{key}"] == value, key
+    # a final number that is the last epoch's is that point of the series, not a second entry
+    valid_loss = client.get_metric_history(run_id, "train_frozen/valid_loss")
+    assert [(m.step, m.value) for m in valid_loss] == [(0, 2.5), (1, 1.9)]
+    # the epoch columns whose names the phase's numbers take are renamed: the phase's total seconds and max lr
+    seconds = client.get_metric_history(run_id, "train_frozen/seconds")
+    assert [(m.step, m.value) for m in seconds] == [(1, 9.0)]
+    epoch_seconds = client.get_metric_history(run_id, "train_frozen/epoch_seconds")
+    assert [(m.step, m.value) for m in epoch_seconds] == [(0, 4.0), (1, 5.0)]
+    assert [m.value for m in client.get_metric_history(run_id, "train_frozen/epoch_end_lr")] == [2e-3, 1e-7]
+    # lr_find: the series per iteration, the suggestions at its last step
+    assert metrics["lr_find/loss"] == 3.1
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "lr_find/valley")] == [(2, 1.0e-3)]
+
+
+def set_stage_times(root: Path, times: dict[str, tuple[str, str]]) -> None:
+    """Rewrite the sidecars' ``started``/``finished``."""
+    for stage, (started, finished) in times.items():
+        path = root / "reports/run_info" / f"{stage}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "started": started, "finished": finished}))
+
+
+def test_the_run_lasts_as_long_as_the_stages_it_executed(project: Path, exp_identity) -> None:
+    set_stage_times(
+        project,
+        {
+            "fetch": ("2026-11-20T08:00:00+00:00", "2026-11-20T08:01:00+00:00"),  # reused from an older experiment
+            "lr_find": ("2026-11-20T08:01:00+00:00", "2026-11-20T08:05:00+00:00"),  # reused
+            "train_frozen": ("2026-11-23T10:00:00+00:00", "2026-11-23T10:05:30+00:00"),  # executed by exp-a
+        },
+    )
+    run = store(project).get_run(tracking.log_pipeline(project, exp_identity(), project))
+    assert run.info.start_time == int(datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc).timestamp() * 1000)
+    assert run.info.end_time - run.info.start_time == 330_000
+
+    # a result that executed nothing (all restored from the run cache): when its outputs were made
+    run = store(project).get_run(tracking.log_pipeline(project, exp_identity("exp-restored"), project))
+    assert run.info.start_time == int(datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc).timestamp() * 1000)
+    assert run.info.end_time == int(datetime(2026, 11, 23, 10, 5, 30, tzinfo=timezone.utc).timestamp() * 1000)
 
 
 def test_logging_the_same_result_twice_keeps_one_run_and_a_rerun_supersedes(project: Path, exp_identity) -> None:
@@ -128,7 +194,7 @@ def test_unreachable_server_warns_the_stage_succeeds_and_relog_catches_up(projec
     assert relog.relog_cli([]) == 0
     (run,) = all_runs(project)
     assert run.info.run_name == "repro@no-git" and run.data.tags["dvc.run_kind"] == "repro"
-    assert run.data.metrics["evaluate/valid.loss"] == 0.75
+    assert run.data.metrics["evaluate/valid_loss"] == 0.75
 
 
 def git(root: Path, *args: str) -> str:
@@ -149,9 +215,30 @@ def test_relog_reads_an_experiment_from_its_git_commit(project: Path) -> None:
     assert relog.relog_cli(["exp-b"]) == 0
     (run,) = all_runs(project)
     assert run.info.run_name == "exp-b" and run.data.tags["dvc.baseline_rev"] == baseline
-    assert run.data.metrics["evaluate/valid.error_rate"] == 0.25
+    assert run.data.metrics["evaluate/error_rate"] == 0.25
     with pytest.raises(PetbreedsError, match="no DVC experiment named 'nope'"):
         relog.relog_cli(["nope"])
+
+
+def test_a_repro_of_uncommitted_params_or_code_is_not_named_after_the_commit(project: Path) -> None:
+    git(project, "init", "-q")
+    git(project, "add", "-f", "params.yaml", "dvc.lock")
+    git(project, "commit", "-q", "-m", "baseline")
+    commit = git(project, "rev-parse", "HEAD")[:7]
+    assert tracking.current_identity(project).name == f"repro@{commit}"
+    lock = json.loads((project / "dvc.lock").read_text())
+    lock["stages"]["mlflow_log"] = {"cmd": "python stages/mlflow_log.py"}  # DVC writes it after the stage ran
+    (project / "dvc.lock").write_text(json.dumps(lock))
+    assert tracking.current_identity(project).name == f"repro@{commit}"
+
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("seed: 42", "seed: 7", 1))
+    dirty = tracking.current_identity(project).name
+    assert dirty.startswith(f"repro@{commit}+dirty-") and len(dirty) == len(f"repro@{commit}+dirty-") + 8
+    assert relog.workspace_identity(project).name == dirty  # a re-log of the workspace: the same name
+    lock["stages"]["train_unfrozen"]["outs"] = [{"path": "models/model.pt", "md5": "1" * 32}]  # other results
+    (project / "dvc.lock").write_text(json.dumps(lock))
+    assert tracking.current_identity(project).name not in (dirty, f"repro@{commit}")
 
 
 def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
@@ -200,6 +287,39 @@ def test_live_runs_are_switched_off_by_env_and_never_fail_a_stage(
     assert calls[1].live is None
     assert json.loads((project / "reports/run_info/train_unfrozen.json").read_text())["mlflow_child_run_id"] is None
     assert all_runs(project) == []
+
+
+LIVE_STAGE = """
+from petbreeds.stage import run_stage
+
+
+def main(params, ctx):
+    ctx.log_metrics({"loss": 1.0}, step=0)
+
+
+run_stage("train_frozen", main, live_run=True)
+"""
+
+
+def test_stages_print_no_mlflow_info_lines_unless_verbose(project: Path) -> None:
+    """Under DVC's queue a stage's stderr is a log file, not a terminal: what the stages print lands there."""
+    (project / "mlflow.db").unlink()  # a fresh store: MLflow announces creating its tables
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "PETBREEDS_VERBOSE")}
+    (project / "live_stage.py").write_text(LIVE_STAGE)  # a training stage's shape: a live child run, system metrics
+
+    def stage(*argv: str, **extra_env: str) -> str:
+        out = subprocess.run([sys.executable, *argv], cwd=project, env={**env, **extra_env}, capture_output=True)
+        assert out.returncode == 0, out.stderr.decode()
+        return out.stdout.decode() + out.stderr.decode()
+
+    # mlflow_log imports mlflow before run_stage; the live stage imports it inside
+    quiet = stage(str(ROOT / "stages/mlflow_log.py")) + stage("live_stage.py")
+    assert "mlflow: logged" in quiet
+    assert " INFO " not in quiet, quiet
+    assert len(all_runs(project)) == 2  # the parent and the live child: quiet, not off
+
+    verbose = stage("live_stage.py", PETBREEDS_VERBOSE="1")
+    assert "INFO mlflow.system_metrics" in verbose
 
 
 @pytest.mark.slow

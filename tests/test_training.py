@@ -1,5 +1,5 @@
 """The training loop on real parts: JPEGs written with Pillow, make_loader, BatchAugment, a PetModel with a tiny
-body (fastai's head and 3 groups), real AdamW/OneCycleLR steps on the CPU; and the three stages end to end."""
+body (fastai's head and 3 groups), real AdamW/one-cycle steps on the CPU; and the three stages end to end."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tiny import COLOURS, ROOT, VOCAB, tiny_net, tiny_project, write_pets
 from petbreeds.config import load_params
 from petbreeds.distributed import SINGLE_PROCESS
 from petbreeds.errors import PetbreedsError
+from petbreeds.schedule import combined_cos
 from petbreeds.training import SmoothLoss, TrainingData, fit_one_cycle, get_preds, training_data, validate
 
 CPU = torch.device("cpu")
@@ -60,7 +61,8 @@ def test_fit_one_cycle_learns_and_reports_the_books_columns(pets, capsys) -> Non
     assert history[-1]["valid_loss"] < loss_before
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["error_rate"] < 1 / 3  # chance is 2/3; the colours are easy
-    assert history[-1]["lr"] == pytest.approx(1e-2 / 1e5)  # torch's last batch runs on the floor (schedule.py)
+    n = 4 * len(data.train_loader)  # fastai's last batch, pos (n-1)/n, stays above the floor 1e-2/1e5
+    assert history[-1]["lr"] == pytest.approx(combined_cos(0.25, 1e-2 / 25, 1e-2, 1e-2 / 1e5, (n - 1) / n))
     assert all(row["images_per_s"] > 0 and row["seconds"] > 0 for row in history)
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["epoch", "train_loss", "valid_loss", "error_rate", "time"]
@@ -102,6 +104,20 @@ def _run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _results(project: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+    """Every number the three stages wrote (timings left out) and the final model's weights."""
+    timing = ("seconds", "images_per_s")
+    numbers = {
+        path.name: {k: v for k, v in json.loads(path.read_text()).items() if k not in timing}
+        for path in sorted((project / "reports").glob("*.json"))
+    }
+    for name in ("lr_find", "train_frozen", "train_unfrozen"):
+        numbers[f"{name}.csv"] = pd.read_csv(project / "plots" / f"{name}.csv").drop(columns="seconds", errors="ignore")
+        numbers[f"{name}.csv"] = numbers[f"{name}.csv"].to_dict("list")
+    state = torch.load(project / "models" / "model.pt", weights_only=True)["state_dict"]
+    return numbers, state
+
+
 @pytest.mark.slow
 def test_stages_lr_find_train_frozen_train_unfrozen(tmp_path: Path) -> None:
     """The three stage scripts on a tiny project: resnet18 without pretrained weights, 32 px, real JPEGs."""
@@ -111,24 +127,41 @@ def test_stages_lr_find_train_frozen_train_unfrozen(tmp_path: Path) -> None:
         done = _run_stage(stage, tmp_path)
         assert done.returncode == 0, done.stderr
 
-    lr_find = json.loads((tmp_path / "metrics" / "lr_find.json").read_text())
+    lr_find = json.loads((tmp_path / "reports" / "lr_find.json").read_text())
     assert set(lr_find) == {"valley", "minimum", "steep", "slide", "chosen", "seconds", "iterations"}
     assert lr_find["chosen"] == lr_find["valley"] and lr_find["iterations"] <= 20
     assert (tmp_path / "plots" / "lr_find.csv").read_text().startswith("lr,loss\n")
     for png in ("lr_find", "show_batch_train", "show_batch_valid"):
         assert (tmp_path / "reports" / f"{png}.png").stat().st_size > 0
-    frozen = json.loads((tmp_path / "metrics" / "train_frozen.json").read_text())
+    frozen = json.loads((tmp_path / "reports" / "train_frozen.json").read_text())
     assert frozen["lr"] == lr_find["valley"] and frozen["epochs"] == 2
-    unfrozen = json.loads((tmp_path / "metrics" / "train_unfrozen.json").read_text())
+    unfrozen = json.loads((tmp_path / "reports" / "train_unfrozen.json").read_text())
     assert (unfrozen["lr_lo"], unfrozen["lr_hi"], unfrozen["epochs"]) == (1e-5, 1e-3, 3)
     history = pd.read_csv(tmp_path / "plots" / "train_unfrozen.csv")
-    assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds"]
-    assert history["epoch"].tolist() == [0, 1, 2]
+    assert list(history.columns) == ["epoch", "global_epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds"]
+    assert history["epoch"].tolist() == [0, 1, 2] and history["global_epoch"].tolist() == [2, 3, 4]  # after 2 frozen
     for ckpt in ("frozen.pt", "model.pt"):
         assert torch.load(tmp_path / "models" / ckpt, weights_only=True)["arch"] == "resnet18"
+
+    # Same machine, same torch build, same params and data: the same numbers and weights, run after run.
+    first = _results(tmp_path)
+    for stage in ("lr_find", "train_frozen", "train_unfrozen"):
+        assert _run_stage(stage, tmp_path).returncode == 0
+    again = _results(tmp_path)
+    assert again[0] == first[0]
+    assert again[1].keys() == first[1].keys() and all(torch.equal(again[1][k], v) for k, v in first[1].items())
 
     # A stale or missing input is a one-line error naming the file, not a traceback.
     shutil.rmtree(tmp_path / "models" / "pretrained")
     failed = _run_stage("train_frozen", tmp_path)
     assert failed.returncode == 1
     assert "models/pretrained/weights.json" in failed.stderr and "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_train_frozen_takes_fine_tunes_slice(tmp_path: Path) -> None:
+    """train_frozen.lr [hi] is fastai's slice(hi): hi/10 for the body's groups, hi for the head (no lr_find run)."""
+    tiny_project(tmp_path, **{"\n  lr: ": "\n  lr: [2.0e-3] ", "  epochs: 2\n": "  epochs: 1\n"})
+    done = _run_stage("train_frozen", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "train_frozen: max lr per group 0.0002, 0.0002, 0.002" in done.stdout

@@ -108,20 +108,22 @@ def affine_matrices(d: Draws) -> torch.Tensor:
 
 
 def warp_matrices(d: Draws) -> torch.Tensor:
-    """fastai's perspective warp (docs/fastai.md §2.3) as homographies ``[B, 3, 3]``.
+    """fastai's perspective warp (docs/fastai.md §2.3) as homographies ``[B, 3, 3]``, output → input coordinates.
 
-    Each maps the corners (-1,-1), (-1,1), (1,-1), (1,1) to the perturbed points fastai pairs them with;
-    the 8 unknowns come from ``torch.linalg.solve`` (identity when warp_x = warp_y = 0).
+    Each maps the perturbed points fastai pairs with the corners (-1,-1), (-1,1), (1,-1), (1,1) onto those
+    corners, as fastai's image warp does (``_WarpCoord`` without ``invert``): the output pixel at a perturbed
+    point reads the input's corner. The 8 unknowns come from ``torch.linalg.solve`` (identity when warp_x =
+    warp_y = 0).
     """
     xt, yt = d.warp_x, d.warp_y
-    src = [(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)]
-    dst = [(-1 - yt, -1 - xt), (-1 + yt, 1 + xt), (1 + yt, -1 + xt), (1 - yt, 1 - xt)]
+    corners = [(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)]
+    perturbed = [(-1 - yt, -1 - xt), (-1 + yt, 1 + xt), (1 + yt, -1 + xt), (1 - yt, 1 - xt)]
     zero, one = torch.zeros_like(xt), torch.ones_like(xt)
     rows, rhs = [], []
-    for (x, y), (u, v) in zip(src, dst, strict=True):
-        rows.append(torch.stack([x * one, y * one, one, zero, zero, zero, -u * x, -u * y], -1))
-        rows.append(torch.stack([zero, zero, zero, x * one, y * one, one, -v * x, -v * y], -1))
-        rhs += [u, v]
+    for (x, y), (u, v) in zip(perturbed, corners, strict=True):  # (x, y) -> (u, v)
+        rows.append(torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1))
+        rows.append(torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1))
+        rhs += [u * one, v * one]
     h = torch.linalg.solve(torch.stack(rows, -2), torch.stack(rhs, -1))
     return torch.cat([h, one[:, None]], -1).view(-1, 3, 3)
 

@@ -1,5 +1,7 @@
 """The ``petbreeds`` command: what a user does around the pipeline.
 
+    petbreeds [-v] COMMAND [ARGS...]   # -v: the libraries' INFO lines too (as PETBREEDS_VERBOSE=1)
+    petbreeds --version
     petbreeds predict IMAGE_OR_FOLDER [--model models/model.pt] [--top-k 3]
     petbreeds show-batch      # PNG grids of an augmented training batch and a validation batch
     petbreeds summary         # walk one sample and one batch through every data step
@@ -12,9 +14,12 @@ Each subcommand lives in the module that does the work; this file only dispatche
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
 import sys
 
 from petbreeds.errors import PetbreedsError
+from petbreeds.runtime import VERBOSE_ENV, quiet_by_default
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -26,17 +31,29 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: petbreeds COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: petbreeds [-v] COMMAND [ARGS...]", "       petbreeds --version", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "petbreeds COMMAND --help for the arguments of one command."]
+    lines += ["", "options:", f"  {'-v, --verbose':<14} the libraries' INFO lines too (MLflow's); or {VERBOSE_ENV}=1"]
+    lines += [f"  {'--version':<14} print the version", ""]
+    lines += ["petbreeds COMMAND --help for the arguments of one command."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-v"], ["--verbose"]):
+        os.environ[VERBOSE_ENV] = "1"  # the environment, so that anything the command starts is verbose too
+        argv = argv[1:]
+    if not argv:
+        print(_usage(), file=sys.stderr)  # argparse's convention for a missing command
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] == "--version":
+        print(f"petbreeds {importlib.metadata.version('petbreeds')}")
+        return 0
+    quiet_by_default()
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"petbreeds: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)

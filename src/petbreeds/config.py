@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from itertools import takewhile
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -164,7 +163,15 @@ class OneCycleParams(_Model):
 
 
 class TrainFrozenParams(OneCycleParams):
-    lr: Annotated[Number, Field(gt=0)] | None = Field(description="a number > 0, or null for the lr_find suggestion")
+    # fastai's lr_max forms: a float for every group, slice(lo, hi) as [lo, hi], slice(hi) as [hi]
+    lr: (
+        Annotated[Number, Field(gt=0)]
+        | Annotated[list[Number], _require(lambda v: len(v) in (1, 2) and 0 < v[0] <= v[-1])]
+        | None
+    ) = Field(
+        description="a number > 0, a list [lo, hi] with 0 < lo <= hi (fastai's slice(lo, hi)), a list [hi] with "
+        "hi > 0 (slice(hi): hi/10 for all groups but the head), or null for the lr_find suggestion"
+    )
 
 
 class TrainUnfrozenParams(OneCycleParams):
@@ -253,13 +260,26 @@ def _expected(tp: Any, field: FieldInfo | None = None) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+def _field_path(loc: tuple[int | str, ...]) -> tuple[str, ...]:
+    """The leading parts of an error's ``loc`` that name fields of nested models (not list indices or the tags
+    pydantic gives the members of a union)."""
+    path: list[str] = []
+    model: Any = Params
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields):
+            break
+        path.append(str(part))
+        model = model.model_fields[part].annotation
+    return tuple(path)
+
+
 def _message(e: ValidationError, raw: Any) -> str:
     """The first problem, unknown keys first (a typo there explains the rest), as ``params.yaml: ...``."""
     errors = e.errors()
     error = min(errors, key=lambda err: err["type"] != "extra_forbidden")
     extra = error["type"] == "extra_forbidden"
-    # the section holding an unknown key; else the key itself (a list item's problem is the list's)
-    path = error["loc"][:-1] if extra else tuple(takewhile(lambda part: isinstance(part, str), error["loc"]))
+    # the section holding an unknown key; else the key itself (a list item's or a union member's problem is the key's)
+    path = error["loc"][:-1] if extra else _field_path(error["loc"])
     model, field, value = Params, None, raw
     for name in path:
         field = model.model_fields[name]

@@ -127,6 +127,11 @@ def join(params: DistributedParams) -> World:
             "set it to false on CPUs"
         )
     if torch.cuda.is_available():
+        if world.local_rank >= torch.cuda.device_count():
+            raise PetbreedsError(
+                f"params.yaml: distributed.nproc_per_node asks for {world.local_world_size} processes on this machine "
+                f"but it has {torch.cuda.device_count()} GPU(s); set it to at most that (one process per GPU)"
+            )
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group(backend, timeout=timedelta(seconds=params.timeout_s))
     return world

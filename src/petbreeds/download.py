@@ -72,7 +72,14 @@ def _transfer(url: str, part: Path, timeout_s: float) -> None:
         with (
             open(part, "ab" if resumed else "wb") as f,
             tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.stem, leave=False
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.stem,
+                leave=False,
+                disable=None,  # tqdm's rule: a bar on a terminal only, not redraws in DVC's and the queue's logs
             ) as bar,
         ):
             while chunk := response.read(CHUNK):

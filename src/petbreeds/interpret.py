@@ -91,7 +91,8 @@ def per_class_table(cm: torch.Tensor, vocab: Sequence[str]) -> pd.DataFrame:
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | int]:
-    """The numbers of ``metrics/evaluate.json`` for one split.
+    """One split's numbers (the evaluate stage shares them between ``metrics/evaluate.json`` and
+    ``reports/evaluate.json``).
 
     logits: fp32 [N, C]; targets: int64 [N]. ``loss`` is the mean cross-entropy (fastai's valid loss);
     the macro averages run over the classes present in the targets or the predictions (scikit-learn's
@@ -196,8 +197,14 @@ def save_confusion_png(path: Path, cm: torch.Tensor, vocab: Sequence[str], title
         fig.savefig(tmp, dpi=100)
 
 
+def top_loss_title(row: TopLoss) -> str:
+    """fastai's ``prediction/actual / loss / probability``, the probability being the model's confidence in its
+    prediction; the loss goes to a second line, or long breed names would overlap the next image's title."""
+    return f"{row.predicted}/{row.actual}\n{row.loss:.2f} / {row.prob_predicted:.2f}"
+
+
 def save_top_losses_png(path: Path, rows: list[TopLoss], images: Sequence[torch.Tensor]) -> None:
-    """A grid of the top-loss images titled ``predicted/actual/loss/probability of actual`` (fastai's order).
+    """A grid of the top-loss images, each titled as fastai's ``plot_top_losses`` (:func:`top_loss_title`).
 
     images: uint8 [3, H, W] each, one per row.
     """
@@ -210,7 +217,7 @@ def save_top_losses_png(path: Path, rows: list[TopLoss], images: Sequence[torch.
         ax.axis("off")
     for ax, row, image in zip(axes.ravel()[: len(rows)], rows, images, strict=True):
         ax.imshow(image.permute(1, 2, 0).numpy())
-        ax.set_title(f"{row.predicted}/{row.actual}\n{row.loss:.2f} / {row.prob_actual:.2f}", fontsize=9)
+        ax.set_title(top_loss_title(row), fontsize=9)
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=100)

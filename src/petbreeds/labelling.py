@@ -10,7 +10,6 @@ from __future__ import annotations
 import mimetypes
 import os
 import re
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +44,9 @@ class IndexResult:
     min_class_images: int
 
     def metrics(self) -> dict[str, Any]:
-        """What ``metrics/index.json`` holds: counts only, every reason present (0 when none).
+        """What ``reports/index.json`` holds: counts only, every reason present (0 when none).
 
-        Only numbers, as DVC metrics must be: the small classes are counted here, named in :meth:`warning` and
+        Only numbers (MLflow logs them as metrics): the small classes are counted here, named in :meth:`warning` and
         in ``per_class``.
         """
         per_reason = self.excluded["reason"].value_counts()
@@ -131,7 +130,7 @@ def index_images(root: Path, params: IndexParams) -> IndexResult:
 
     Paths in the result are relative to ``root``. With ``root/annotations/list.txt``, a label that is not one of
     its classes is excluded (``unknown_class``); without it, the labels with fewer than
-    ``params.min_class_images`` images are kept and named on stderr (:meth:`IndexResult.warning`). Raises
+    ``params.min_class_images`` images are kept and named in :meth:`IndexResult.warning` (the stage prints it). Raises
     PetbreedsError when no usable image is left, or when a class listed in ``list.txt`` has none.
     """
     folder = root / "images"
@@ -181,9 +180,6 @@ def index_images(root: Path, params: IndexParams) -> IndexResult:
         )
     if listed is not None:
         _check_annotated_classes(root, list_txt, listed, pattern, result)
-    warning = result.warning()
-    if warning:
-        print(warning, file=sys.stderr)
     return result
 
 

@@ -16,7 +16,8 @@ from mlflow.entities import Metric
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
-from petbreeds.tracking import current_identity, open_experiment, project_root
+from petbreeds.runtime import project_root
+from petbreeds.tracking import current_identity, open_experiment
 
 
 class LiveRun:

@@ -49,7 +49,8 @@ def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
     """The lr 1/3 + 1/6 of the way into the longest strictly decreasing run of losses (ESRI's rule, fastai default).
 
     ``run[i]`` = length of the longest strictly decreasing subsequence ending at i; e = the first index where it
-    peaks, s = e - run[e]. Python's negative indexing at s = -1 is kept, as in fastai.
+    peaks, s = e - run[e]. Python's negative indexing at s = -1 is kept, as in fastai. With no decreasing pair
+    (a flat or rising curve) fastai never moves s and e from 0 and returns the first lr, the most cautious one.
     """
     run = [1] * len(losses)
     for i in range(len(losses)):
@@ -57,7 +58,7 @@ def valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
             if losses[i] < losses[j]:
                 run[i] = max(run[i], run[j] + 1)
     end = run.index(max(run))
-    start = end - run[end]
+    start = end - run[end] if run[end] > 1 else end
     third = (end - start) / 3
     return float(lrs[start + int(third) + int(third / 2)])
 

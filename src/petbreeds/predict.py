@@ -7,6 +7,9 @@
     petbreeds predict photo.jpg                      # one image: the top-k breeds, one per line
     petbreeds predict my_pets/ --out preds.csv       # a folder: CSV rows path, pred_1, prob_1, ...
 
+The model is ``models/model.pt`` of the current folder, else of the project (the nearest folder up that holds
+dvc.yaml), unless one is named (``--model``, ``model_path``).
+
 Images go through exactly the evaluate stage's validation transforms: the valid item stage
 (:class:`~petbreeds.presizing.PresizedImages`, centred, with the checkpoint's item_size and resize method),
 then the batch stage's valid path (``BatchAugment(train=False)``: resize to the checkpoint's size, normalise).
@@ -31,11 +34,13 @@ from petbreeds.checkpoint import load_checkpoint
 from petbreeds.device import Compute, pick_device, resolve_precision
 from petbreeds.errors import PetbreedsError
 from petbreeds.presizing import PresizedImages
+from petbreeds.runtime import project_root
 from petbreeds.training import get_preds
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 64  # images decoded and predicted at a time: bounds memory for large folders
+DEFAULT_MODEL = Path("models/model.pt")  # where train_unfrozen writes it, in the project root
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,19 @@ class Prediction:
     @property
     def probability(self) -> float:
         return self.top_k[0][1]
+
+
+def default_model() -> Path:
+    """``models/model.pt`` in the current folder, else in the project root; a :class:`PetbreedsError` naming both."""
+    cwd, root = Path.cwd().resolve(), project_root()
+    for candidate in (cwd / DEFAULT_MODEL, root / DEFAULT_MODEL):
+        if candidate.is_file():
+            return candidate
+    project = str(root) if (root / "dvc.yaml").is_file() else "none: no folder from here up holds dvc.yaml"
+    raise PetbreedsError(
+        f"no model given, and {DEFAULT_MODEL} is in neither the current folder ({cwd}) nor the project root "
+        f"({project}); pass --model PATH (model_path= in Python), or train the project's model with `dvc repro`"
+    )
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -96,15 +114,16 @@ def _batches(items: PresizedImages, from_folder: set[Path]) -> Iterator[tuple[li
 
 def predict(
     paths: Path | str | Sequence[Path | str],
-    model_path: Path | str = Path("models/model.pt"),
+    model_path: Path | str | None = None,
     top_k: int = 3,
     device: torch.device | None = None,
 ) -> list[Prediction]:
     """The ``top_k`` breeds of each image, in input order (a folder's files sorted); CUDA when present.
 
-    ``paths``: image files and/or folders. Files in a folder that are not images are skipped and logged
-    (logger ``petbreeds.predict``); an explicitly named file that is not an image is a :class:`PetbreedsError`,
-    as are a missing model and one from another checkpoint format.
+    ``paths``: image files and/or folders; ``model_path``: a checkpoint, by default :func:`default_model`. Files
+    in a folder that are not images are skipped and logged (logger ``petbreeds.predict``); an explicitly named
+    file that is not an image is a :class:`PetbreedsError`, as are a missing model and one from another checkpoint
+    format.
     """
     if top_k < 1:
         raise PetbreedsError(f"top_k must be >= 1, got {top_k}")
@@ -122,7 +141,7 @@ def predict(
         else:
             raise PetbreedsError(f"{path}: no such file or folder; pass an image or a folder of images")
     device = device or pick_device()
-    model, ckpt = load_checkpoint(Path(model_path), device)
+    model, ckpt = load_checkpoint(default_model() if model_path is None else Path(model_path), device)
     augment = ckpt.valid_augment(device)
     compute = Compute(device, resolve_precision("auto", device), channels_last=False)
     items = PresizedImages(files, [0] * len(files), ckpt.data_params(BATCH_SIZE), train=False, seed=0)
@@ -153,7 +172,9 @@ def cli(argv: list[str]) -> int:
         description="Breed and probability for one image (readable lines) or a folder of images (CSV).",
     )
     parser.add_argument("image_or_folder", type=Path)
-    parser.add_argument("--model", type=Path, default=Path("models/model.pt"), help="checkpoint (models/model.pt)")
+    parser.add_argument(
+        "--model", type=Path, help="checkpoint (default: models/model.pt here, else in the project root)"
+    )
     parser.add_argument("--top-k", type=int, default=3, help="how many breeds per image (3)")
     parser.add_argument("--out", type=Path, help="write the folder's CSV here instead of to stdout")
     args = parser.parse_args(argv)

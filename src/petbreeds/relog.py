@@ -1,9 +1,9 @@
 """``petbreeds mlflow-relog [EXPERIMENT ...]``: log pipeline results to MLflow again from the DVC outputs.
 
 For when the store was unreachable while ``mlflow_log`` ran. Without arguments it logs the workspace's outputs
-(named after the experiment whose committed dvc.lock they are, else ``repro@<short sha>``); with experiment names
-it reads each one's outputs from its git commit (``refs/exps/...``) and ``reports/`` from DVC's cache. The run is
-built by ``petbreeds.tracking.log_pipeline``, so a result already logged is left as it is.
+(named after the experiment whose committed dvc.lock they are, else as ``dvc repro`` names them); with experiment
+names it reads each one's outputs from its git commit (``refs/exps/...``) and ``plots/``, ``reports/`` from DVC's
+cache. The run is built by ``petbreeds.tracking.log_pipeline``, so a result already logged is left as it is.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ruamel.yaml import YAML
 
 from petbreeds.errors import PetbreedsError
 from petbreeds.provenance import git_commit
-from petbreeds.tracking import PARENT_STAGE, RunIdentity, log_pipeline, project_root, read_yaml, repro_name
+from petbreeds.runtime import project_root
+from petbreeds.tracking import PARENT_STAGE, RunIdentity, log_pipeline, read_yaml, repro_name, uncommitted_results
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def workspace_identity(root: Path) -> RunIdentity:
         for ref in experiment_refs(root):
             if ref.baseline_rev == commit and _lock_stages(_git(root, "show", f"{ref.commit}:dvc.lock")) == ours:
                 return RunIdentity(ref.name, ref.name, ref.baseline_rev, commit)
-    return RunIdentity(repro_name(commit), None, None, commit)
+    return RunIdentity(repro_name(commit, uncommitted_results(root, commit)), None, None, commit)
 
 
 def _find_experiment(root: Path, name: str) -> ExperimentRef:
@@ -79,8 +80,8 @@ def _find_experiment(root: Path, name: str) -> ExperimentRef:
 
 
 def _export_commit(root: Path, commit: str, dest: Path) -> None:
-    """An experiment's outputs as its commit holds them, into ``dest``: git keeps params.yaml, dvc.lock, metrics/
-    and plots/ (``cache: false``); reports/ (run_info sidecars included) come from DVC's cache, read through DVC at
+    """An experiment's outputs as its commit holds them, into ``dest``: git keeps params.yaml, dvc.lock and metrics/
+    (``cache: false``); plots/ and reports/ (run_info sidecars included) come from DVC's cache, read through DVC at
     that commit. They are cached so that DVC's run cache works (dvc.yaml)."""
     archive = subprocess.run(["git", "archive", commit], cwd=root, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -91,7 +92,7 @@ def _export_commit(root: Path, commit: str, dest: Path) -> None:
     for stage in lock.get("stages", {}).values():
         for out in stage.get("outs", []):
             path = out["path"]
-            if not path.startswith("reports/") or (dest / path).exists():
+            if not path.startswith(("plots/", "reports/")) or (dest / path).exists():
                 continue
             try:
                 data = dvc.api.read(path, repo=str(root), rev=commit, mode="rb")

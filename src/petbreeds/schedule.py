@@ -1,24 +1,22 @@
-"""fastai's optimizer and one-cycle schedule, built from torch's AdamW and OneCycleLR (docs/fastai.md §4, §5).
+"""fastai's optimizer and one-cycle schedule, on torch's AdamW and LambdaLR (docs/fastai.md §4, §5).
 
     lrs = group_lrs([1e-6, 1e-4], 3)                  # [1e-6, 1e-5, 1e-4]: fastai's slice(1e-6, 1e-4)
     opt = make_optimizer(param_groups(model), lrs, wd=0.01)
     sched = make_one_cycle(opt, total_steps, pct_start=0.25, div=25.0, div_final=1e5)
     ... opt.step(); sched.step()                      # once per training batch
 
-Torch's OneCycleLR places the phase boundaries one step earlier than fastai. fastai sets the hypers of batch
-``s`` (0-based, of ``N`` in the fit) from pos = s/N: warm-up while s < pct·N with fraction s/(pct·N), then the
-anneal with fraction (s - pct·N)/(N - pct·N), so its last batch never quite reaches max/div_final. Torch
-warms up while s <= pct·N - 1 with fraction s/(pct·N - 1), then anneals with fraction (s - pct·N + 1)/(N - pct·N):
-torch's lr at batch s is fastai's at batch s+1 throughout the anneal, and its last batch runs at exactly
-max/div_final. Both start at max/div and use the same cosine. tests/test_schedule.py pins these values.
+The schedule is fastai's own formula: batch ``s`` (0-based, of ``N`` in the fit) runs at ``combined_cos`` of
+pos = s/N, for the lr of every group and for beta1. (torch's OneCycleLR puts its boundaries a batch earlier,
+warms up by s/(pct·N - 1), ends on the floor and divides by zero when pct_start is 1.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
-from torch.optim.lr_scheduler import OneCycleLR
+from torch.optim.lr_scheduler import LambdaLR
 
 from petbreeds.model import ParamGroup
 
@@ -39,12 +37,15 @@ def even_mults(start: float, stop: float, n: int) -> list[float]:
 
 
 def group_lrs(lr: float | Sequence[float], n: int) -> list[float]:
-    """One lr per parameter group, as fastai's set_hyper: a float for all ``n`` groups, ``[lo, hi]`` = slice(lo, hi)."""
+    """One lr per parameter group, as fastai's set_hyper: a float for all ``n`` groups; ``[lo, hi]`` =
+    slice(lo, hi), geometric from lo to hi; ``[hi]`` = slice(hi), hi/10 for every group but the last (the head)."""
     if isinstance(lr, (int, float)):
         return [float(lr)] * n
-    if len(lr) != 2:
-        raise ValueError(f"expected a float or [lo, hi], got {lr!r}")
-    return even_mults(float(lr[0]), float(lr[1]), n)
+    if len(lr) == 1:
+        return [float(lr[0]) / 10] * (n - 1) + [float(lr[0])]
+    if len(lr) == 2:
+        return even_mults(float(lr[0]), float(lr[1]), n)
+    raise ValueError(f"expected a float, [lo, hi] or [hi], got {lr!r}")
 
 
 def make_optimizer(
@@ -65,28 +66,52 @@ def make_optimizer(
     return torch.optim.AdamW(torch_groups, betas=(beta1, ADAM_BETA2), eps=ADAM_EPS)
 
 
+def combined_cos(pct: float, start: float, middle: float, end: float, pos: float) -> float:
+    """fastai's ``combined_cos(pct, start, middle, end)`` at ``pos`` in [0, 1): a cosine from start to middle over
+    [0, pct), then from middle to end over [pct, 1)."""
+
+    def cos(a: float, b: float, p: float) -> float:
+        return a + (1 + math.cos(math.pi * (1 - p))) * (b - a) / 2
+
+    return cos(start, middle, pos / pct) if pos < pct else cos(middle, end, (pos - pct) / (1 - pct))
+
+
+class OneCycle(LambdaLR):
+    """fastai's fit_one_cycle hypers: before batch s of ``total_steps``, pos = s/total_steps sets each group's lr
+    to combined_cos(pct_start, max/div, max, max/div_final) and beta1 to combined_cos(pct_start, 0.95, 0.85, 0.95).
+
+    LambdaLR scales each group's max (its lr when the schedule is made); beta1, which LambdaLR does not know
+    about, is set in :meth:`step`.
+    """
+
+    def __init__(
+        self, opt: torch.optim.Optimizer, total_steps: int, pct_start: float, div: float, div_final: float
+    ) -> None:
+        if total_steps < 1:
+            raise ValueError(f"a one-cycle schedule needs at least one step, got total_steps={total_steps}")
+        self.total_steps = total_steps
+        self.pct_start = pct_start
+        super().__init__(opt, lambda s: combined_cos(pct_start, 1 / div, 1.0, 1 / div_final, self.pos(s)))
+
+    def pos(self, step: int) -> float:
+        """fastai's pos of batch ``step``. The step after the last batch keeps the last batch's hypers, as fastai
+        leaves them after a fit (and pos 1 would divide by zero for pct_start 1)."""
+        return min(step, self.total_steps - 1) / self.total_steps
+
+    def step(self) -> None:  # type: ignore[override]  # no epoch argument: the step count is the schedule
+        super().step()
+        beta1 = combined_cos(self.pct_start, MOM_MAX, MOM_MIN, MOM_MAX, self.pos(self.last_epoch))
+        for group in self.optimizer.param_groups:
+            group["betas"] = (beta1, group["betas"][1])
+
+
 def make_one_cycle(
     opt: torch.optim.Optimizer, total_steps: int, pct_start: float, div: float, div_final: float
-) -> OneCycleLR:
+) -> OneCycle:
     """fastai's fit_one_cycle schedule on ``opt``: per group max/div -> max -> max/div_final, cosine both ways.
 
     The max of each group is its current ``lr`` (from :func:`make_optimizer`); beta1 cycles 0.95 -> 0.85 -> 0.95.
-    Call ``step()`` after every optimizer step, ``total_steps`` times in all.
+    The hypers of the first batch are set at once; call ``step()`` after every optimizer step, ``total_steps``
+    times in all.
     """
-    # torch divides the warm-up by pct_start·total_steps - 1, which is 0 for a warm-up of exactly one step
-    # (e.g. 4 steps at 0.25). Moving the boundary a millionth of a step later gives the limit of torch's
-    # schedule from that side, which starts at max/div as fastai's does.
-    if pct_start * total_steps == 1:
-        pct_start += 1e-6 / total_steps
-    return OneCycleLR(
-        opt,
-        max_lr=[group["lr"] for group in opt.param_groups],
-        total_steps=total_steps,
-        pct_start=pct_start,
-        anneal_strategy="cos",
-        cycle_momentum=True,
-        base_momentum=MOM_MIN,
-        max_momentum=MOM_MAX,
-        div_factor=div,
-        final_div_factor=div_final / div,  # torch's floor is max/(div·final_div_factor); fastai's is max/div_final
-    )
+    return OneCycle(opt, total_steps, pct_start, div, div_final)

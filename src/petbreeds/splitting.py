@@ -95,7 +95,7 @@ def split_items(table: pd.DataFrame, params: SplitParams, annotations_dir: Path)
 
 
 def split_metrics(table: pd.DataFrame, vocab: list[str]) -> dict[str, Any]:
-    """What ``metrics/split.json`` holds: counts per split, and per class in vocab order."""
+    """What ``reports/split.json`` holds: counts per split, and per class in vocab order."""
     counts = table.groupby(["label", "split"]).size()
     per_split = table["split"].value_counts()
     return {

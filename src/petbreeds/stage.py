@@ -41,9 +41,11 @@ from petbreeds.distributed import (
     leave,
     record_error,
     under_torchrun,
+    world_size_of,
 )
 from petbreeds.errors import PetbreedsError
 from petbreeds.provenance import run_info, run_info_path
+from petbreeds.runtime import quiet_by_default
 
 # Tracking switches are env vars, not params: a param change would invalidate the training stages.
 LIVE_ENV = "PETBREEDS_MLFLOW_LIVE"
@@ -107,36 +109,32 @@ def run_stage(
     On success, writes ``reports/run_info/<name>.json`` unless ``write_run_info`` is false (``mlflow_log``,
     which has no outputs).
     """
+    quiet_by_default()  # DVC's output and the queue's logs: the stage's own lines, not MLflow's start-up chatter
     root = Path.cwd()
     started = time.time()
     live: MetricsSink | None = None
     world = SINGLE_PROCESS
     try:
         params = load_params(params_path)
-        d = params.distributed
-        if distributed and d.nproc_per_node * d.nnodes > 1 and not under_torchrun():
-            launch(Path(sys.argv[0]).resolve(), d, name)  # rank 0 writes the outputs and the sidecar
+        if distributed and world_size_of(params.distributed) > 1 and not under_torchrun():
+            launch(Path(sys.argv[0]).resolve(), params.distributed, name)  # rank 0 writes outputs and the sidecar
             return
-        world = join(d) if distributed else SINGLE_PROCESS
+        world = join(params.distributed) if distributed else SINGLE_PROCESS
         live = _open_live_run(name, root) if live_run and world.is_main else None
         main(params, StageContext(name=name, root=root, live=live, world=world))
-    except PetbreedsError as e:
+    except BaseException as e:
         if live is not None:
             live.end("FAILED")
-        _report(name, world, str(e))
-        sys.exit(1)
-    except Exception as e:
-        if live is not None:
-            live.end("FAILED")
-        failure = collective_failure(e, params.distributed) if world.world_size > 1 else None
-        if failure is None:
+        if isinstance(e, PetbreedsError):
+            message: str | None = str(e)
+        elif isinstance(e, Exception) and world.world_size > 1:
+            message = collective_failure(e, params.distributed)  # a peer hung or vanished: say so, not a traceback
+        else:
+            message = None
+        if message is None:
             raise
-        _report(name, world, failure)
+        _report(name, world, message)
         sys.exit(1)
-    except BaseException:
-        if live is not None:
-            live.end("FAILED")
-        raise
     finally:
         leave()
     if live is not None:

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.error
@@ -41,11 +42,21 @@ from ruamel.yaml import YAML
 from petbreeds.config import flatten
 from petbreeds.errors import PetbreedsError
 from petbreeds.provenance import RUN_INFO_DIR, dvc_invocation, git_commit
+from petbreeds.runtime import project_root
 
 EXPERIMENT = "petbreeds"
 PARENT_STAGE = "mlflow_log"  # excluded from the result key: its dvc.lock entry is written after it runs
-# Per-epoch (or per-iteration) plot data -> metric prefix of its step series in the parent run.
-SERIES = {"lr_find": "lr_find", "train_frozen": "frozen", "train_unfrozen": "unfrozen"}
+# plots/<stage>.csv -> its columns renamed in the parent run. Each column becomes the step series ``<stage>/<column>``,
+# beside the stage's numbers (``<stage>/<key>``, :func:`_stage_numbers`), so that a quantity has one name: a final
+# number that is the series' last point (train_loss, valid_loss, error_rate) is logged as that point. Renamed: the
+# epoch columns whose name reports/<stage>.json gives to another quantity, one of the whole phase (its max lr, its
+# total seconds).
+_EPOCH_COLUMNS = {"lr": "epoch_end_lr", "seconds": "epoch_seconds"}
+SERIES: dict[str, dict[str, str]] = {
+    "lr_find": {},  # lr and smoothed loss per iteration; reports/lr_find.json holds the suggestions
+    "train_frozen": _EPOCH_COLUMNS,
+    "train_unfrozen": _EPOCH_COLUMNS,
+}
 # The folders and files logged as artifacts, as they are in the project.
 ARTIFACT_DIRS = ("metrics", "plots", "reports")
 ARTIFACT_FILES = ("params.yaml", "dvc.lock")
@@ -58,14 +69,6 @@ class TrackingUnavailable(PetbreedsError):
 
 # --------------------------------------------------------------------------------------------------
 # The store
-
-
-def project_root() -> Path:
-    """``DVC_ROOT`` when DVC runs us, else the nearest folder from the cwd up that holds dvc.yaml (else the cwd)."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    cwd = Path.cwd().resolve()
-    return next((d for d in (cwd, *cwd.parents) if (d / "dvc.yaml").is_file()), cwd)
 
 
 def tracking_uri(root: Path) -> str:
@@ -126,6 +129,19 @@ def open_experiment(root: Path) -> tuple[MlflowClient, str]:
         return client, client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
 
 
+def ui_url(root: Path, base: str) -> str:
+    """The MLflow UI page (served at ``base``) that lists the experiment's runs, in the UI's training view.
+
+    MLflow 3.17's UI chooses between its "GenAI" view (an experiment page of traces, no runs) and its "Model
+    training" view from the page's ``workflowType`` query parameter, else from the browser's last use of the sidebar
+    toggle (localStorage ``mlflow.workflowType_v1``), else GenAI. It reads neither a server setting nor the
+    experiment's ``mlflow.experimentKind`` tag for it, so the link carries the parameter; the experiment page's own
+    links keep it.
+    """
+    _, experiment_id = open_experiment(root)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -142,7 +158,7 @@ class PipelineOutputs:
     root: Path
     params: dict[str, Any]  # params.yaml, flattened: {"train_frozen.epochs": 2, ...}
     lock: dict[str, Any]  # dvc.lock
-    metrics: dict[str, dict[str, float]]  # metrics/<stage>.json, flattened, by stage
+    metrics: dict[str, dict[str, float]]  # metrics/<stage>.json and reports/<stage>.json, flattened, by stage
     run_info: dict[str, dict[str, Any]]  # reports/run_info/<stage>.json, by stage
 
 
@@ -171,6 +187,15 @@ def _numbers(path: Path) -> dict[str, float]:
     return values
 
 
+def _stage_numbers(root: Path) -> dict[str, dict[str, float]]:
+    """The numbers of metrics/<stage>.json (what ``dvc exp show`` compares) and of reports/<stage>.json (counts,
+    timings, training numbers), together by stage: the two files of a stage never share a key."""
+    numbers: dict[str, dict[str, float]] = {}
+    for path in [*sorted((root / "metrics").glob("*.json")), *sorted((root / "reports").glob("*.json"))]:
+        numbers.setdefault(path.stem, {}).update(_numbers(path))
+    return numbers
+
+
 def read_outputs(root: Path) -> PipelineOutputs:
     """Read the pipeline's outputs under ``root``; raises :class:`PetbreedsError` naming a missing file."""
     for name in ("params.yaml", "dvc.lock"):
@@ -180,7 +205,7 @@ def read_outputs(root: Path) -> PipelineOutputs:
         root=root,
         params=flatten(read_yaml(root / "params.yaml") or {}),
         lock=read_yaml(root / "dvc.lock") or {},
-        metrics={p.stem: _numbers(p) for p in sorted((root / "metrics").glob("*.json"))},
+        metrics=_stage_numbers(root),
         run_info={p.stem: _read_json(p) for p in sorted((root / RUN_INFO_DIR).glob("*.json"))},
     )
 
@@ -194,14 +219,16 @@ def _ms(iso: str | None) -> int:
     return int(datetime.fromisoformat(iso).timestamp() * 1000) if iso else int(time.time() * 1000)
 
 
-def _series(outputs: PipelineOutputs, stage: str, prefix: str) -> list[Metric]:
-    """One step series per column of ``plots/<stage>.csv``; step = ``epoch`` if present, else the row index.
+def _series(outputs: PipelineOutputs, stage: str) -> list[Metric]:
+    """One step series per column of ``plots/<stage>.csv`` (named as :data:`SERIES` says); step = ``epoch`` if
+    present, else the row index.
 
     Timestamps: the stage's start plus the cumulative ``seconds`` column (the real end of each epoch), else its end.
     """
     path = outputs.root / "plots" / f"{stage}.csv"
     if not path.is_file():
         return []
+    names = SERIES[stage]
     info = outputs.run_info.get(stage, {})
     start_ms, end_ms = _ms(info.get("started")), _ms(info.get("finished"))
     metrics, elapsed = [], 0.0
@@ -212,18 +239,26 @@ def _series(outputs: PipelineOutputs, stage: str, prefix: str) -> list[Metric]:
                 elapsed += float(row["seconds"])
             ts = start_ms + int(elapsed * 1000) if "seconds" in row else end_ms
             for column, value in row.items():
-                if column != "epoch" and value not in (None, ""):
-                    metrics.append(Metric(f"{prefix}/{column}", float(value), ts, step))
+                # global_epoch is the plots' x axis (epoch counted over both phases), not a quantity
+                if column not in ("epoch", "global_epoch") and value not in (None, ""):
+                    metrics.append(Metric(f"{stage}/{names.get(column, column)}", float(value), ts, step))
     return metrics
 
 
-def _final_metrics(outputs: PipelineOutputs) -> list[Metric]:
-    """Every number of ``metrics/<stage>.json`` as ``<stage>/<key>`` — the columns of ``dvc exp show``."""
-    return [
-        Metric(f"{stage}/{key}", value, _ms(outputs.run_info.get(stage, {}).get("finished")), 0)
-        for stage, values in outputs.metrics.items()
-        for key, value in values.items()
-    ]
+def _stage_metrics(outputs: PipelineOutputs, stage: str) -> list[Metric]:
+    """A stage's series (``plots/<stage>.csv``) and every number of ``metrics/<stage>.json`` (the columns of ``dvc exp
+    show``) and ``reports/<stage>.json`` as ``<stage>/<key>``, at the series' last step (0 without one), timed at the
+    stage's end.
+
+    MLflow shows a metric's point of the highest step, the latest of them, so the runs table and the run page show
+    the final numbers. A final number that is already the series' last point is not logged twice.
+    """
+    series = _series(outputs, stage) if stage in SERIES else []
+    step = max((m.step for m in series), default=0)
+    ts = max([_ms(outputs.run_info.get(stage, {}).get("finished")), *(m.timestamp for m in series)])
+    last_points = {(m.key, m.value) for m in series if m.step == step}
+    finals = [Metric(f"{stage}/{key}", value, ts, step) for key, value in outputs.metrics.get(stage, {}).items()]
+    return series + [m for m in finals if (m.key, m.value) not in last_points]
 
 
 def _param_text(value: Any) -> str:
@@ -261,9 +296,40 @@ class RunIdentity:
     invocation: str | None = None  # the running dvc process (see petbreeds.provenance.dvc_invocation)
 
 
-def repro_name(commit: str | None) -> str:
-    """The run name of a plain ``dvc repro`` at ``commit``."""
-    return f"repro@{commit[:7]}" if commit else "repro@no-git"
+def repro_name(commit: str | None, uncommitted: str | None = None) -> str:
+    """The run name of a plain ``dvc repro`` at ``commit``: ``repro@<short sha>``, or with ``uncommitted`` (see
+    :func:`uncommitted_results`) ``repro@<short sha>+dirty-<hash>``: results of params or code not committed yet
+    never take the name of the commit's results."""
+    name = f"repro@{commit[:7]}" if commit else "repro@no-git"
+    return f"{name}+dirty-{uncommitted}" if uncommitted else name
+
+
+def _committed_text(root: Path, commit: str, name: str) -> str | None:
+    out = subprocess.run(["git", "show", f"{commit}:./{name}"], cwd=root, capture_output=True, text=True, check=False)
+    return out.stdout if out.returncode == 0 else None
+
+
+def _result_inputs(params_text: str | None, lock_text: str | None) -> dict[str, Any]:
+    """What makes a result: params.yaml, and dvc.lock's stages (every dep, param and out; mlflow_log's left out,
+    as DVC writes it after the stage has run)."""
+    yaml = YAML(typ="safe")
+    stages = ((yaml.load(lock_text) if lock_text else None) or {}).get("stages", {})
+    return {
+        "params": yaml.load(params_text) if params_text else None,
+        "stages": {k: v for k, v in stages.items() if k != PARENT_STAGE},
+    }
+
+
+def uncommitted_results(root: Path, commit: str | None) -> str | None:
+    """A short hash of the workspace's params.yaml and dvc.lock when they differ from ``commit``'s (after a
+    ``dvc repro`` of changed params or code, or an applied experiment), else None."""
+    if commit is None:
+        return None
+    files = ("params.yaml", "dvc.lock")
+    here = _result_inputs(*((root / n).read_text(encoding="utf-8") if (root / n).is_file() else None for n in files))
+    if here == _result_inputs(*(_committed_text(root, commit, n) for n in files)):
+        return None
+    return hashlib.sha256(json.dumps(here, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def current_identity(root: Path) -> RunIdentity:
@@ -271,7 +337,7 @@ def current_identity(root: Path) -> RunIdentity:
     exp_name = os.environ.get("DVC_EXP_NAME") or None
     commit = git_commit(root)
     return RunIdentity(
-        name=exp_name or repro_name(commit),
+        name=exp_name or repro_name(commit, uncommitted_results(root, commit)),
         exp_name=exp_name,
         baseline_rev=os.environ.get("DVC_EXP_BASELINE_REV") or None,
         git_commit=commit,
@@ -330,6 +396,18 @@ def _tags(outputs: PipelineOutputs, identity: RunIdentity, key: str) -> dict[str
     return {k: v for k, v in tags.items() if v}
 
 
+def _span_ms(outputs: PipelineOutputs, identity: RunIdentity) -> tuple[int, int] | None:
+    """The run's start and end (ms): from the first start to the last finish of the stages this result executed, or
+    of all its stages when it executed none (restored whole from the run cache, or a re-log of a plain `dvc repro`,
+    which cannot tell): when its outputs were made. None without sidecars.
+    """
+    timed = [i for i in outputs.run_info.values() if i.get("started") and i.get("finished")]
+    chosen = [i for i in timed if stage_status(i, identity) == "executed"] or timed
+    if not chosen:
+        return None
+    return min(_ms(i["started"]) for i in chosen), max(_ms(i["finished"]) for i in chosen)
+
+
 def _parents(client: MlflowClient, experiment_id: str, where: str) -> list[Run]:
     return list(client.search_runs([experiment_id], f"tags.`petbreeds.run_type` = 'pipeline' and {where}"))
 
@@ -338,9 +416,7 @@ def _log_contents(client: MlflowClient, run_id: str, outputs: PipelineOutputs) -
     params = [Param(k, _param_text(v)) for k, v in outputs.params.items()]
     for batch in _batches(params, _MAX_PARAMS):
         client.log_batch(run_id, params=list(batch))
-    metrics = _final_metrics(outputs)
-    for stage, prefix in SERIES.items():
-        metrics += _series(outputs, stage, prefix)
+    metrics = [m for stage in sorted(set(outputs.metrics) | set(SERIES)) for m in _stage_metrics(outputs, stage)]
     for batch in _batches(metrics, _MAX_METRICS):
         client.log_batch(run_id, metrics=list(batch))
     dataset = _dataset(outputs)
@@ -385,14 +461,17 @@ def log_pipeline(files_root: Path, identity: RunIdentity, store_root: Path) -> s
             print(f"mlflow: {identity.name} is already logged as run {run.info.run_id}")
             return run.info.run_id
         client.delete_run(run.info.run_id)  # an interrupted attempt: replace it
-    run_id = client.create_run(experiment_id, run_name=identity.name, tags=_tags(outputs, identity, key)).info.run_id
+    # The stages' real times, not this logging's: the UI's Duration is the pipeline's (MLflow's default is now).
+    start_ms, end_ms = _span_ms(outputs, identity) or (None, None)
+    tags = _tags(outputs, identity, key)
+    run_id = client.create_run(experiment_id, start_time=start_ms, run_name=identity.name, tags=tags).info.run_id
     try:
         _log_contents(client, run_id, outputs)
         _adopt_children(client, run_id, outputs)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED", end_time=end_ms)
     if identity.exp_name:
         same_exp = (
             f"tags.`dvc.exp_name` = '{identity.exp_name}' and tags.`dvc.baseline_rev` = '{identity.baseline_rev}'"

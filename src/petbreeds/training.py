@@ -5,7 +5,7 @@
     logits, targets = get_preds(model, loader, augment, compute)
 
 Each training batch: augment on the device -> forward under autocast -> cross-entropy in fp32 -> backward (scaled
-for fp16; gradients averaged over the ranks by DDP) -> AdamW step -> OneCycleLR step (docs/fastai.md §10.2). Every
+for fp16; gradients averaged over the ranks by DDP) -> AdamW step -> one-cycle step (docs/fastai.md §10.2). Every
 fit gets a new optimizer and schedule, which is what fastai's freeze()/unfreeze() give (they clear the optimizer
 state) in the book's recipes. With several processes (``petbreeds.distributed``) each rank trains on its share of every
 global batch; losses are averaged and validation predictions gathered, so every rank reports the global numbers.
@@ -41,8 +41,10 @@ from petbreeds.schedule import make_one_cycle, make_optimizer
 # The augment stage: uint8 [B, 3, item, item] on the device -> float32 normalised [B, 3, size, size].
 Augment = Callable[..., torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
-# plots/<stage>.csv: the per-epoch history for `dvc plots` (epochs numbered 0..n-1 within each phase).
-CSV_COLUMNS = ("epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds")
+# plots/<stage>.csv: the per-epoch history for `dvc plots`. `epoch` is numbered 0..n-1 within each phase;
+# `global_epoch` counts on over the phases (the unfrozen phase's first follows the frozen phase's last), so that the
+# plots of dvc.yaml draw one phase after the other on one axis.
+CSV_COLUMNS = ("epoch", "global_epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds")
 
 
 class SmoothLoss:
@@ -200,7 +202,9 @@ def fit_one_cycle(
         started = time.perf_counter()
         net.train()
         images = 0
-        batches = tqdm(data.train_loader, desc=f"{stage} epoch {epoch}", leave=False, unit="batch", disable=not show)
+        # a progress bar on rank 0, and only on a terminal (disable=None): queue logs get the table, not redraws
+        bar = None if show else True
+        batches = tqdm(data.train_loader, desc=f"{stage} epoch {epoch}", leave=False, unit="batch", disable=bar)
         for i, batch in enumerate(batches):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
@@ -235,7 +239,7 @@ def fit_one_cycle(
 
 
 def phase_metrics(history: list[dict[str, float]], model: nn.Module, data: TrainingData) -> dict[str, float]:
-    """A phase's numbers for ``metrics/<stage>.json``: the last epoch's train_loss, valid_loss and error_rate;
+    """A phase's numbers for ``reports/<stage>.json``: the last epoch's train_loss, valid_loss and error_rate;
     seconds (all epochs); images_per_s (mean over epochs); epochs. With no epoch the model is only validated."""
     if not history:
         valid_loss, error_rate = validate(model, data)
@@ -251,9 +255,10 @@ def phase_metrics(history: list[dict[str, float]], model: nn.Module, data: Train
     }
 
 
-def write_history(path: Path, history: list[dict[str, float]]) -> None:
-    """The per-epoch history as CSV (:data:`CSV_COLUMNS`), for ``dvc plots``."""
+def write_history(path: Path, history: list[dict[str, float]], first_epoch: int = 0) -> None:
+    """The per-epoch history as CSV (:data:`CSV_COLUMNS`), for ``dvc plots``; ``first_epoch`` is the global epoch of
+    the phase's first: the number of epochs the phases before it trained."""
     with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows({**row, "global_epoch": first_epoch + int(row["epoch"])} for row in history)

@@ -1,0 +1,42 @@
+"""Where petbreeds runs and how much it prints: the project root, and quiet output unless asked for more.
+
+Light on purpose (no torch, no mlflow): the CLI and every stage use it before importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+# PETBREEDS_VERBOSE=1 (or `petbreeds -v`) keeps the libraries' own INFO lines. Env var, not a param: the stages
+# run under DVC, and a param would invalidate them.
+VERBOSE_ENV = "PETBREEDS_VERBOSE"
+# MLflow reads it when it is imported (``mlflow/__init__.py`` configures its loggers from it), in this process
+# and in every child (torchrun's ranks).
+MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"
+
+
+def project_root() -> Path:
+    """``DVC_ROOT`` when DVC runs us, else the nearest folder from the cwd up that holds dvc.yaml (else the cwd)."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if (d / "dvc.yaml").is_file()), cwd)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_by_default() -> None:
+    """MLflow's logging at WARNING unless verbose (``PETBREEDS_VERBOSE=1``) or ``MLFLOW_LOGGING_LEVEL`` says otherwise.
+
+    Without it every stage prints MLflow's start-up lines (database creation, the system metrics monitor starting
+    and stopping) into DVC's output and the queue's logs.
+    """
+    if verbose():
+        return
+    level = os.environ.setdefault(MLFLOW_LEVEL_ENV, "WARNING")
+    # mlflow may be imported already (stages/mlflow_log.py imports it before run_stage), its level set from the env
+    logging.getLogger("mlflow").setLevel(level.upper())

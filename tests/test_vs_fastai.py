@@ -1,0 +1,399 @@
+"""petbreeds against fastai 2.8.12 itself: the same inputs through our function and through fastai's own.
+
+docs/fastai.md describes fastai in our words; these tests check those words against the code they describe. fastai
+is in the ``dev`` extra (never a runtime dependency); where it is not installed the module is skipped. Where
+petbreeds differs on purpose (docs/fastai.md §10.6) the test compares only what is meant to be equal and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+# One import of fastai for the module (~5 s); fastai.callback.schedule also patches Learner.lr_find/fit_one_cycle.
+fa_schedule = pytest.importorskip("fastai.callback.schedule")
+fa_core = pytest.importorskip("fastai.callback.core")
+fa_data_core = pytest.importorskip("fastai.data.core")
+fa_load = pytest.importorskip("fastai.data.load")
+fa_transforms = pytest.importorskip("fastai.data.transforms")
+fa_interpret = pytest.importorskip("fastai.interpret")
+fa_learner = pytest.importorskip("fastai.learner")
+fa_optimizer = pytest.importorskip("fastai.optimizer")
+fa_torch_core = pytest.importorskip("fastai.torch_core")
+fa_augment = pytest.importorskip("fastai.vision.augment")
+fa_vision_core = pytest.importorskip("fastai.vision.core")
+fa_vision_learner = pytest.importorskip("fastai.vision.learner")
+
+from petbreeds.augment import Draws, affine_matrices, warp_matrices  # noqa: E402  (after the skip)
+from petbreeds.interpret import (  # noqa: E402
+    TopLoss,
+    confusion_matrix,
+    item_losses,
+    most_confused,
+    top_loss_rows,
+    top_loss_title,
+    top_losses,
+)
+from petbreeds.lr_find import suggest  # noqa: E402
+from petbreeds.model import ParamGroup, create_head  # noqa: E402
+from petbreeds.presizing import presize  # noqa: E402
+from petbreeds.schedule import group_lrs, make_one_cycle, make_optimizer  # noqa: E402
+from petbreeds.splitting import random_split  # noqa: E402
+from petbreeds.training import SmoothLoss  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# lr_find's suggestions (docs/fastai.md §6)
+
+START_LR, END_LR = 1e-7, 10.0
+
+
+def sweep_lrs(n: int, num_it: int) -> list[float]:
+    """The lr of lr_find's batches 0..n-1: start·(end/start)^(i/num_it)."""
+    return [START_LR * (END_LR / START_LR) ** (i / num_it) for i in range(n)]
+
+
+def fastai_suggestions(
+    lrs: Sequence[float], losses: Sequence[float], num_it: int, names: Sequence[str]
+) -> dict[str, float]:
+    """fastai's ``Learner.lr_find`` after the sweep: its window, NaN cut and suggestion functions on a recorded
+    curve (the sweep itself is stood in for by a learner whose ``fit`` does nothing)."""
+    learner = SimpleNamespace(
+        dls=SimpleNamespace(train=[None]),
+        recorder=SimpleNamespace(lrs=list(lrs), losses=list(losses)),
+        no_logging=contextlib.nullcontext,
+        fit=lambda *args, **kwargs: None,
+    )
+    funcs = tuple(getattr(fa_schedule, name) for name in names)
+    return fa_learner.Learner.lr_find(learner, num_it=num_it, show_plot=False, suggest_funcs=funcs)._asdict()
+
+
+def recorded_curves() -> list[tuple[str, int, list[float]]]:
+    """(kind, num_it, recorded losses): random curves of every shape lr_find meets, and the issue's cases."""
+    rng = np.random.default_rng(16)
+    curves: list[tuple[str, int, list[float]]] = [
+        ("issue: flat, 100 points", 100, [2.0] * 100),
+        ("issue: rising, 2-point window", 100, [2.0] * 10 + [2.0, 3.0] + [4.0] * 5),
+    ]
+    for k in range(25):
+        num_it = int(rng.choice([100, 60, 200]))
+        n = int(rng.integers(num_it // 10 + 7, num_it + 1))  # a sweep may stop early (stop_div)
+        x = np.linspace(0, 1, n)
+        valley = 2.5 - 1.8 * np.exp(-(((x - rng.uniform(0.4, 0.8)) / 0.2) ** 2)) + rng.normal(0, 0.05, n)
+        curves.append((f"valley {k}", num_it, valley.tolist()))
+        curves.append((f"random walk {k}", num_it, (3 + np.cumsum(rng.normal(0, 0.1, n))).tolist()))
+        curves.append((f"rising {k}", num_it, np.sort(rng.uniform(1, 3, n)).tolist()))
+        curves.append((f"flat {k}", num_it, [float(rng.uniform(0.5, 3))] * n))
+        # ties: a staircase in exact binary steps, where only strict decreases count
+        curves.append((f"staircase {k}", num_it, (2 + np.round(rng.normal(0, 1, n).cumsum()) / 8).tolist()))
+        nan_at = int(rng.integers(num_it // 10 + 2, n))  # a diverged sweep: NaN from some batch on
+        curves.append((f"NaN tail {k}", num_it, valley[:nan_at].tolist() + [math.nan] * (n - nan_at)))
+        short = num_it // 10 + 5 + int(rng.integers(2, 16))  # 2..15 points in the window
+        curves.append((f"short {k}", num_it, valley[:short].tolist()))
+    return curves
+
+
+@pytest.mark.parametrize(("kind", "num_it", "losses"), recorded_curves(), ids=lambda v: v if isinstance(v, str) else "")
+def test_suggestions_match_fastais_lr_find(kind: str, num_it: int, losses: list[float]) -> None:
+    # fastai holds the curve as float32 tensors: both sides get the same float32 values
+    losses = np.float32(losses).astype(float).tolist()
+    lrs = np.float32(sweep_lrs(len(losses), num_it)).astype(float).tolist()
+    ours = suggest(lrs, losses, num_it)
+    window = losses[num_it // 10 : -5]
+    usable = next((i for i, v in enumerate(window) if math.isnan(v)), len(window))
+    names = ["valley", "minimum"]
+    if not kind.startswith("staircase"):  # equal drops: the steepest is decided by float32 vs float64 rounding
+        names.append("steep")
+    if usable > 15:  # fastai's slide raises IndexError on 15 points or fewer; ours returns the first lr
+        names.append("slide")
+    theirs = fastai_suggestions(lrs, losses, num_it, names)
+    for name in names:
+        assert ours[name] == pytest.approx(theirs[name], rel=1e-6), name
+
+
+# --------------------------------------------------------------------------------------------------
+# The one-cycle schedule (docs/fastai.md §5)
+
+
+def _groups(n: int) -> list[ParamGroup]:
+    return [ParamGroup(decay=[nn.Parameter(torch.ones(2))], no_decay=[nn.Parameter(torch.ones(2))]) for _ in range(n)]
+
+
+def our_hypers(n: int, pct: float, maxima: list[float], div: float, div_final: float) -> list[list[tuple]]:
+    """(lr, beta1) of every model group before each of the n batches."""
+    opt = make_optimizer(_groups(len(maxima)), maxima, wd=0.01)
+    sched = make_one_cycle(opt, n, pct, div, div_final)
+    seen = []
+    for _ in range(n):
+        seen.append([(g["lr"], g["betas"][0]) for g in opt.param_groups[::2]])  # one decay group per model group
+        opt.step()
+        sched.step()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("n", "pct", "div", "div_final"),
+    [
+        (20, 0.25, 25.0, 1e5),  # fit_one_cycle's defaults
+        (92, 0.99, 25.0, 1e5),  # fine_tune's frozen epoch on Pets: it never anneals
+        (184, 0.3, 5.0, 1e5),  # fine_tune's unfrozen phase, 2 epochs
+        (37, 0.25, 25.0, 1e5),  # pct·n not an integer
+        (4, 0.25, 25.0, 1e5),  # pct·n = 1
+        (10, 0.05, 25.0, 1e5),  # pct·n < 1: batch 0 alone warms up
+        (20, 0.0, 25.0, 1e5),  # no warm-up
+        (20, 1.0, 25.0, 1e5),  # no anneal (torch's OneCycleLR divided by zero)
+        (1, 0.25, 25.0, 1e5),  # one batch
+        (1, 1.0, 10.0, 100.0),
+    ],
+)
+def test_one_cycle_is_fastais_combined_cos(n: int, pct: float, div: float, div_final: float) -> None:
+    maxima = [1e-5, 1e-4, 1e-3]
+    lr_scheds = [fa_schedule.combined_cos(pct, m / div, m, m / div_final) for m in maxima]
+    mom_sched = fa_schedule.combined_cos(pct, 0.95, 0.85, 0.95)
+    for s, groups in enumerate(our_hypers(n, pct, maxima, div, div_final)):
+        pos = s / n  # fastai's ParamScheduler: pct_train before batch s
+        for (lr, mom), lr_sched, m in zip(groups, lr_scheds, maxima, strict=True):
+            # fastai's combine_scheds computes the phase fraction in float32: an error of ~1e-7 of the max
+            assert lr == pytest.approx(lr_sched(pos), rel=1e-6, abs=1e-6 * m), (s, lr)
+            assert mom == pytest.approx(mom_sched(pos), rel=1e-6), s
+
+
+class _RecordHypers(fa_core.Callback):
+    """Each group's (lr, mom) as fastai's ParamScheduler (order 60) leaves them before a training batch."""
+
+    order = 61
+
+    def before_fit(self) -> None:
+        self.rows: list[list[tuple[float, float]]] = []
+
+    def before_batch(self) -> None:
+        if self.training:
+            self.rows.append([(float(h["lr"]), float(h["mom"])) for h in self.learn.opt.hypers])
+
+
+@pytest.mark.parametrize(
+    ("epochs", "lr", "fastai_lr", "pct", "div"),
+    [
+        (1, [2e-3], slice(2e-3), 0.99, 25.0),  # fine_tune's frozen phase: slice(base_lr)
+        (2, [1e-5, 1e-3], slice(1e-5, 1e-3), 0.3, 5.0),  # fine_tune's unfrozen phase
+        (3, 3e-3, 3e-3, 0.25, 25.0),  # the book's fit_one_cycle(3, 3e-3)
+    ],
+)
+def test_fit_one_cycle_hypers_match_a_fastai_learner(
+    epochs: int, lr: float | list[float], fastai_lr: float | slice, pct: float, div: float
+) -> None:
+    # A real fastai Learner (3 parameter groups, 5 batches per epoch) runs fit_one_cycle; ours replays the same
+    # number of batches with group_lrs' spread of the same lr.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+    items = [(torch.randn(2), torch.randn(1)) for _ in range(20)]
+    dls = fa_data_core.DataLoaders(
+        fa_load.DataLoader(items, bs=4, shuffle=True, drop_last=True), fa_load.DataLoader(items[:4], bs=4), device="cpu"
+    )
+
+    def splitter(m: nn.Sequential) -> list[list[nn.Parameter]]:
+        return [list(layer.parameters()) for layer in m]
+
+    learn = fa_learner.Learner(dls, model, loss_func=nn.MSELoss(), opt_func=fa_optimizer.Adam, splitter=splitter)
+    record = _RecordHypers()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, fastai_lr, pct_start=pct, div=div, cbs=record)
+    assert len(record.rows) == epochs * 5
+    ours = our_hypers(epochs * 5, pct, group_lrs(lr, 3), div, 1e5)
+    for s, (mine, theirs) in enumerate(zip(ours, record.rows, strict=True)):
+        assert [v for pair in mine for v in pair] == pytest.approx([v for pair in theirs for v in pair], rel=1e-5), s
+
+
+# --------------------------------------------------------------------------------------------------
+# The affine map and the warp (docs/fastai.md §2.3)
+
+
+def _draws(n: int, seed: int, **fixed: torch.Tensor) -> Draws:
+    g = torch.Generator().manual_seed(seed)
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=g)
+
+    return dataclasses.replace(
+        Draws.identity(n),
+        flip=torch.rand(n, generator=g) < 0.5,
+        angle=u(-10, 10),
+        zoom=u(1.0, 1.3),
+        zoom_x=u(0, 1),
+        zoom_y=u(0, 1),
+        warp_x=u(-0.3, 0.3),
+        warp_y=u(-0.3, 0.3),
+        **fixed,
+    )
+
+
+def _apply(transform: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Projective ``[B, 3, 3]`` on (x, y) points ``[B, P, 2]``."""
+    mapped = torch.cat([points, torch.ones_like(points[..., :1])], -1) @ transform.transpose(1, 2)
+    return mapped[..., :2] / mapped[..., 2:]
+
+
+def _fastai_warp(d: Draws, points: torch.Tensor) -> torch.Tensor:
+    """fastai's image warp (``_WarpCoord``, no ``invert``) with our draws, on grid points ``[B, P, 2]``."""
+    warp = fa_augment._WarpCoord(magnitude=1.0, p=1.0, draw_x=d.warp_x.tolist(), draw_y=d.warp_y.tolist())
+    warp.before_call(points)
+    return warp(points.clone())
+
+
+def test_warp_is_fastais_image_warp() -> None:
+    d = _draws(64, seed=0)
+    points = torch.rand(64, 50, 2, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2
+    expected = _fastai_warp(d, points)
+    torch.testing.assert_close(_apply(warp_matrices(d), points), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flip_rotate_zoom_then_warp_is_fastais_affine_coord_map() -> None:
+    # fastai's AffineCoordTfm for aug_transforms: M = flip @ rotate @ zoom on the output grid, then the warp.
+    # Our crop (docs/fastai.md §2.4, a deliberate difference) is the identity here: crop_side 1.
+    d = _draws(64, seed=2)
+    x = torch.zeros(64, 3, 8, 8)
+    flip = fa_augment.flip_mat(x, p=1.0, draw=d.flip.float().tolist())
+    rotate = fa_augment.rotate_mat(x, max_deg=10, p=1.0, draw=d.angle.tolist())
+    zoom = fa_augment.zoom_mat(
+        x, max_zoom=1.3, p=1.0, draw=d.zoom.tolist(), draw_x=d.zoom_x.tolist(), draw_y=d.zoom_y.tolist()
+    )
+    affine = flip @ rotate @ zoom
+    points = torch.rand(64, 50, 2, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    expected = _fastai_warp(d, _apply(affine, points))
+    ours = _apply(warp_matrices(d) @ affine_matrices(d), points)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Split, head, smooth loss, Resize (docs/fastai.md §1.4, §1.6, §3.2, §3.3, §10.3)
+
+
+@pytest.mark.parametrize(("n", "valid_pct", "seed"), [(7390, 0.2, 42), (1029, 0.2, 42), (101, 0.3, 0), (5, 0.5, 7)])
+def test_random_split_is_fastais_random_splitter(n: int, valid_pct: float, seed: int) -> None:
+    with torch.random.fork_rng():  # fastai reseeds the global generator
+        train, valid = fa_transforms.RandomSplitter(valid_pct, seed)(list(range(n)))
+    split = random_split(n, valid_pct, seed)
+    assert {i for i, s in enumerate(split) if s == "valid"} == set(valid)
+    assert {i for i, s in enumerate(split) if s == "train"} == set(train)
+
+
+@pytest.mark.parametrize(("nf", "n_classes"), [(512, 37), (1280, 5)])
+def test_head_and_its_init_are_fastais(nf: int, n_classes: int) -> None:
+    # fastai's vision_learner: create_head, then apply_init(head, kaiming_normal_); same seed, same draws
+    torch.manual_seed(0)
+    theirs = fa_vision_learner.create_head(nf, n_classes)
+    fa_torch_core.apply_init(theirs, nn.init.kaiming_normal_)
+    torch.manual_seed(0)
+    ours = create_head(nf, n_classes)
+    assert [type(m).__name__ for m in ours] == [type(m).__name__ for m in theirs]
+    assert [(name, p.shape) for name, p in ours.state_dict().items()] == [
+        (name, p.shape) for name, p in theirs.state_dict().items()
+    ]
+    for (name, mine), value in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(mine, value), name
+    assert [getattr(m, "p", None) for m in ours] == [getattr(m, "p", None) for m in theirs]  # dropout rates
+    x = torch.randn(4, nf, 3, 3)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_smooth_loss_is_fastais_avg_smooth_loss() -> None:
+    theirs = fa_learner.AvgSmoothLoss()
+    theirs.reset()
+    ours = SmoothLoss()
+    for loss in torch.empty(300).uniform_(0.1, 4.0, generator=torch.Generator().manual_seed(0)):
+        theirs.accumulate(SimpleNamespace(loss=loss))  # a batch's float32 loss
+        assert ours.add(loss.item()) == pytest.approx(theirs.value.item(), rel=1e-5)  # fastai's EMA is float32 too
+
+
+def _photo(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("method", "pad_mode"),
+    [("crop", "reflection"), ("squish", "reflection"), ("pad", "zeros"), ("pad", "border"), ("pad", "reflection")],
+)
+def test_presize_is_fastais_resize(method: str, pad_mode: str) -> None:
+    for w, h, pos in [(300, 200, (0.5, 0.5)), (201, 333, (0.1, 0.9)), (64, 64, (0.3, 0.7)), (90, 150, (1.0, 0.0))]:
+        img = _photo(w, h, seed=w)
+        resize = fa_augment.Resize(96, method=method, pad_mode=pad_mode)
+        resize.pcts = pos  # what before_call draws on train (valid: 0.5, 0.5)
+        expected = torch.from_numpy(np.asarray(resize.encodes(fa_vision_core.PILImage(img)))).permute(2, 0, 1)
+        assert torch.equal(presize(img, 96, method, pad_mode, pos), expected), (w, h, pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# Interpretation (docs/fastai.md §7)
+
+
+def _interpretation(logits: torch.Tensor, targets: torch.Tensor, vocab: list[str]) -> Any:
+    """fastai's ClassificationInterpretation over given predictions (a learner whose get_preds returns them)."""
+    preds = logits.softmax(dim=1)
+    learn = SimpleNamespace(get_preds=lambda **kwargs: (preds, targets, preds.argmax(dim=1)))
+    losses = item_losses(logits, targets)
+    dl = SimpleNamespace(vocab=fa_transforms.CategoryMap(vocab, sort=False))
+    return fa_interpret.ClassificationInterpretation(learn, dl, losses)
+
+
+def _predictions(n: int, n_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, n_classes, (n,), generator=g)
+    logits = torch.randn(n, n_classes, generator=g) * 2
+    logits[torch.arange(n), targets] += torch.rand(n, generator=g) * 3  # mostly right, like a trained model
+    return logits, targets
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_confusion_matrix_and_most_confused_are_fastais(seed: int) -> None:
+    vocab = [f"breed_{i}" for i in range(12)]
+    logits, targets = _predictions(300, len(vocab), seed)
+    interp = _interpretation(logits, targets, vocab)
+    cm = confusion_matrix(logits.argmax(dim=1), targets, len(vocab))
+    assert np.array_equal(cm.numpy(), interp.confusion_matrix())
+    for min_val in (1, 2, 3):
+        expected = [(a, p, int(c)) for a, p, c in interp.most_confused(min_val)]
+        assert most_confused(cm, vocab, min_val) == expected
+
+
+def test_top_losses_and_their_titles_are_fastais() -> None:
+    vocab = ["Birman", "Ragdoll", "american_pit_bull_terrier", "staffordshire_bull_terrier"]
+    logits, targets = _predictions(40, len(vocab), seed=9)
+    interp = _interpretation(logits, targets, vocab)
+    k = 6
+    losses, indices = interp.top_losses(k)
+    our_losses, our_indices = top_losses(item_losses(logits, targets), k)
+    assert our_indices.tolist() == indices.tolist()
+    torch.testing.assert_close(our_losses, losses)
+    rows = top_loss_rows(logits, targets, [f"x/{i}.jpg" for i in range(40)], vocab, k)
+    titles = _fastai_titles(rows, logits.softmax(dim=1)[our_indices])
+    assert any(r.prob_actual != r.prob_predicted for r in rows)  # the two probabilities tell apart
+    # ours puts the loss on a second line; fastai's one line has " / " there
+    assert [top_loss_title(r).replace("\n", " / ") for r in rows] == titles
+
+
+def _fastai_titles(rows: list[TopLoss], probs: torch.Tensor) -> list[str]:
+    """The titles fastai's plot_top_losses (vision/learner.py, single-label images) gives these rows."""
+    import matplotlib.pyplot as plt
+
+    image = fa_torch_core.TensorImage(torch.zeros(3, 8, 8))
+    samples = [(image, r.actual) for r in rows]
+    outs = [(r.predicted,) for r in rows]
+    losses = [torch.tensor(r.loss) for r in rows]
+    x, y = image[None], fa_torch_core.TensorCategory(torch.zeros(len(rows), dtype=torch.long))
+    fa_vision_learner.plot_top_losses(x, y, samples, outs, list(probs), losses)
+    fig = plt.gcf()
+    try:
+        return [ax.get_title() for ax in fig.axes[: len(rows)]]
+    finally:
+        plt.close(fig)
