@@ -27,10 +27,11 @@ from machine import machine_header
 from petbreeds.augment import BatchAugment
 from petbreeds.config import DistributedParams, load_params
 from petbreeds.device import Compute, pick_device
-from petbreeds.distributed import World, join, launch, leave, under_torchrun
+from petbreeds.distributed import join, launch, leave, mean, wrap
 from petbreeds.model import create_model, param_groups, unfreeze
 from petbreeds.schedule import make_optimizer
 from petbreeds.training import batch_inputs, train_step
+from petbreeds.world import World, under_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_ENV = "PETBREEDS_BENCH_RESULT"
@@ -49,7 +50,7 @@ def step_seconds(args: argparse.Namespace, world: World) -> float:
     model = create_model(args.arch, 37, None)
     unfreeze(model)
     compute.place(model)
-    net = world.wrap(model, cpu)
+    net = wrap(world, model, cpu)
     opt = make_optimizer(param_groups(model), [1e-4] * 3, wd=0.01)
     augment = BatchAugment(params.augment, args.size, seed=0, device=cpu, shard=(world.rank, world.world_size))
     share = args.bs // world.world_size
@@ -60,7 +61,7 @@ def step_seconds(args: argparse.Namespace, world: World) -> float:
     for _ in range(args.steps + 1):
         started = time.perf_counter()
         xb, yb = batch_inputs((x, y), augment, compute, train=True)
-        world.mean(train_step(net, opt, compute.grad_scaler(), xb, yb, compute)).item()
+        mean(world, train_step(net, opt, compute.grad_scaler(), xb, yb, compute)).item()
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
 

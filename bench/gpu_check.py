@@ -26,8 +26,8 @@ collective) is stopped, the table printed and the process ends with exit code 3:
    of a discarded partial epoch warm up first (workers, cudnn autotune, the allocator). Then ``fit_one_cycle``
    itself, one epoch with validation, on path (a): the library's own numbers.
 4. DDP: a process group of one (NCCL on CUDA, gloo on CPU) and the model under ``DistributedDataParallel``
-   directly (``World.wrap`` returns the bare model for one process), on pre-augmented batches held on the device,
-   against the bare model on the same batches: the model-only speed and DDP's overhead.
+   directly (``petbreeds.distributed.wrap`` returns the bare model for one process), on pre-augmented batches
+   held on the device, against the bare model on the same batches: the model-only speed and DDP's overhead.
 5. fastai: a "not run" row. fastai cannot travel in .whl: ``fastai.vision.all`` imports scipy, scikit-learn,
    fasthtml, requests, rich, ... (with fastai ~55 MB of wheels, compiled ones among them, on top of the ~20 MB the
    library needs), so the lent machine never has it and this check has no fastai run (bench/vs_fastai.py, CPU).
@@ -523,8 +523,8 @@ class Check:
     def training_data_a(self) -> Any:
         """The library's loaders and augmentation (path a), built once: the data do not depend on the arch."""
         if self.data_a is None:
-            from petbreeds.distributed import SINGLE_PROCESS
             from petbreeds.training import training_data
+            from petbreeds.world import SINGLE_PROCESS
 
             assert self.sample is not None
             params = self.params()
@@ -646,7 +646,7 @@ class Check:
         self.held = (model, batches)
 
     def model_ddp(self, row: Row) -> None:
-        """The same under DistributedDataParallel in a process group of one, as World.wrap would for several."""
+        """The same under DistributedDataParallel in a process group of one (what distributed.wrap does for several)."""
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 

@@ -167,11 +167,11 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
     import torch
 
     from petbreeds.config import LrFindParams, OneCycleParams, load_params
-    from petbreeds.distributed import SINGLE_PROCESS
     from petbreeds.lr_find import lr_find
     from petbreeds.model import create_model, freeze, unfreeze
     from petbreeds.schedule import group_lrs
     from petbreeds.training import fit_one_cycle, training_data
+    from petbreeds.world import SINGLE_PROCESS
 
     table = pd.read_csv(work / "split.csv", keep_default_na=False)
     root = Path((work / "root.txt").read_text().strip())

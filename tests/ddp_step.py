@@ -18,7 +18,7 @@ import torch
 from tiny import ROOT, VOCAB, tiny_net
 
 from petbreeds.config import load_params
-from petbreeds.distributed import join, leave
+from petbreeds.distributed import gather, join, leave, mean, wrap
 from petbreeds.model import param_groups
 from petbreeds.schedule import make_optimizer
 from petbreeds.training import batch_inputs, train_step, training_data
@@ -34,15 +34,15 @@ def main(project: Path, out: Path) -> None:
     torch.manual_seed(0)
     model = tiny_net()
     data.compute.place(model)
-    net = world.wrap(model, data.compute.device)
+    net = wrap(world, model, data.compute.device)
     net.eval()
     opt = make_optimizer(param_groups(model), [1e-2] * 3, wd=0.01)
     scaler = data.compute.grad_scaler()
     losses, targets = [], []
     for _, batch in zip(range(2), data.train_loader, strict=False):
         x, y = batch_inputs(batch, data.augment, data.compute, train=True)
-        losses.append(world.mean(train_step(net, opt, scaler, x, y, data.compute)).item())
-        targets.append(world.gather(y).tolist())
+        losses.append(mean(world, train_step(net, opt, scaler, x, y, data.compute)).item())
+        targets.append(gather(world, y).tolist())
     if world.is_main:
         torch.save({"state": model.state_dict(), "losses": losses, "targets": targets, "world": world.world_size}, out)
     leave()

@@ -21,7 +21,7 @@ from tiny import ROOT, VOCAB, tiny_net, tiny_project, write_pets
 from petbreeds.augment import BatchAugment
 from petbreeds.config import load_params
 from petbreeds.dataloaders import EpochShuffle
-from petbreeds.distributed import World
+from petbreeds.world import World
 
 TESTS = Path(__file__).resolve().parent
 OUTPUTS = (
@@ -235,3 +235,16 @@ def test_a_hung_rank_becomes_an_error_after_the_timeout_not_a_stuck_stage(ddp_pr
     assert "rank 0 failed (exit code 1): a collective with the other ranks failed" in line, err
     assert "distributed.timeout_s=15" in line
     assert _digests(ddp_project) == before
+
+
+@pytest.mark.slow
+def test_sync_bn_on_cpus_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    """torch's SyncBatchNorm has no CPU kernel: a clear error, not a ValueError from deep inside a forward pass."""
+    project = tiny_project(tmp_path, per_class=12)
+    _set(project, distributed__nproc_per_node=2, distributed__sync_bn="true", train_frozen__lr=0.01)
+    failed = _stage(project, "train_frozen")
+    _, err = failed.communicate(timeout=300)
+    assert failed.returncode == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "distributed.sync_bn needs CUDA GPUs" in line and "rank " in line, err
+    assert not (project / "models" / "frozen.pt").exists()

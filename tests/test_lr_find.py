@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from petbreeds.augment import BatchAugment
 from petbreeds.config import load_params
 from petbreeds.device import Compute
-from petbreeds.distributed import SINGLE_PROCESS
 from petbreeds.errors import PetbreedsError
 from petbreeds.lr_find import lr_find, minimum, save_lr_find_plot, slide, steep, suggest, valley
 from petbreeds.model import freeze
 from petbreeds.training import TrainingData
+from petbreeds.world import SINGLE_PROCESS
 
 # Index i carries lr 10^i, so an answer reads as the index it came from.
 LOSSES = [3.0, 2.0, 4.0, 1.0, 0.5, 5.0, 6.0, 0.1]

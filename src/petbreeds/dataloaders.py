@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from petbreeds.config import DataParams
-from petbreeds.distributed import SINGLE_PROCESS, World
 from petbreeds.errors import PetbreedsError
 from petbreeds.presizing import PresizedImages
+from petbreeds.world import SINGLE_PROCESS, World
 
 # fastai's num_workers = min(16, cpu_count)
 _MAX_DEFAULT_WORKERS = 16

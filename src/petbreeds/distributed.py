@@ -1,9 +1,12 @@
 """Several processes, one training run: torch.distributed (DDP), launched by torchrun's own engine.
 
     world = join(params.distributed)        # inside a rank: init the process group; World() for one process
-    net = world.wrap(model, device)          # DistributedDataParallel across ranks; the model itself alone
-    loss = world.mean(loss)                  # the global batch's loss, the same number on every rank
-    logits = world.gather(local_logits)      # every rank's rows, in rank order
+    net = wrap(world, model, device)         # DistributedDataParallel across ranks; the model itself alone
+    loss = mean(world, loss)                 # the global batch's loss, the same number on every rank
+    logits = gather(world, local_logits)     # every rank's rows, in rank order
+
+``World`` (who this process is among the ranks) lives in ``petbreeds.world``, which imports no torch: every stage
+script reads it through ``petbreeds.stage``.
 
 A stage that trains calls :func:`launch` when params ask for more than one process and it is not yet running
 under torchrun: that starts ``distributed.nproc_per_node`` copies of the stage script through
@@ -15,93 +18,69 @@ and metrics, because they are reduced or gathered over the global batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timm.layers import convert_sync_batchnorm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from petbreeds.config import DistributedParams
 from petbreeds.errors import PetbreedsError
-
-# torchrun's environment in every worker it starts.
-_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")  # World's fields, in order
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the ranks of one run; ``World()`` is a single process (no torch.distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that writes outputs, prints the epoch table and logs to MLflow."""
-        return self.rank == 0
-
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """``model`` under DistributedDataParallel (rank 0's weights broadcast, gradients averaged), or itself.
-
-        Ranks other than 0 then reseed torch's RNG from their rank: each draws its own dropout masks, as one
-        process does for each image of the global batch. Rank 0 keeps the stream a single process would have.
-        """
-        if self.world_size == 1:
-            return model
-        torch.manual_seed(torch.initial_seed() + self.rank)
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of ``value`` over the ranks (each rank's mean loss over an equal share of the global batch)."""
-        if self.world_size == 1:
-            return value
-        total = value.detach().clone()
-        dist.all_reduce(total)  # SUM: gloo has no AVG
-        return total / self.world_size
-
-    def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``values`` (rows may differ in number), concatenated in rank order, on the CPU."""
-        if self.world_size == 1:
-            return values
-        parts: list[torch.Tensor | None] = [None] * self.world_size
-        dist.all_gather_object(parts, values.cpu())
-        return torch.cat([p for p in parts if p is not None])
-
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Rank 0's BatchNorm statistics on every rank: what is validated and saved is one model, rank 0's."""
-        if self.world_size == 1:
-            return
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-    def shard(self, n: int) -> range:
-        """This rank's contiguous share of ``n`` items (the first ``n % world_size`` ranks take one more)."""
-        per_rank, extra = divmod(n, self.world_size)
-        start = self.rank * per_rank + min(self.rank, extra)
-        return range(start, start + per_rank + (self.rank < extra))
+from petbreeds.runtime import verbose
+from petbreeds.world import SINGLE_PROCESS, World, under_torchrun, world_from_env, world_size_of
 
 
-SINGLE_PROCESS = World()
+def wrap(world: World, model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel (rank 0's weights broadcast, gradients averaged), or itself alone.
+
+    With ``sync_bn`` every BatchNorm layer (timm's BatchNormAct too) becomes a SyncBatchNorm first, in place: the
+    same parameters and buffers, so optimizers, freezing and checkpoints see no difference. Ranks other than 0
+    then reseed torch's RNG from their rank: each draws its own dropout masks, as one process does for each image
+    of the global batch. Rank 0 keeps the stream a single process would have.
+    """
+    if world.world_size == 1:
+        return model
+    if world.sync_bn:
+        convert_sync_batchnorm(model)  # replaces the children of model; model itself is no BatchNorm
+    torch.manual_seed(torch.initial_seed() + world.rank)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def world_size_of(params: DistributedParams) -> int:
-    return params.nproc_per_node * params.nnodes
+def mean(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over the ranks (each rank's mean loss over an equal share of the global batch)."""
+    if world.world_size == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)  # SUM: gloo has no AVG
+    return total / world.world_size
 
 
-def under_torchrun() -> bool:
-    """True inside a worker that torchrun (or :func:`launch`) started."""
-    return all(name in os.environ for name in _ENV)
+def gather(world: World, values: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``values`` (rows may differ in number), concatenated in rank order, on the CPU."""
+    if world.world_size == 1:
+        return values
+    parts: list[torch.Tensor | None] = [None] * world.world_size
+    dist.all_gather_object(parts, values.cpu())
+    return torch.cat([p for p in parts if p is not None])
+
+
+def sync_buffers(world: World, model: nn.Module) -> None:
+    """Rank 0's BatchNorm statistics on every rank: what is validated and saved is one model, rank 0's."""
+    if world.world_size == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def backend_for(params: DistributedParams) -> str:
@@ -114,8 +93,8 @@ def backend_for(params: DistributedParams) -> str:
 def join(params: DistributedParams) -> World:
     """Join the process group torchrun set up (a single process: ``World()``, nothing initialised)."""
     if not under_torchrun():
-        return World()
-    world = World(*(int(os.environ[name]) for name in _ENV))
+        return SINGLE_PROCESS
+    world = world_from_env(sync_bn=params.sync_bn)
     if world.world_size == 1:
         return world
     backend = backend_for(params)
@@ -155,15 +134,12 @@ def leave() -> None:
 
 
 def record_error(message: str) -> bool:
-    """Hand a rank's error message to its launcher (torchrun's error file), which reports it with the rank.
-
-    False when there is no launcher to read it (then the caller prints it).
-    """
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+    """Hand a rank's error message to its launcher: torchrun's error file, which the launcher reads into the failure
+    it reports with the rank. False when there is no launcher to read it (then the caller prints it)."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
         return False
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-    ErrorHandler().record_exception(PetbreedsError(message))
+    Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}), encoding="utf-8")
     return True
 
 
@@ -174,8 +150,8 @@ def _failure_text(rank: int, failure: object) -> str:
         how = f"killed by {signal.Signals(-exitcode).name}"
     else:
         how = f"exit code {exitcode}"
-    # torchrun's message for a recorded exception is a dict-like text; keep the words of ours
-    text = message.split("PetbreedsError: ", 1)[-1].strip() if message else ""
+    # without our error file torchrun makes up a message: a signal's, or a pointer to its docs
+    text = message.strip()
     if not text or text.startswith("To enable traceback") or text.startswith("Signal "):
         return f"rank {rank} failed ({how})"
     return f"rank {rank} failed ({how}): {text.splitlines()[0]}"
@@ -191,7 +167,8 @@ def launch(script: Path, params: DistributedParams, stage: str, args: Sequence[s
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)  # agent chatter, not ours
+    if not verbose():  # the agent's own lines repeat what our one error line says
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     if "OMP_NUM_THREADS" not in os.environ:
         # torchrun's rule, with the machine's cores shared out instead of 1 thread each
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

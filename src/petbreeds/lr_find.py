@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from petbreeds.atomic import atomic_output
 from petbreeds.config import LrFindParams
+from petbreeds.distributed import mean, wrap
 from petbreeds.errors import PetbreedsError
 from petbreeds.model import PetModel, param_groups
 from petbreeds.schedule import make_optimizer
@@ -146,7 +147,7 @@ def lr_find(
     compute.place(model)
     saved = {name: value.clone() for name, value in model.state_dict().items()}
     was_training = model.training
-    net = world.wrap(model, compute.device)
+    net = wrap(world, model, compute.device)
     groups = param_groups(model)
     opt = make_optimizer(groups, [sweep.start_lr] * len(groups), wd, beta1=LR_FIND_BETA1)
     sched = LambdaLR(opt, lambda i: (sweep.end_lr / sweep.start_lr) ** (i / sweep.num_it))
@@ -160,7 +161,7 @@ def lr_find(
         for i, batch in enumerate(_batches_forever(data.train_loader)):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
-            loss = smooth.add(world.mean(train_step(net, opt, scaler, x, y, compute)).item())
+            loss = smooth.add(mean(world, train_step(net, opt, scaler, x, y, compute)).item())
             lrs.append(lr)
             losses.append(loss)
             if on_step is not None and world.is_main:

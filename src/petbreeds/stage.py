@@ -32,20 +32,10 @@ from typing import Protocol
 
 from petbreeds.atomic import atomic_write_json
 from petbreeds.config import Params, load_params
-from petbreeds.distributed import (
-    SINGLE_PROCESS,
-    World,
-    collective_failure,
-    join,
-    launch,
-    leave,
-    record_error,
-    under_torchrun,
-    world_size_of,
-)
 from petbreeds.errors import PetbreedsError
 from petbreeds.provenance import run_info, run_info_path
 from petbreeds.runtime import quiet_by_default
+from petbreeds.world import SINGLE_PROCESS, World, under_torchrun, world_size_of
 
 # Tracking switches are env vars, not params: a param change would invalidate the training stages.
 LIVE_ENV = "PETBREEDS_MLFLOW_LIVE"
@@ -114,12 +104,17 @@ def run_stage(
     started = time.time()
     live: MetricsSink | None = None
     world = SINGLE_PROCESS
+    ranked = distributed and under_torchrun()  # one of several processes: the launcher reports its errors
     try:
         params = load_params(params_path)
-        if distributed and world_size_of(params.distributed) > 1 and not under_torchrun():
-            launch(Path(sys.argv[0]).resolve(), params.distributed, name)  # rank 0 writes outputs and the sidecar
-            return
-        world = join(params.distributed) if distributed else SINGLE_PROCESS
+        if distributed:
+            # imported here: torch.distributed costs seconds at start-up, which the other stages need not pay
+            from petbreeds import distributed as ddp
+
+            if world_size_of(params.distributed) > 1 and not under_torchrun():
+                ddp.launch(Path(sys.argv[0]).resolve(), params.distributed, name)  # rank 0 writes the outputs
+                return
+            world = ddp.join(params.distributed)
         live = _open_live_run(name, root) if live_run and world.is_main else None
         main(params, StageContext(name=name, root=root, live=live, world=world))
     except BaseException as e:
@@ -128,25 +123,21 @@ def run_stage(
         if isinstance(e, PetbreedsError):
             message: str | None = str(e)
         elif isinstance(e, Exception) and world.world_size > 1:
-            message = collective_failure(e, params.distributed)  # a peer hung or vanished: say so, not a traceback
+            message = ddp.collective_failure(e, params.distributed)  # a peer hung or vanished: not a traceback
         else:
             message = None
         if message is None:
             raise
-        _report(name, world, message)
+        # a rank under torchrun hands its message to the launcher, which reports it with the rank
+        if not (ranked and ddp.record_error(message)):
+            print(f"error: stage {name}: {message}", file=sys.stderr)
         sys.exit(1)
     finally:
-        leave()
+        if world.world_size > 1:
+            ddp.leave()
     if live is not None:
         live.end("FINISHED")
     if write_run_info and world.is_main:
         live_id = live.run_id if live is not None else None
         info = run_info(name, root, started, time.time(), live_id, world.world_size)
         atomic_write_json(run_info_path(root, name), info)
-
-
-def _report(stage: str, world: World, message: str) -> None:
-    """``error: stage <name>: ...`` on stderr; a rank under torchrun hands it to the launcher, which names it."""
-    if world.world_size > 1 and record_error(message):
-        return
-    print(f"error: stage {stage}: {message}", file=sys.stderr)

@@ -33,10 +33,11 @@ from petbreeds.augment import BatchAugment
 from petbreeds.config import OneCycleParams, Params
 from petbreeds.dataloaders import make_loader, to_device
 from petbreeds.device import Compute, pick_device, resolve_precision
-from petbreeds.distributed import World
+from petbreeds.distributed import gather, mean, sync_buffers, wrap
 from petbreeds.errors import PetbreedsError
 from petbreeds.model import PetModel, create_model, freeze, param_groups
 from petbreeds.schedule import make_one_cycle, make_optimizer
+from petbreeds.world import World
 
 # The augment stage: uint8 [B, 3, item, item] on the device -> float32 normalised [B, 3, size, size].
 Augment = Callable[..., torch.Tensor]
@@ -156,9 +157,9 @@ def get_preds(
 def validate(model: nn.Module, data: TrainingData) -> tuple[float, float]:
     """(mean cross-entropy, error rate) over every validation item of every rank (fastai's valid_loss and
     error_rate): each rank predicts its share with rank 0's BatchNorm statistics, the shares are gathered."""
-    data.world.sync_buffers(model)
+    sync_buffers(data.world, model)
     logits, targets = get_preds(model, data.valid_loader, data.augment, data.compute)
-    logits, targets = data.world.gather(logits), data.world.gather(targets)
+    logits, targets = gather(data.world, logits), gather(data.world, targets)
     loss = F.cross_entropy(logits, targets).item()
     error_rate = (logits.argmax(dim=1) != targets).float().mean().item()
     return loss, error_rate
@@ -190,7 +191,7 @@ def fit_one_cycle(
     world, compute = data.world, data.compute
     show = world.is_main
     compute.place(model)
-    net = world.wrap(model, compute.device)
+    net = wrap(world, model, compute.device)
     opt = make_optimizer(param_groups(model), lrs, phase.wd)
     sched = make_one_cycle(opt, phase.epochs * len(data.train_loader), phase.pct_start, phase.div, phase.div_final)
     scaler = compute.grad_scaler()
@@ -208,7 +209,7 @@ def fit_one_cycle(
         for i, batch in enumerate(batches):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
-            loss = world.mean(train_step(net, opt, scaler, x, y, compute)).item()
+            loss = mean(world, train_step(net, opt, scaler, x, y, compute)).item()
             if not math.isfinite(loss):
                 raise PetbreedsError(
                     f"{stage} diverged: the training loss is {loss} at epoch {epoch}, batch {i} (lr {lr:.3g}); "
