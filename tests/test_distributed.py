@@ -232,8 +232,9 @@ def test_a_hung_rank_becomes_an_error_after_the_timeout_not_a_stuck_stage(ddp_pr
             victim.kill()
     assert started.returncode == 1
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
-    assert "rank 0 failed (exit code 1): a collective with the other ranks failed" in line, err
-    assert "distributed.timeout_s=15" in line
+    assert "rank 0 failed (" in line and "waited longer than distributed.timeout_s=15 s for the other ranks" in line, (
+        err
+    )
     assert _digests(ddp_project) == before
 
 

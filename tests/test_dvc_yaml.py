@@ -3,8 +3,8 @@ can keep every stage that has outputs, and each plot is drawn once.
 
 A module missing from deps means a code change silently reuses stale outputs; an extra one means
 needless re-runs. Plumbing that cannot change a stage's results (params loading, atomic writes,
-error type, stage runner, tracking, live MLflow runs) is exempt, and so is what only plumbing imports: the walk
-stops at it, so stage.py's lazy import of live.py (the training stages' live runs) adds nothing.
+error type, stage runner, tracking, live MLflow runs, what the run prints) is exempt, and so is what only plumbing
+imports: the walk stops at it, so stage.py's lazy import of live.py (the training stages' live runs) adds nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "petbreeds"
-PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "tracking", "live"}
+PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "tracking", "live", "runtime"}
 # A stage whose work is a plumbing module depends on it: the MLflow run, the validation of params.yaml.
 OWN_PLUMBING = {"mlflow_log": {"tracking"}, "check_params": {"config"}}
 

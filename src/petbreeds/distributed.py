@@ -116,16 +116,22 @@ def join(params: DistributedParams) -> World:
     return world
 
 
+# How a rank words the loss of a peer: a consequence of another rank's failure, never its cause (see launch).
+LOST_PEER = "lost the other ranks"
+
+
 def collective_failure(error: BaseException, params: DistributedParams) -> str | None:
     """The words for an error of torch.distributed itself (a peer that hung past the timeout, or vanished),
     or None when ``error`` is something else."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error).lower()):
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in text.lower())):
+        return None
+    if "timed out" in text.lower() or "timeout" in text.lower():
         return (
-            f"a collective with the other ranks failed ({text}): another rank hung past distributed.timeout_s="
-            f"{params.timeout_s:g} s or died; see its message, or raise distributed.timeout_s if a step takes longer"
+            f"waited longer than distributed.timeout_s={params.timeout_s:g} s for the other ranks ({text}): a rank "
+            "hung; raise distributed.timeout_s if a step can take that long"
         )
-    return None
+    return f"{LOST_PEER} ({text}): another rank stopped; its failure is the cause"
 
 
 def leave() -> None:
@@ -155,6 +161,22 @@ def _failure_text(rank: int, failure: object) -> str:
     if not text or text.startswith("To enable traceback") or text.startswith("Signal "):
         return f"rank {rank} failed ({how})"
     return f"rank {rank} failed ({how}): {text.splitlines()[0]}"
+
+
+def _blame(item: tuple[int, object]) -> tuple[int, int, int]:
+    """Sort key of the failures, the cause first: a rank's own error (or a hang it timed out on), then a rank
+    killed by a signal, then one stopped by SIGTERM (what the agent sends the survivors), then ranks that only
+    lost their peers; within each, the earliest, then the lowest rank."""
+    rank, failure = item
+    message = str(getattr(failure, "message", "") or "")
+    exitcode = getattr(failure, "exitcode", 0)
+    if message.startswith(LOST_PEER):
+        kind = 3
+    elif isinstance(exitcode, int) and exitcode < 0 and (not message or message.startswith("Signal ")):
+        kind = 2 if exitcode == -signal.SIGTERM else 1
+    else:
+        kind = 0
+    return kind, int(getattr(failure, "timestamp", 0)), rank
 
 
 def launch(script: Path, params: DistributedParams, stage: str, args: Sequence[str] = ()) -> None:
@@ -189,7 +211,7 @@ def launch(script: Path, params: DistributedParams, stage: str, args: Sequence[s
     try:
         elastic_launch(config, sys.executable)(str(script), *args)
     except ChildFailedError as e:
-        first = min(e.failures.items(), key=lambda item: getattr(item[1], "timestamp", 0))
+        first = min(e.failures.items(), key=_blame)
         others = sorted(rank for rank in e.failures if rank != first[0])
         also = f"; rank(s) {', '.join(map(str, others))} stopped too" if others else ""
         raise PetbreedsError(
