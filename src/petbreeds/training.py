@@ -190,6 +190,7 @@ def fit_one_cycle(
         return []
     world, compute = data.world, data.compute
     show = world.is_main
+    no_bar = None if show else True  # a bar on rank 0, only on a terminal (None): queue logs get the table alone
     compute.place(model)
     net = wrap(world, model, compute.device)
     opt = make_optimizer(param_groups(model), lrs, phase.wd)
@@ -203,9 +204,7 @@ def fit_one_cycle(
         started = time.perf_counter()
         net.train()
         images = 0
-        # a progress bar on rank 0, and only on a terminal (disable=None): queue logs get the table, not redraws
-        bar = None if show else True
-        batches = tqdm(data.train_loader, desc=f"{stage} epoch {epoch}", leave=False, unit="batch", disable=bar)
+        batches = tqdm(data.train_loader, desc=f"{stage} epoch {epoch}", leave=False, unit="batch", disable=no_bar)
         for i, batch in enumerate(batches):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
