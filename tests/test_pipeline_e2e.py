@@ -10,51 +10,20 @@ from __future__ import annotations
 import csv
 import difflib
 import json
-import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import dvc.api
 import pytest
-from dvc.utils.hydra import apply_overrides
+from dvc_project import COMMIT_RESULTS, DVC, ROOT, STAGES, commit, exp_run, make_project, run, stages_run
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
 from petbreeds.relog import experiment_refs
 
-ROOT = Path(__file__).resolve().parents[1]
-DVC = str(ROOT / ".venv/bin/dvc") if (ROOT / ".venv/bin/dvc").exists() else "dvc"
-STAGES = (
-    "check_params",
-    "fetch",
-    "index",
-    "split",
-    "weights",
-    "lr_find",
-    "train_frozen",
-    "train_unfrozen",
-    "evaluate",
-    "mlflow_log",
-)
-# The baseline's params.yaml: a pipeline of seconds
-TINY = [
-    "fetch.sample.per_breed=3",
-    "data.item_size=48",
-    "data.size=32",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "model.arch=resnet18",
-    "model.weights=none",
-    "lr_find.num_it=20",
-    "lr_find.stop_div=false",
-    "train_frozen.epochs=1",
-    "train_unfrozen.epochs=1",
-]
-# The README's commands: committing results (after `dvc repro`, or `dvc exp apply`), and comparing experiments
-COMMIT_RESULTS = ("git", "add", "params.yaml", "dvc.lock", "metrics", "plots", "reports")
+# The README's comparison of experiments
 COMPARE = (
     "exp",
     "show",
@@ -68,48 +37,9 @@ COMPARE = (
 )
 
 
-def run(repo: Path, *args: str, **extra_env: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "MLFLOW_RUN_ID")}
-    env |= {"DVC_NO_ANALYTICS": "1", "PATH": f"{ROOT / '.venv/bin'}:{env['PATH']}", "OMP_NUM_THREADS": "1"}
-    env |= extra_env
-    out = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout}\n{out.stderr}"
-    return out.stdout + out.stderr
-
-
-def exp_run(repo: Path, *overrides: str, name: str, queue: bool = False) -> str:
-    sets = [a for o in overrides for a in ("-S", o)]
-    out = run(repo, DVC, "exp", "run", "-n", name, *(["--queue"] if queue else []), *sets)
-    assert "WARNING" not in out, out
-    return out
-
-
-def commit(repo: Path, message: str) -> None:
-    run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
-
-
-def stages_run(dvc_output: str) -> list[str]:
-    return [line.split("'")[1] for line in dvc_output.splitlines() if line.startswith("Running stage")]
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    missing = [s for s in STAGES if not (ROOT / "stages" / f"{s}.py").is_file()]
-    if missing:
-        pytest.skip(f"stage scripts not written yet: {', '.join(missing)}")
-    repo = tmp_path_factory.mktemp("e2e") / "project"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "src"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    run(repo, "git", "init", "-q")
-    run(repo, DVC, "init", "-q")
-    run(repo, DVC, "config", "core.analytics", "false")
-    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates dvc.yaml names
-    apply_overrides(repo / "params.yaml", TINY)  # DVC's own writer, as `dvc exp run -S` uses it
-    run(repo, "git", "add", "-A")
-    commit(repo, "baseline")
+    repo = make_project(tmp_path_factory.mktemp("e2e") / "project")
     out = run(repo, DVC, "repro")
     assert stages_run(out) == list(STAGES) and "WARNING" not in out, out
     run(repo, *COMMIT_RESULTS)
