@@ -565,7 +565,7 @@ class Check:
             sample = self.sample
             loader = bytes_loader(sample["table"], sample["raw"], sample["vocab"], s, seed=42, timeout_s=120)
         n_batches = len(loader)
-        opt = make_optimizer(param_groups(model), group_lrs(phase.lr_slice, 3), phase.wd)
+        opt = make_optimizer(param_groups(model), group_lrs(phase.lr, 3), phase.wd)
         sched = make_one_cycle(opt, s.warmup_steps + n_batches, phase.pct_start, phase.div, phase.div_final)
         scaler = compute.grad_scaler()
         crops = random.Random(42)
@@ -611,7 +611,7 @@ class Check:
         phase = self.params(arch).train_unfrozen
         reset_peak(data.compute.device)
         model = self.new_model(arch)
-        history = fit_one_cycle(model, data, phase, group_lrs(phase.lr_slice, 3), stage=f"gpu_check {arch}")
+        history = fit_one_cycle(model, data, phase, group_lrs(phase.lr, 3), stage=f"gpu_check {arch}")
         epoch = history[0]
         images = len(data.train_loader) * self.scale.batch_size
         row.images_per_s = epoch["images_per_s"]

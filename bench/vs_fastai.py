@@ -1,6 +1,6 @@
 """The book's chapter-5 recipe with fastai 2.8.12 and with petbreeds, side by side, on the same data, split and weights.
 
-    make install && python3 -m venv .venv-bench && PIP_CONFIG_FILE=/dev/null .venv-bench/bin/pip install -e '.[bench]'
+    make install                     # the dev extra holds fastai 2.8.12
     .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR] [--fastai-reuse-freed-memory]
 
 Recipe (docs/fastai.md §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32,
@@ -8,7 +8,7 @@ efficientnet_lite0 with ImageNet weights (offline, converted by petbreeds.pretra
 same tensors), lr_find(100 iterations),
 then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e-3), div 5, pct 0.3.
 
-Each side runs in its own subprocess (fastai's with .venv-bench's python, ours with .venv's) so that peak RSS is per
+Each side runs in its own subprocess of .venv's python (the dev extra holds fastai) so that peak RSS is per
 side; the sides alternate (A B, B A, ...) so that load from other processes hits both alike. Both get the same
 DataLoader worker count. The fastai child checks that its RandomSplitter(0.2, seed=42) over the sorted file list
 gives exactly our validation set. Prints one table of medians with the ratios and the run-to-run spread.
@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
-SIDES = {"fastai": ROOT / ".venv-bench" / "bin" / "python", "petbreeds": ROOT / ".venv" / "bin" / "python"}
+PYTHON = ROOT / ".venv" / "bin" / "python"
+SIDES = ("fastai", "petbreeds")
 LABEL_REGEX = r"(.+)_\d+.jpg$"
 ARCH = "efficientnet_lite0"
 # fine_tune(2) with its defaults (docs/fastai.md §5).
@@ -63,7 +64,7 @@ def quick_recipe(workers: int) -> Recipe:
 
 
 # --------------------------------------------------------------------------------------------------
-# The fastai side (runs in .venv-bench; petbreeds is installed there too, for the weights and the split file)
+# The fastai side (it uses petbreeds too, for the weights and the split file)
 
 
 def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str, float]:
@@ -270,7 +271,7 @@ def prepare(work: Path, data_root: Path, quick: bool, seed: int) -> int:
 def run_side(side: str, work: Path, extra_args: list[str], workers: int) -> dict[str, float]:
     """One side in its own process; adds its peak RSS (the largest of the process and its DataLoader workers)."""
     out = work / f"{side}.json"
-    cmd = [str(SIDES[side]), __file__, "--side", side, "--work", str(work), "--workers", str(workers), *extra_args]
+    cmd = [str(PYTHON), __file__, "--side", side, "--work", str(work), "--workers", str(workers), *extra_args]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -326,9 +327,8 @@ def main() -> None:
             result = run_petbreeds(args.work, recipe)
         (args.work / f"{args.side}.json").write_text(json.dumps(result))
         return
-    for side, python in SIDES.items():
-        if not python.is_file():
-            raise SystemExit(f"{python}: missing; the {side} side needs it (see this script's docstring)")
+    if not PYTHON.is_file():
+        raise SystemExit(f"{PYTHON}: missing; run `make install` first")
     from machine import machine_header  # bench/ is this script's folder, so on sys.path
 
     print(machine_header(), flush=True)

@@ -71,6 +71,7 @@ def main(params: Params, ctx: StageContext) -> None:
     device = pick_device()
     model, ckpt = load_checkpoint(Path("models/model.pt"), device)
     compute = Compute(device, resolve_precision(params.train.precision, device), params.train.channels_last)
+    ctx.record(precision=compute.precision)
     table = read_split_table(Path("data/split.csv"))
     # The model's own transforms; batching as params.data says.
     data = ckpt.data_params(params.data.batch_size, params.data.num_workers)

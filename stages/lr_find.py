@@ -6,13 +6,11 @@ chosen one, seconds, iterations) and a look at the batches: reports/show_batch_{
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
-from petbreeds.atomic import atomic_output, atomic_write_json
 from petbreeds.config import Params
-from petbreeds.lr_find import lr_find, save_lr_find_plot
+from petbreeds.lr_find import lr_find, write_lr_find
 from petbreeds.show import save_show_batch
 from petbreeds.splitting import read_split_table, read_vocab
 from petbreeds.stage import StageContext, run_stage
@@ -22,6 +20,7 @@ from petbreeds.training import new_frozen_model, training_data
 def main(params: Params, ctx: StageContext) -> None:
     table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
     data = training_data(params, table, vocab, Path("data/raw"), seed=params.seed, world=ctx.world)
+    ctx.record(precision=data.compute.precision)
     model = new_frozen_model(params, len(vocab), Path("models/pretrained"))
     started = time.perf_counter()
     wd = params.train_frozen.wd  # the optimizer the frozen phase will train with
@@ -30,18 +29,8 @@ def main(params: Params, ctx: StageContext) -> None:
     if not ctx.world.is_main:
         return
     chosen = params.lr_find.suggestion
-    with atomic_output("plots/lr_find.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["lr", "loss"])
-        writer.writerows(zip(result.lrs, result.losses, strict=True))
-    save_lr_find_plot(result, chosen, Path("reports/lr_find.png"))
-    metrics = {
-        **result.suggestions,
-        "chosen": result.suggestions[chosen],
-        "seconds": seconds,
-        "iterations": len(result.lrs),
-    }
-    atomic_write_json("reports/lr_find.json", metrics)
+    curve, plot, report = Path("plots/lr_find.csv"), Path("reports/lr_find.png"), Path("reports/lr_find.json")
+    write_lr_find(result, chosen, seconds, curve=curve, plot=plot, report=report)
     print("lr_find: " + ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items()) + f"; {chosen} used")
     for split, loader in (("train", data.train_loader), ("valid", data.valid_loader)):
         x, y = next(iter(loader))

@@ -1,48 +1,49 @@
 """Stage train_frozen: one cycle with the body frozen, at train_frozen.lr or the lr_find suggestion.
 
-Writes models/frozen.pt, plots/train_frozen.csv (per epoch) and reports/train_frozen.json.
+Writes models/frozen.pt, plots/train_frozen.csv (per epoch), plots/train_frozen_batches.csv (per batch) and
+reports/train_frozen.json.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from petbreeds.atomic import atomic_write_json
 from petbreeds.checkpoint import save_checkpoint
 from petbreeds.config import Params
-from petbreeds.errors import PetbreedsError
+from petbreeds.lr_find import phase_lr
 from petbreeds.model import param_groups
 from petbreeds.schedule import group_lrs
 from petbreeds.splitting import read_split_table, read_vocab
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import fit_one_cycle, new_frozen_model, phase_metrics, training_data, write_history
-
-LR_FIND_REPORT = Path("reports/lr_find.json")
-
-
-def frozen_lr(params: Params) -> float | list[float]:
-    """train_frozen.lr (a float, [lo, hi] or [hi]), or (null) the lr_find suggestion that lr_find.suggestion names."""
-    if params.train_frozen.lr is not None:
-        return params.train_frozen.lr
-    if not LR_FIND_REPORT.is_file():
-        raise PetbreedsError(f"{LR_FIND_REPORT} not found and train_frozen.lr is null; run `dvc repro lr_find`")
-    return float(json.loads(LR_FIND_REPORT.read_text(encoding="utf-8"))[params.lr_find.suggestion])
+from petbreeds.training import (
+    fit_one_cycle,
+    new_frozen_model,
+    phase_metrics,
+    training_data,
+    write_batches,
+    write_history,
+)
 
 
 def main(params: Params, ctx: StageContext) -> None:
-    lr = frozen_lr(params)
+    lr = phase_lr("train_frozen", params.train_frozen.lr, Path("reports/lr_find.json"), params.lr_find.suggestion)
     table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
     data = training_data(params, table, vocab, Path("data/raw"), seed=params.seed, world=ctx.world)
+    ctx.record(precision=data.compute.precision)
     model = new_frozen_model(params, len(vocab), Path("models/pretrained"))  # seeded as in lr_find: the same head
     lrs = group_lrs(lr, len(param_groups(model)))
     if ctx.world.is_main:
         print("train_frozen: max lr per group " + ", ".join(f"{v:.3g}" for v in lrs))
-    history = fit_one_cycle(model, data, params.train_frozen, lrs, stage="train_frozen", on_epoch=ctx.log_epoch)
+    batches: list[dict[str, float]] = []
+    history = fit_one_cycle(
+        model, data, params.train_frozen, lrs, stage="train_frozen", on_epoch=ctx.log_epoch, on_batch=batches.append
+    )
     metrics = phase_metrics(history, model, data)
     if ctx.world.is_main:
         save_checkpoint(Path("models/frozen.pt"), model, arch=params.model.arch, vocab=vocab, data=params.data)
         write_history(Path("plots/train_frozen.csv"), history)
+        write_batches(Path("plots/train_frozen_batches.csv"), batches)
         atomic_write_json("reports/train_frozen.json", {**metrics, "lr": lrs[-1]})  # the head's: a number
 
 

@@ -25,6 +25,7 @@ STAGES = (
     "weights",
     "lr_find",
     "train_frozen",
+    "lr_find_unfrozen",
     "train_unfrozen",
     "evaluate",
     "mlflow_log",

@@ -21,7 +21,7 @@ def raw_params() -> dict:
 def test_default_params_load():
     p = load_params(ROOT / "params.yaml")
     assert p.fetch.source == "sample"
-    assert p.train_unfrozen.lr_slice[0] < p.train_unfrozen.lr_slice[1]
+    assert p.train_unfrozen.lr[0] < p.train_unfrozen.lr[1]
     assert flatten(p)["train_frozen.lr"] is None
 
 
@@ -34,9 +34,9 @@ def test_default_params_load():
         ("data.size", "big", "data.size must be an integer"),
         ("model.arch", "vgg16", "model.arch must be one of"),
         ("train.channels_last", "yes", "train.channels_last must be true or false"),
-        ("train_unfrozen.lr_slice", [1.0e-4, 1.0e-6], "train_unfrozen.lr_slice must be a list [lo, hi]"),
-        ("train_unfrozen.lr_slice", 1.0e-4, "train_unfrozen.lr_slice must be a list"),
-        ("train_unfrozen.lr_slice", ["a", 1.0e-4], "train_unfrozen.lr_slice must be a list [lo, hi]"),
+        ("train_unfrozen.lr", [1.0e-4, 1.0e-6], "train_unfrozen.lr must be a number > 0, a list [lo, hi]"),
+        ("train_unfrozen.lr", "1e-4x", "train_unfrozen.lr must be a number > 0, a list [lo, hi]"),
+        ("train_unfrozen.lr", ["a", 1.0e-4], "train_unfrozen.lr must be a number > 0, a list [lo, hi]"),
         ("train_frozen.epochs", True, "train_frozen.epochs must be an integer >= 0, got True"),  # strict: no bools
         ("train_frozen.epochs", "3", "train_frozen.epochs must be an integer >= 0, got '3'"),  # nor text
         ("data.batch_size", 32.0, "data.batch_size must be an integer > 0, got 32.0"),
@@ -108,11 +108,11 @@ def test_distributed_cross_checks():
 def test_an_integer_is_a_number():
     raw = raw_params()
     raw["lr_find"]["end_lr"] = 10
-    raw["train_unfrozen"]["lr_slice"] = [1, 2]
+    raw["train_unfrozen"]["lr"] = [1, 2]
     raw["train_frozen"]["lr"] = 1
     p = parse_params(raw)
     assert p.lr_find.end_lr == 10.0 and type(p.lr_find.end_lr) is float
-    assert p.train_unfrozen.lr_slice == [1.0, 2.0] and all(type(v) is float for v in p.train_unfrozen.lr_slice)
+    assert p.train_unfrozen.lr == [1.0, 2.0] and all(type(v) is float for v in p.train_unfrozen.lr)
     assert type(p.train_frozen.lr) is float
 
 
@@ -120,11 +120,12 @@ def test_an_integer_is_a_number():
     ("value", "expected"),
     [(3.0e-3, 3.0e-3), (None, None), ([1.0e-6, 1.0e-4], [1.0e-6, 1.0e-4]), ([2.0e-3], [2.0e-3]), (["2e-3"], [2e-3])],
 )
-def test_train_frozen_lr_takes_fastais_forms(value, expected):
-    # a float, slice(lo, hi) as [lo, hi], slice(hi) as [hi], or null (the lr_find suggestion)
+@pytest.mark.parametrize("phase", ["train_frozen", "train_unfrozen"])
+def test_a_phase_lr_takes_fastais_forms(value, expected, phase):
+    # a float, slice(lo, hi) as [lo, hi], slice(hi) as [hi], or null (the suggestion of the phase's lr finder)
     raw = raw_params()
-    raw["train_frozen"]["lr"] = value
-    assert parse_params(raw).train_frozen.lr == expected
+    raw[phase]["lr"] = value
+    assert getattr(parse_params(raw), phase).lr == expected
 
 
 def test_params_are_frozen_and_flatten_like_the_yaml():
@@ -164,14 +165,14 @@ def test_unknown_and_missing_keys():
 
 
 def test_values_written_by_dvc_exp_run_load(tmp_path):
-    """`dvc exp run -S 'train_unfrozen.lr_slice=[1e-6,1e-4]'` writes `- 1e-06`; YAML 1.2 reads floats."""
+    """`dvc exp run -S 'train_unfrozen.lr=[1e-6,1e-4]'` writes `- 1e-06`; YAML 1.2 reads floats."""
     text = (ROOT / "params.yaml").read_text()
     text = text.replace("  - 1.0e-5\n  - 1.0e-3\n", "  - 1e-06\n  - 0.0001\n")
-    text = text.replace("  lr:                         #", "  lr: 1e-3                    #")
+    text = text.replace("  lr:                         # a number", "  lr: 1e-3                    # a number")
     path = tmp_path / "params.yaml"
     path.write_text(text)
     p = load_params(path)
-    assert p.train_unfrozen.lr_slice == [1e-06, 0.0001]
+    assert p.train_unfrozen.lr == [1e-06, 0.0001]
     assert p.train_frozen.lr == pytest.approx(1e-3)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from petbreeds.device import CPU_AUTO_DTYPE, autocast, make_grad_scaler, pick_device, resolve_precision
+from petbreeds.device import CPU_AUTO_DTYPE, Compute, autocast, make_grad_scaler, pick_device, resolve_precision
 from petbreeds.errors import PetbreedsError
 
 CPU = torch.device("cpu")
@@ -84,6 +84,13 @@ def test_resolve_precision_on_cpu():
     assert resolve_precision("auto", CPU) is CPU_AUTO_DTYPE
     with pytest.raises(PetbreedsError, match=r"train\.precision fp16 needs a CUDA GPU"):
         resolve_precision("fp16", CPU)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_the_precision_used_is_named_as_params_yaml_names_it(name):
+    # what the stages record (StageContext.record), so that MLflow shows what train.precision auto became
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    assert Compute(CPU, dtype, channels_last=False).precision == name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

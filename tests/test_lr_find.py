@@ -14,8 +14,17 @@ from petbreeds.augment import BatchAugment
 from petbreeds.config import load_params
 from petbreeds.device import Compute
 from petbreeds.errors import PetbreedsError
-from petbreeds.lr_find import lr_find, minimum, save_lr_find_plot, slide, steep, suggest, valley
-from petbreeds.model import freeze
+from petbreeds.lr_find import (
+    lr_find,
+    minimum,
+    phase_lr,
+    slide,
+    steep,
+    suggest,
+    valley,
+    write_lr_find,
+)
+from petbreeds.model import freeze, unfreeze
 from petbreeds.training import TrainingData
 from petbreeds.world import SINGLE_PROCESS
 
@@ -111,10 +120,12 @@ def _sweep(model: torch.nn.Module, channels_last: bool, on_step=None, **settings
     return lr_find(model, data, params.lr_find.model_copy(update=settings), wd=0.01, on_step=on_step)
 
 
-def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path) -> None:
+@pytest.mark.parametrize("frozen", [True, False], ids=["lr_find", "lr_find_unfrozen"])
+def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path, frozen: bool) -> None:
     torch.manual_seed(0)
     model = tiny_net()
-    freeze(model)  # as the stage: the body's BN layers still train and update their running statistics
+    # as the stages: frozen, the body's BN layers still train and update their running statistics; or all of it
+    (freeze if frozen else unfreeze)(model)
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     steps = []
@@ -136,9 +147,20 @@ def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path) -> None:
         assert torch.equal(after[name], value), name  # weights, running_mean/var, num_batches_tracked
     assert not model.training
     assert all(p.grad is None for p in model.parameters())
-    assert model.body[0].weight.requires_grad is False  # the freeze state is untouched
-    save_lr_find_plot(result, "valley", tmp_path / "lr_find.png")
+    assert model.body[0].weight.requires_grad is not frozen  # the freeze state is untouched
+    paths = {"curve": tmp_path / "lr_find.csv", "plot": tmp_path / "lr_find.png", "report": tmp_path / "lr_find.json"}
+    write_lr_find(result, "valley", 1.5, **paths)
     assert (tmp_path / "lr_find.png").stat().st_size > 0
+    assert (tmp_path / "lr_find.csv").read_text().splitlines()[0] == "lr,loss"
+    assert phase_lr("train_frozen", None, paths["report"], "steep") == result.suggestions["steep"]
+
+
+def test_a_phase_lr_is_its_param_or_its_finders_suggestion(tmp_path) -> None:
+    report = tmp_path / "lr_find_unfrozen.json"
+    assert phase_lr("train_unfrozen", [1e-6, 1e-4], report, "valley") == [1e-6, 1e-4]  # the report is not read
+    with pytest.raises(PetbreedsError) as e:
+        phase_lr("train_unfrozen", None, report, "valley")
+    assert str(e.value) == (f"{report} not found and train_unfrozen.lr is null; run `dvc repro lr_find_unfrozen`")
 
 
 def test_lr_find_stops_when_the_loss_diverges() -> None:

@@ -73,6 +73,10 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     head = run(repo, "git", "rev-parse", "--short=7", "HEAD").strip()
     assert stages_run(run(repo, DVC, "repro")) == ["mlflow_log"]
     assert f"repro@{head}" in parents(repo)
+    # models/model.pt is the run's MLflow model, READY (tests/test_mlflow_model.py loads, registers and serves one)
+    (model,) = parents(repo)[f"repro@{head}"].outputs.model_outputs
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    assert str(client.get_logged_model(model.model_id).status) == "READY"
 
     exp_run(repo, "train_frozen.lr=0.001", name="e1")
     exp_run(repo, "train_frozen.lr=0.002", name="e2")
@@ -94,7 +98,7 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     exp_run(repo, "train_frozen.lr=0.001", name="e3")
     assert any((repo / ".dvc" / "cache" / "runs").iterdir())
     e3, e1 = parents(repo)["e3"], parents(repo)["e1"]
-    for stage in ("lr_find", "train_frozen", "train_unfrozen", "evaluate"):
+    for stage in ("lr_find", "train_frozen", "lr_find_unfrozen", "train_unfrozen", "evaluate"):
         assert e3.data.tags[f"stage.{stage}.status"] == "reused", stage
         producer = "repro@" if stage == "lr_find" else "e1 at "  # lr_find's outputs are the baseline's, as for e1
         assert e3.data.tags[f"stage.{stage}.producer"].startswith(producer), stage
@@ -185,9 +189,9 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
 
 @pytest.mark.slow
 def test_an_experiment_on_two_processes_writes_every_output_and_logs_one_run(repo: Path) -> None:
-    """`dvc exp run -S distributed.nproc_per_node=2`: lr_find and both training stages run as 2 gloo ranks."""
+    """`dvc exp run -S distributed.nproc_per_node=2`: both finders and both training stages run as 2 gloo ranks."""
     exp_run(repo, "distributed.nproc_per_node=2", name="ddp2")
-    for stage in ("lr_find", "train_frozen", "train_unfrozen"):
+    for stage in ("lr_find", "train_frozen", "lr_find_unfrozen", "train_unfrozen"):
         info = json.loads((repo / "reports" / "run_info" / f"{stage}.json").read_text())
         assert info["world_size"] == 2, stage
     lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
@@ -210,4 +214,4 @@ def test_an_experiment_on_two_processes_writes_every_output_and_logs_one_run(rep
     out = run(repo, sys.executable, "-c", query, f"sqlite:///{repo / 'mlflow.db'}").splitlines()[-1]
     logged_error_rate, live = json.loads(out)
     assert logged_error_rate == pytest.approx(error_rate)
-    assert live == ["lr_find", "train_frozen", "train_unfrozen"]  # rank 0's
+    assert live == ["lr_find", "lr_find_unfrozen", "train_frozen", "train_unfrozen"]  # rank 0's

@@ -74,7 +74,7 @@ def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(
     assert run.info.run_name == "exp-a" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "petbreeds"
     # params: every key of params.yaml, flattened, lists and nulls as YAML would read them back
-    assert run.data.params["train_unfrozen.lr_slice"] == "[1e-05, 0.001]"
+    assert run.data.params["train_unfrozen.lr"] == "[1e-05, 0.001]"
     assert run.data.params["train_frozen.lr"] == "null"
     assert run.data.params["model.arch"] == "efficientnet_lite0"
     # finals: exactly the numbers of metrics/*.json (what dvc exp show lists) and of reports/*.json
@@ -99,15 +99,18 @@ def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(
 
 
 def test_one_name_per_quantity_and_the_run_shows_the_final_numbers(project: Path, exp_identity) -> None:
-    """plots/train_frozen.csv and reports/train_frozen.json as the training code writes them, logged together."""
-    from petbreeds.training import phase_metrics, write_history
+    """plots/train_frozen.csv, plots/train_frozen_batches.csv and reports/train_frozen.json as the training code
+    writes them, logged together."""
+    from petbreeds.training import phase_metrics, write_batches, write_history
 
     history = [
         {"epoch": 0, "train_loss": 3.1, "valid_loss": 2.5, "error_rate": 0.8, "lr": 2e-3, "seconds": 4.0},
         {"epoch": 1, "train_loss": 2.2, "valid_loss": 1.9, "error_rate": 0.6, "lr": 1e-7, "seconds": 5.0},
     ]
-    history = [{**row, "images_per_s": 30.0} for row in history]
+    history = [{**row, "images_per_s": 30.0, "iteration": 2 * (row["epoch"] + 1)} for row in history]  # 2 batches
     write_history(project / "plots/train_frozen.csv", history)
+    batches = [{"iteration": i + 1, "train_loss": loss, "lr": 1e-3} for i, loss in enumerate((3.5, 3.1, 2.6, 2.2))]
+    write_batches(project / "plots/train_frozen_batches.csv", batches)
     finals = {**phase_metrics(history, None, None), "lr": 2e-3}  # type: ignore[arg-type]  # as the stage writes it
     (project / "reports/train_frozen.json").write_text(json.dumps(finals))
 
@@ -116,7 +119,11 @@ def test_one_name_per_quantity_and_the_run_shows_the_final_numbers(project: Path
     client = store(project)
     metrics = client.get_run(run_id).data.metrics
     assert not [k for k in metrics if k.startswith(("frozen/", "unfrozen/"))]  # one section per stage
-    assert "train_frozen/global_epoch" not in metrics  # the plots' x axis, not a quantity
+    axes = ("epoch", "global_epoch", "iteration", "global_iteration")  # the plots' x axes and the steps
+    assert not [key for key in metrics if key.endswith(axes)]
+    # per batch (fastai's plot_loss), its iteration as the step
+    per_batch = client.get_metric_history(run_id, "train_frozen_batches/train_loss")
+    assert [(m.step, m.value) for m in per_batch] == [(1, 3.5), (2, 3.1), (3, 2.6), (4, 2.2)]
     for key in metrics:  # a name with two values at one step would be two quantities under one name
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert len(steps) == len(set(steps)), key
@@ -245,6 +252,7 @@ def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
     project: Path, monkeypatch: pytest.MonkeyPatch, exp_identity, frozen_rows, fake_baseline
 ) -> None:
     def main(params: object, ctx: object) -> None:
+        ctx.record(precision="bf16")  # type: ignore[attr-defined]
         for epoch, row in enumerate(frozen_rows):
             ctx.log_metrics({"valid_loss": row["valid_loss"]}, step=epoch)  # type: ignore[attr-defined]
 
@@ -255,6 +263,7 @@ def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
     info = json.loads((project / "reports/run_info/train_frozen.json").read_text())
     assert info["stage"] == "train_frozen" and info["dvc_exp_name"] == "exp-a" and info["device"] == "cpu"
     assert info["duration_s"] >= 0 and info["host"] and info["invocation"] is None  # not under dvc
+    assert info["facts"] == {"precision": "bf16"}
     child_id = info["mlflow_child_run_id"]
     client = store(project)
     child = client.get_run(child_id)
@@ -264,6 +273,7 @@ def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
     parent_id = tracking.log_pipeline(project, exp_identity(), project)
     assert client.get_run(child_id).data.tags["mlflow.parentRunId"] == parent_id
     assert client.get_run(parent_id).data.tags["stage.train_frozen.live_run"] == child_id
+    assert client.get_run(parent_id).data.tags["stage.train_frozen.precision"] == "bf16"  # what auto became
     assert_no_stray_runs(project)
 
 

@@ -37,11 +37,11 @@ def _setup(root: Path, table: pd.DataFrame, seed: int = 0) -> tuple[torch.nn.Mod
     return tiny_net(), training_data(params, table, VOCAB, root, seed=seed, world=SINGLE_PROCESS)
 
 
-def _fit(model, data, epochs: int, lr: float = 1e-2, stage: str = "train_frozen", on_epoch=None):
+def _fit(model, data, epochs: int, lr: float = 1e-2, stage: str = "train_frozen", on_epoch=None, on_batch=None):
     phase = load_params(ROOT / "params.yaml").train_frozen.model_copy(
         update={"epochs": epochs, "pct_start": 0.25, "div": 25.0, "div_final": 1e5, "wd": 0.01}
     )
-    return fit_one_cycle(model, data, phase, [lr] * 3, stage=stage, on_epoch=on_epoch)
+    return fit_one_cycle(model, data, phase, [lr] * 3, stage=stage, on_epoch=on_epoch, on_batch=on_batch)
 
 
 def test_smooth_loss_is_fastais_debiased_ema() -> None:
@@ -53,11 +53,18 @@ def test_smooth_loss_is_fastais_debiased_ema() -> None:
 def test_fit_one_cycle_learns_and_reports_the_books_columns(pets, capsys) -> None:
     model, data = _setup(*pets)
     loss_before, _ = validate(model, data)
-    seen = []
-    history = _fit(model, data, epochs=4, on_epoch=seen.append)
+    seen, batches = [], []
+    history = _fit(model, data, epochs=4, on_epoch=seen.append, on_batch=batches.append)
     assert [row["epoch"] for row in history] == [0, 1, 2, 3]
     assert seen == history
-    assert set(history[0]) == {"epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds", "images_per_s"}
+    columns = {"epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds", "images_per_s", "iteration"}
+    assert set(history[0]) == columns
+    # fastai's Recorder: the smoothed loss and the lr of every batch; an epoch's train_loss is its last batch's
+    per_epoch = len(data.train_loader)
+    assert [b["iteration"] for b in batches] == list(range(1, 4 * per_epoch + 1))
+    assert [row["iteration"] for row in history] == [per_epoch * (e + 1) for e in range(4)]
+    assert [batches[row["iteration"] - 1]["train_loss"] for row in history] == [row["train_loss"] for row in history]
+    assert batches[-1]["lr"] == history[-1]["lr"] and batches[0]["lr"] == pytest.approx(1e-2 / 25)
     assert history[-1]["valid_loss"] < loss_before
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["error_rate"] < 1 / 3  # chance is 2/3; the colours are easy
@@ -111,21 +118,28 @@ def _results(project: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]
         path.name: {k: v for k, v in json.loads(path.read_text()).items() if k not in timing}
         for path in sorted((project / "reports").glob("*.json"))
     }
-    for name in ("lr_find", "train_frozen", "train_unfrozen"):
-        numbers[f"{name}.csv"] = pd.read_csv(project / "plots" / f"{name}.csv").drop(columns="seconds", errors="ignore")
-        numbers[f"{name}.csv"] = numbers[f"{name}.csv"].to_dict("list")
+    for path in sorted((project / "plots").glob("*.csv")):
+        numbers[path.name] = pd.read_csv(path).drop(columns="seconds", errors="ignore").to_dict("list")
     state = torch.load(project / "models" / "model.pt", weights_only=True)["state_dict"]
     return numbers, state
 
 
+TRAINING_STAGES = ("lr_find", "train_frozen", "lr_find_unfrozen", "train_unfrozen")
+
+
 @pytest.mark.slow
 def test_stages_lr_find_train_frozen_train_unfrozen(tmp_path: Path) -> None:
-    """The three stage scripts on a tiny project: resnet18 without pretrained weights, 32 px, real JPEGs."""
+    """The four stage scripts on a tiny project: resnet18 without pretrained weights, 32 px, real JPEGs."""
     tiny_project(tmp_path)
+    # what train.precision auto becomes, printed and kept in the sidecar (MLflow's tag stage.<stage>.precision)
+    auto = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "fp32"
 
-    for stage in ("lr_find", "train_frozen", "train_unfrozen"):
+    for stage in TRAINING_STAGES:
         done = _run_stage(stage, tmp_path)
         assert done.returncode == 0, done.stderr
+        assert f"{stage}: precision {auto}" in done.stdout
+        info = json.loads((tmp_path / "reports" / "run_info" / f"{stage}.json").read_text())
+        assert info["facts"] == {"precision": auto}
 
     lr_find = json.loads((tmp_path / "reports" / "lr_find.json").read_text())
     assert set(lr_find) == {"valley", "minimum", "steep", "slide", "chosen", "seconds", "iterations"}
@@ -135,17 +149,34 @@ def test_stages_lr_find_train_frozen_train_unfrozen(tmp_path: Path) -> None:
         assert (tmp_path / "reports" / f"{png}.png").stat().st_size > 0
     frozen = json.loads((tmp_path / "reports" / "train_frozen.json").read_text())
     assert frozen["lr"] == lr_find["valley"] and frozen["epochs"] == 2
+    # the finder after unfreezing: its own curve and suggestions, from frozen.pt
+    unfrozen_find = json.loads((tmp_path / "reports" / "lr_find_unfrozen.json").read_text())
+    assert set(unfrozen_find) == set(lr_find) and unfrozen_find["iterations"] <= 20
+    assert (tmp_path / "plots" / "lr_find_unfrozen.csv").read_text().startswith("lr,loss\n")
+    assert (tmp_path / "reports" / "lr_find_unfrozen.png").stat().st_size > 0
     unfrozen = json.loads((tmp_path / "reports" / "train_unfrozen.json").read_text())
-    assert (unfrozen["lr_lo"], unfrozen["lr_hi"], unfrozen["epochs"]) == (1e-5, 1e-3, 3)
+    assert (unfrozen["lr_lo"], unfrozen["lr_hi"], unfrozen["epochs"]) == (1e-5, pytest.approx(1e-3), 3)
     history = pd.read_csv(tmp_path / "plots" / "train_unfrozen.csv")
-    assert list(history.columns) == ["epoch", "global_epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds"]
+    columns = ["epoch", "global_epoch", "global_iteration", "train_loss", "valid_loss", "error_rate", "lr", "seconds"]
+    assert list(history.columns) == columns
     assert history["epoch"].tolist() == [0, 1, 2] and history["global_epoch"].tolist() == [2, 3, 4]  # after 2 frozen
+    # per batch (fastai's plot_loss): the iterations count on over both phases; each epoch's row sits on its last
+    per_epoch = 3  # 30 training images (10 of 16 per colour), batch 8, drop_last
+    frozen_batches = pd.read_csv(tmp_path / "plots" / "train_frozen_batches.csv")
+    batches = pd.read_csv(tmp_path / "plots" / "train_unfrozen_batches.csv")
+    assert list(batches.columns) == ["iteration", "global_iteration", "train_loss", "lr"]
+    assert frozen_batches["global_iteration"].tolist() == list(range(1, 2 * per_epoch + 1))
+    assert batches["iteration"].tolist() == list(range(1, 3 * per_epoch + 1))
+    assert batches["global_iteration"].tolist() == list(range(2 * per_epoch + 1, 5 * per_epoch + 1))
+    assert history["global_iteration"].tolist() == [per_epoch * epochs for epochs in (3, 4, 5)]
+    ends = batches.set_index("global_iteration").loc[history["global_iteration"], "train_loss"]
+    assert ends.tolist() == history["train_loss"].tolist()
     for ckpt in ("frozen.pt", "model.pt"):
         assert torch.load(tmp_path / "models" / ckpt, weights_only=True)["arch"] == "resnet18"
 
     # Same machine, same torch build, same params and data: the same numbers and weights, run after run.
     first = _results(tmp_path)
-    for stage in ("lr_find", "train_frozen", "train_unfrozen"):
+    for stage in TRAINING_STAGES:
         assert _run_stage(stage, tmp_path).returncode == 0
     again = _results(tmp_path)
     assert again[0] == first[0]
@@ -159,9 +190,28 @@ def test_stages_lr_find_train_frozen_train_unfrozen(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_frozen_takes_fine_tunes_slice(tmp_path: Path) -> None:
-    """train_frozen.lr [hi] is fastai's slice(hi): hi/10 for the body's groups, hi for the head (no lr_find run)."""
-    tiny_project(tmp_path, **{"\n  lr: ": "\n  lr: [2.0e-3] ", "  epochs: 2\n": "  epochs: 1\n"})
+def test_the_phases_take_fastais_lr_forms(tmp_path: Path) -> None:
+    """train_frozen.lr [hi] is fastai's slice(hi): hi/10 for the body's groups, hi for the head (no lr_find run).
+    A null train_unfrozen.lr is lr_find_unfrozen's suggestion, one lr for every group (the book's unfreeze(),
+    lr_find(), fit_one_cycle(6, lr_max=1e-5))."""
+    lr = "  lr:                         # a number"
+    tiny_project(
+        tmp_path,
+        **{
+            lr: "  lr: [2.0e-3]                # a number",
+            "  epochs: 2\n": "  epochs: 1\n",
+            "  epochs: 3\n": "  epochs: 1\n",
+            "  - 1.0e-5\n  - 1.0e-3\n": "",  # train_unfrozen.lr: null
+        },
+    )
     done = _run_stage("train_frozen", tmp_path)
     assert done.returncode == 0, done.stderr
     assert "train_frozen: max lr per group 0.0002, 0.0002, 0.002" in done.stdout
+    assert load_params(tmp_path / "params.yaml").train_unfrozen.lr is None
+    # lr_find_unfrozen's report (the stage itself runs in the test above): the suggestion lr_find.suggestion names
+    (tmp_path / "reports" / "lr_find_unfrozen.json").write_text(json.dumps({"valley": 3e-4, "steep": 1e-5}))
+    done = _run_stage("train_unfrozen", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "train_unfrozen: max lr per group 0.0003, 0.0003, 0.0003" in done.stdout
+    unfrozen = json.loads((tmp_path / "reports" / "train_unfrozen.json").read_text())
+    assert unfrozen["lr_lo"] == unfrozen["lr_hi"] == 3e-4

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -47,7 +48,7 @@ from petbreeds.interpret import (  # noqa: E402
 from petbreeds.lr_find import suggest  # noqa: E402
 from petbreeds.model import ParamGroup, create_head  # noqa: E402
 from petbreeds.presizing import presize  # noqa: E402
-from petbreeds.schedule import group_lrs, make_one_cycle, make_optimizer  # noqa: E402
+from petbreeds.schedule import group_lrs, last_beta1, make_one_cycle, make_optimizer  # noqa: E402
 from petbreeds.splitting import random_split  # noqa: E402
 from petbreeds.training import SmoothLoss  # noqa: E402
 
@@ -167,6 +168,23 @@ def test_one_cycle_is_fastais_combined_cos(n: int, pct: float, div: float, div_f
             assert mom == pytest.approx(mom_sched(pos), rel=1e-6), s
 
 
+def _tiny_learner(path: Path) -> fa_learner.Learner:
+    """A real fastai Learner of 3 parameter groups (one Linear each) and 5 batches per epoch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+    items = [(torch.randn(2), torch.randn(1)) for _ in range(20)]
+    dls = fa_data_core.DataLoaders(
+        fa_load.DataLoader(items, bs=4, shuffle=True, drop_last=True), fa_load.DataLoader(items[:4], bs=4), device="cpu"
+    )
+
+    def splitter(m: nn.Sequential) -> list[list[nn.Parameter]]:
+        return [list(layer.parameters()) for layer in m]
+
+    return fa_learner.Learner(
+        dls, model, loss_func=nn.MSELoss(), opt_func=fa_optimizer.Adam, splitter=splitter, path=path
+    )
+
+
 class _RecordHypers(fa_core.Callback):
     """Each group's (lr, mom) as fastai's ParamScheduler (order 60) leaves them before a training batch."""
 
@@ -189,21 +207,11 @@ class _RecordHypers(fa_core.Callback):
     ],
 )
 def test_fit_one_cycle_hypers_match_a_fastai_learner(
-    epochs: int, lr: float | list[float], fastai_lr: float | slice, pct: float, div: float
+    epochs: int, lr: float | list[float], fastai_lr: float | slice, pct: float, div: float, tmp_path: Path
 ) -> None:
     # A real fastai Learner (3 parameter groups, 5 batches per epoch) runs fit_one_cycle; ours replays the same
     # number of batches with group_lrs' spread of the same lr.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
-    items = [(torch.randn(2), torch.randn(1)) for _ in range(20)]
-    dls = fa_data_core.DataLoaders(
-        fa_load.DataLoader(items, bs=4, shuffle=True, drop_last=True), fa_load.DataLoader(items[:4], bs=4), device="cpu"
-    )
-
-    def splitter(m: nn.Sequential) -> list[list[nn.Parameter]]:
-        return [list(layer.parameters()) for layer in m]
-
-    learn = fa_learner.Learner(dls, model, loss_func=nn.MSELoss(), opt_func=fa_optimizer.Adam, splitter=splitter)
+    learn = _tiny_learner(tmp_path)
     record = _RecordHypers()
     with learn.no_bar(), learn.no_logging():
         learn.fit_one_cycle(epochs, fastai_lr, pct_start=pct, div=div, cbs=record)
@@ -211,6 +219,22 @@ def test_fit_one_cycle_hypers_match_a_fastai_learner(
     ours = our_hypers(epochs * 5, pct, group_lrs(lr, 3), div, 1e5)
     for s, (mine, theirs) in enumerate(zip(ours, record.rows, strict=True)):
         assert [v for pair in mine for v in pair] == pytest.approx([v for pair in theirs for v in pair], rel=1e-5), s
+
+
+def test_lr_find_after_unfreezing_sets_one_lr_on_every_group_and_keeps_the_fits_beta1(tmp_path: Path) -> None:
+    """The book's run (f): fit_one_cycle(3, 3e-3), unfreeze(), lr_find(). fastai's finder sets one lr on every group
+    and leaves beta1 where the fit's schedule ended (stage lr_find_unfrozen: lr_find(..., beta1=last_beta1(...)))."""
+    learn = _tiny_learner(tmp_path)
+    record = _RecordHypers()
+    with learn.no_bar(), learn.no_logging():
+        learn.freeze()
+        learn.fit_one_cycle(3, 3e-3)
+        learn.unfreeze()
+        learn.add_cb(record)
+        learn.lr_find(start_lr=1e-6, num_it=6, show_plot=False)
+    first = record.rows[0]
+    assert [lr for lr, _ in first] == pytest.approx([1e-6] * 3)  # one lr on every group, not a slice
+    assert [mom for _, mom in first] == pytest.approx([last_beta1(0.25, 3 * 5)] * 3, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

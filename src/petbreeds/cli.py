@@ -6,6 +6,10 @@
     petbreeds show-batch      # PNG grids of an augmented training batch and a validation batch
     petbreeds summary         # walk one sample and one batch through every data step
     petbreeds mlflow-relog    # (re)build the MLflow run of the current DVC outputs
+    petbreeds register EXP --alias champion  # an experiment's MLflow model into the Model Registry, to serve
+    petbreeds recipe [NAME]   # the book's runs; NAME: its -S arguments for `dvc exp run`
+    petbreeds push EXP...     # share experiments: dvc exp push, data and run cache included
+    petbreeds pull EXP        # a teammate's experiment into the workspace: dvc exp pull, dvc exp apply
 
 Each subcommand lives in the module that does the work; this file only dispatches, so that
 ``petbreeds --help`` does not import torch.
@@ -27,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "show-batch": ("petbreeds.show", "show_batch_cli", "PNG grids of a training and a validation batch"),
     "summary": ("petbreeds.show", "summary_cli", "walk one sample and one batch through every data step"),
     "mlflow-relog": ("petbreeds.relog", "relog_cli", "log the current DVC outputs to MLflow again"),
+    "register": ("petbreeds.registry", "register_cli", "an experiment's model into MLflow's Model Registry, aliased"),
+    "recipe": ("petbreeds.recipes", "recipe_cli", "the book's runs: list them, or print one's -S args for dvc exp run"),
+    "push": ("petbreeds.sharing", "push_cli", "share experiments with the team (dvc exp push, run cache too)"),
+    "pull": ("petbreeds.sharing", "pull_cli", "a teammate's experiment into the workspace (dvc exp pull, apply)"),
 }
 
 

@@ -162,7 +162,9 @@ class OneCycleParams(_Model):
     wd: NonNegative
 
 
-class TrainFrozenParams(OneCycleParams):
+class PhaseParams(OneCycleParams):
+    """A training phase (train_frozen, train_unfrozen): fit_one_cycle's arguments and its lr_max."""
+
     # fastai's lr_max forms: a float for every group, slice(lo, hi) as [lo, hi], slice(hi) as [hi]
     lr: (
         Annotated[Number, Field(gt=0)]
@@ -170,16 +172,9 @@ class TrainFrozenParams(OneCycleParams):
         | None
     ) = Field(
         description="a number > 0, a list [lo, hi] with 0 < lo <= hi (fastai's slice(lo, hi)), a list [hi] with "
-        "hi > 0 (slice(hi): hi/10 for all groups but the head), or null for the lr_find suggestion"
+        "hi > 0 (slice(hi): hi/10 for all groups but the head), or null for the suggestion of the phase's lr "
+        "finder (lr_find, lr_find_unfrozen)"
     )
-
-
-class TrainUnfrozenParams(OneCycleParams):
-    lr_slice: Annotated[
-        list[Number],
-        _require(lambda v: len(v) == 2 and 0 < v[0] <= v[1]),
-        Field(description="a list [lo, hi] with 0 < lo <= hi, e.g. [1.0e-6, 1.0e-4]"),
-    ]
 
 
 class EvaluateParams(_Model):
@@ -211,8 +206,8 @@ class Params(_Model):
     model: ModelParams
     train: TrainParams
     lr_find: LrFindParams
-    train_frozen: TrainFrozenParams
-    train_unfrozen: TrainUnfrozenParams
+    train_frozen: PhaseParams
+    train_unfrozen: PhaseParams
     evaluate: EvaluateParams
     distributed: DistributedParams
 

@@ -76,8 +76,9 @@ def reuse_freed_cpu_memory() -> bool:
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """``train.precision`` -> the autocast dtype, or None for fp32.
 
-    auto: bf16 on a CUDA device that supports it, else fp16 on CUDA (with a grad scaler), and on CPU what
-    bench/precision_cpu.py measured faster (``CPU_AUTO_DTYPE``).
+    auto: the fastest measured, not the book's (fp32; run (h) fp16): bf16 on a CUDA device that supports it, else
+    fp16 on CUDA (with a grad scaler), and on CPU what bench/precision_cpu.py measured faster (``CPU_AUTO_DTYPE``).
+    The stages record what it became (``Compute.precision``).
     """
     if name == "fp32":
         return None
@@ -85,7 +86,10 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if name == "fp16":
         if device.type != "cuda":
-            raise PetbreedsError("params.yaml: train.precision fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU")
+            raise PetbreedsError(
+                "params.yaml: train.precision fp16 needs a CUDA GPU; use fp32, bf16 or auto on CPU "
+                "(with a recipe: dvc exp run ... -S train.precision=fp32)"
+            )
         return torch.float16
     if name == "auto":
         if device.type == "cuda":
@@ -126,3 +130,8 @@ class Compute:
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return make_grad_scaler(self.device, self.dtype)
+
+    @property
+    def precision(self) -> str:
+        """The precision actually used, in ``train.precision``'s words (what ``auto`` became): fp32, bf16 or fp16."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]

@@ -1,7 +1,9 @@
-"""fastai's learning-rate finder and its four suggestions (docs/fastai.md §6).
+"""fastai's learning-rate finder and its four suggestions (docs/fastai.md §6), and its outputs.
 
     result = lr_find(model, data, params.lr_find, wd=0.01)
     result.suggestions["valley"]
+    write_lr_find(result, "valley", seconds, curve=..., plot=..., report=Path("reports/lr_find.json"))
+    phase_lr("train_frozen", params.train_frozen.lr, Path("reports/lr_find.json"), "valley")  # null -> suggestion
 
 Training batch i runs at start·(end/start)^(i/num_it) on every group; the recorded loss is the smoothed training
 loss (reset at the start); the sweep stops after ``num_it`` batches, or once the smoothed loss exceeds 4× its best.
@@ -11,6 +13,8 @@ is the global batch's (averaged over the ranks), so every rank records the same 
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +26,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no disp
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from petbreeds.atomic import atomic_output
+from petbreeds.atomic import atomic_output, atomic_write_json
 from petbreeds.config import LrFindParams
 from petbreeds.distributed import mean, wrap
 from petbreeds.errors import PetbreedsError
@@ -30,7 +34,8 @@ from petbreeds.model import PetModel, param_groups
 from petbreeds.schedule import make_optimizer
 from petbreeds.training import SmoothLoss, TrainingData, batch_inputs, train_step
 
-# fastai's Adam default mom: lr_find does not schedule momentum, so a fresh learner's 0.9 applies.
+# fastai's Adam default mom: lr_find does not schedule momentum, so a fresh learner's 0.9 applies (after a fit, the
+# beta1 that fit's schedule ended on).
 LR_FIND_BETA1 = 0.9
 DIVERGENCE_FACTOR = 4.0
 
@@ -137,11 +142,15 @@ def lr_find(
     sweep: LrFindParams,
     wd: float,
     on_step: Callable[[int, float, float], None] | None = None,
+    *,
+    beta1: float = LR_FIND_BETA1,
 ) -> LrFindResult:
-    """Sweep the lr exponentially over training batches; ``model`` comes back exactly as it was given.
+    """Sweep the lr exponentially over training batches, one lr for every group; ``model`` comes back exactly as
+    it was given.
 
-    ``wd``: the weight decay of the optimizer the sweep stands in for. ``on_step(i, lr, smoothed_loss)`` is
-    called after every batch (on rank 0).
+    ``wd`` and ``beta1``: the weight decay and momentum of fastai's optimizer at this point (``beta1``: a fresh
+    learner's 0.9, or what the fit before left, :func:`petbreeds.schedule.last_beta1`). ``on_step(i, lr,
+    smoothed_loss)`` is called after every batch (on rank 0).
     """
     compute, world = data.compute, data.world
     compute.place(model)
@@ -149,7 +158,7 @@ def lr_find(
     was_training = model.training
     net = wrap(world, model, compute.device)
     groups = param_groups(model)
-    opt = make_optimizer(groups, [sweep.start_lr] * len(groups), wd, beta1=LR_FIND_BETA1)
+    opt = make_optimizer(groups, [sweep.start_lr] * len(groups), wd, beta1=beta1)
     sched = LambdaLR(opt, lambda i: (sweep.end_lr / sweep.start_lr) ** (i / sweep.num_it))
     scaler = compute.grad_scaler()
     smooth = SmoothLoss()
@@ -194,3 +203,26 @@ def save_lr_find_plot(result: LrFindResult, chosen: str, path: Path) -> None:
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp)
+
+
+def write_lr_find(result: LrFindResult, chosen: str, seconds: float, *, curve: Path, plot: Path, report: Path) -> None:
+    """A finder's outputs: ``curve`` (CSV ``lr,loss``), its ``plot`` (PNG), and ``report`` (JSON: every
+    suggestion, ``chosen`` = the one ``lr_find.suggestion`` names, ``seconds``, ``iterations``), which a phase whose
+    lr is null reads (:func:`phase_lr`)."""
+    with atomic_output(curve) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["lr", "loss"])
+        writer.writerows(zip(result.lrs, result.losses, strict=True))
+    save_lr_find_plot(result, chosen, plot)
+    numbers = {**result.suggestions, "chosen": result.suggestions[chosen], "seconds": seconds}
+    atomic_write_json(report, {**numbers, "iterations": len(result.lrs)})
+
+
+def phase_lr(phase: str, lr: float | list[float] | None, report: Path, suggestion: str) -> float | list[float]:
+    """A training phase's lr: its param ``lr`` (a float, ``[lo, hi]`` or ``[hi]``) or, when that is null, the
+    ``suggestion`` in its finder's ``report`` (one number for every group, as fastai's ``lr_max=float``)."""
+    if lr is not None:
+        return lr
+    if not report.is_file():
+        raise PetbreedsError(f"{report} not found and {phase}.lr is null; run `dvc repro {report.stem}`")
+    return float(json.loads(report.read_text(encoding="utf-8"))[suggestion])

@@ -13,6 +13,8 @@ dvc.yaml), unless one is named (``--model``, ``model_path``).
 Images go through exactly the evaluate stage's validation transforms: the valid item stage
 (:class:`~petbreeds.presizing.PresizedImages`, centred, with the checkpoint's item_size and resize method),
 then the batch stage's valid path (``BatchAugment(train=False)``: resize to the checkpoint's size, normalise).
+:class:`Predictor` is that one path, from files or in-memory image bytes to breeds; ``predict`` and the MLflow
+model (:mod:`petbreeds.mlflow_model`) both go through it.
 """
 
 from __future__ import annotations
@@ -23,17 +25,18 @@ import io
 import logging
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import UnidentifiedImageError
 
 from petbreeds.atomic import atomic_write_text
 from petbreeds.checkpoint import load_checkpoint
 from petbreeds.device import Compute, pick_device, resolve_precision
 from petbreeds.errors import PetbreedsError
-from petbreeds.presizing import PresizedImages
+from petbreeds.presizing import ImageSource, PresizedImages
 from petbreeds.runtime import project_root
 from petbreeds.training import get_preds
 
@@ -45,9 +48,9 @@ DEFAULT_MODEL = Path("models/model.pt")  # where train_unfrozen writes it, in th
 
 @dataclass(frozen=True)
 class Prediction:
-    """The ``top_k`` most probable breeds of one image, most probable first."""
+    """The ``top_k`` most probable breeds of one image, most probable first; ``path`` is None for image bytes."""
 
-    path: Path
+    path: Path | None
     top_k: list[tuple[str, float]]
 
     @property
@@ -85,31 +88,69 @@ def image_files(folder: Path) -> list[Path]:
     )
 
 
-def _batches(items: PresizedImages, from_folder: set[Path]) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    """(paths, uint8 [B, 3, item_size, item_size]) chunks of the decodable items.
+class Predictor:
+    """A checkpoint loaded once, on ``device`` (CUDA when present), and the one path from images to its breeds."""
 
-    A file that does not decode is skipped with a logged reason when it came from a folder, and is an error
-    when it was named explicitly.
-    """
-    paths: list[Path] = []
+    def __init__(self, model_path: Path, device: torch.device | None = None) -> None:
+        self.device = device or pick_device()
+        self.model, self.checkpoint = load_checkpoint(model_path, self.device)
+        self._augment = self.checkpoint.valid_augment(self.device)
+        self._compute = Compute(self.device, resolve_precision("auto", self.device), channels_last=False)
+
+    def __call__(
+        self,
+        images: Sequence[ImageSource],
+        top_k: int = 3,
+        names: Sequence[str] | None = None,
+        skippable: Collection[int] = (),
+    ) -> list[Prediction]:
+        """The ``top_k`` breeds of each image (a file, or an image file's bytes), in input order.
+
+        An image that does not decode is a :class:`PetbreedsError` naming it (``names[i]``; by default its path, or
+        ``image i``), unless its index is in ``skippable``: then it is skipped with a logged reason.
+        """
+        if top_k < 1:
+            raise PetbreedsError(f"top_k must be >= 1, got {top_k}")
+        names = names or [str(s) if isinstance(s, Path) else f"image {i}" for i, s in enumerate(images)]
+        items = PresizedImages(images, [0] * len(images), self.checkpoint.data_params(BATCH_SIZE), train=False, seed=0)
+        vocab = self.checkpoint.vocab
+        predictions = []
+        for indices, x in _batches(items, names, skippable):
+            # get_preds takes any iterable of (x, y) batches; the targets are placeholders for unlabelled images.
+            batch = [(x, torch.zeros(len(x), dtype=torch.int64))]
+            logits, _ = get_preds(self.model, batch, self._augment, self._compute)
+            probs, classes = logits.softmax(dim=1).topk(min(top_k, len(vocab)), dim=1)
+            for i, p, c in zip(indices, probs.tolist(), classes.tolist(), strict=True):
+                path = images[i] if isinstance(images[i], Path) else None
+                predictions.append(Prediction(path, [(vocab[k], q) for k, q in zip(c, p, strict=True)]))
+        return predictions
+
+
+def _batches(
+    items: PresizedImages, names: Sequence[str], skippable: Collection[int]
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices, uint8 [B, 3, item_size, item_size]) chunks of the decodable items (see :class:`Predictor`)."""
+    indices: list[int] = []
     images: list[torch.Tensor] = []
-    for i, path in enumerate(items.paths):
+    for i in range(len(items)):
         try:
             images.append(items[i][0])
         except PetbreedsError as e:
             reason = e.__context__ or e  # Pillow's own words, without the pipeline's advice to re-index
-            if path not in from_folder:
+            if isinstance(reason, UnidentifiedImageError):  # its words name the path again, or a BytesIO object
+                reason = "no image format recognised"
+            if i not in skippable:
                 raise PetbreedsError(
-                    f"{path}: not an image Pillow can read ({reason}); pass a JPEG, PNG, ..."
+                    f"{names[i]}: not an image Pillow can read ({reason}); pass a JPEG, PNG, ..."
                 ) from None
-            log.warning("skipped %s: not an image (%s)", path, reason)
+            log.warning("skipped %s: not an image (%s)", names[i], reason)
             continue
-        paths.append(path)
-        if len(paths) == BATCH_SIZE:
-            yield paths, torch.stack(images)
-            paths, images = [], []
-    if paths:
-        yield paths, torch.stack(images)
+        indices.append(i)
+        if len(indices) == BATCH_SIZE:
+            yield indices, torch.stack(images)
+            indices, images = [], []
+    if indices:
+        yield indices, torch.stack(images)
 
 
 def predict(
@@ -125,34 +166,21 @@ def predict(
     file that is not an image is a :class:`PetbreedsError`, as are a missing model and one from another checkpoint
     format.
     """
-    if top_k < 1:
-        raise PetbreedsError(f"top_k must be >= 1, got {top_k}")
     files: list[Path] = []
-    from_folder: set[Path] = set()
+    skippable: set[int] = set()
     for path in [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]:
         if path.is_dir():
             found = image_files(path)
             if not found:
                 raise PetbreedsError(f"{path}: the folder holds no files; pass an image or a folder of images")
+            skippable.update(range(len(files), len(files) + len(found)))
             files += found
-            from_folder.update(found)
         elif path.is_file():
             files.append(path)
         else:
             raise PetbreedsError(f"{path}: no such file or folder; pass an image or a folder of images")
-    device = device or pick_device()
-    model, ckpt = load_checkpoint(default_model() if model_path is None else Path(model_path), device)
-    augment = ckpt.valid_augment(device)
-    compute = Compute(device, resolve_precision("auto", device), channels_last=False)
-    items = PresizedImages(files, [0] * len(files), ckpt.data_params(BATCH_SIZE), train=False, seed=0)
-    predictions = []
-    for chunk, x in _batches(items, from_folder):
-        # get_preds takes any iterable of (x, y) batches; the targets are placeholders for unlabelled images.
-        logits, _ = get_preds(model, [(x, torch.zeros(len(x), dtype=torch.int64))], augment, compute)
-        probs, indices = logits.softmax(dim=1).topk(min(top_k, len(ckpt.vocab)), dim=1)
-        for path, p, idx in zip(chunk, probs.tolist(), indices.tolist(), strict=True):
-            predictions.append(Prediction(path, [(ckpt.vocab[i], q) for i, q in zip(idx, p, strict=True)]))
-    return predictions
+    predictor = Predictor(default_model() if model_path is None else Path(model_path), device)
+    return predictor(files, top_k, skippable=skippable)
 
 
 def predictions_csv(predictions: Sequence[Prediction], top_k: int) -> str:

@@ -6,6 +6,8 @@ square (``data.item_size``) so that batches can be collated and augmented on the
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,9 @@ _PAD_MODES = {"zeros": "constant", "border": "edge", "reflection": "reflect"}
 # Pillow cannot reduce 16/32-bit integer images to 8 bits: convert("RGB") clips everything above 255 to white.
 _WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
+# An image to decode: a file, or an image file's bytes in memory (as a request to the served MLflow model holds).
+ImageSource = Path | bytes
+
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB (palette, RGBA, LA, CMYK, L, 1 via Pillow; 16-bit by dropping the low byte)."""
@@ -32,8 +37,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_rgb(path: Path, min_side: int | None = None) -> Image.Image:
-    """Decode ``path`` as an RGB image; JPEGs are decoded at a reduced scale when that keeps ``min_side``.
+def load_rgb(source: ImageSource, min_side: int | None = None) -> Image.Image:
+    """Decode ``source`` (a file, or a file's bytes) as an RGB image; JPEGs are decoded at a reduced scale when that
+    keeps ``min_side``.
 
     Pillow's draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale (a DCT-domain reduction, much faster than a
     full decode and a resize). It picks the largest reduction that leaves both sides >= ``min_side``, so a later
@@ -41,14 +47,16 @@ def load_rgb(path: Path, min_side: int | None = None) -> Image.Image:
     named ``.jpg`` loads too.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             if min_side is not None:
                 img.draft("RGB", (min_side, min_side))  # no-op for formats other than JPEG
             img.load()
             return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if isinstance(source, bytes):
+            raise PetbreedsError(f"{len(source)} bytes: cannot decode them as an image ({e})") from None
         raise PetbreedsError(
-            f"{path}: cannot decode image ({e}); changed since indexing? re-run dvc repro to re-index the data"
+            f"{source}: cannot decode image ({e}); changed since indexing? re-run dvc repro to re-index the data"
         ) from None
 
 
@@ -96,10 +104,13 @@ class PresizedImages(Dataset):
 
     On train the crop position is random (:func:`crop_position`); on valid it is centred. An index may also be
     an ``(index, epoch)`` pair, which is what :func:`petbreeds.dataloaders.make_loader`'s train sampler yields
-    so that every epoch gets fresh crop positions even in persistent workers.
+    so that every epoch gets fresh crop positions even in persistent workers. ``paths`` are files, or image files'
+    bytes (:data:`ImageSource`).
     """
 
-    def __init__(self, paths: list[Path], targets: list[int], data: DataParams, *, train: bool, seed: int) -> None:
+    def __init__(
+        self, paths: Sequence[ImageSource], targets: list[int], data: DataParams, *, train: bool, seed: int
+    ) -> None:
         if len(paths) != len(targets):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
         self.paths = list(paths)

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,16 @@ def _iso(ts: float) -> str:
 
 
 def run_info(
-    name: str, root: Path, started: float, finished: float, live_run_id: str | None, world_size: int = 1
+    name: str,
+    root: Path,
+    started: float,
+    finished: float,
+    live_run_id: str | None,
+    world_size: int = 1,
+    facts: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The sidecar's content (the contract in docs/architecture.md, plus ``invocation``)."""
+    """The sidecar's content (the contract in docs/architecture.md, plus ``invocation``); ``facts``: how the stage
+    ran, beyond params.yaml (``StageContext.record``: the precision used)."""
     return {
         "stage": name,
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or None,
@@ -79,4 +87,5 @@ def run_info(
         "git_commit": git_commit(root),
         "mlflow_child_run_id": live_run_id,
         "invocation": dvc_invocation(),
+        "facts": dict(facts or {}),
     }

@@ -22,7 +22,18 @@ from ruamel.yaml import YAML
 from petbreeds.errors import PetbreedsError
 from petbreeds.provenance import git_commit
 from petbreeds.runtime import project_root
-from petbreeds.tracking import PARENT_STAGE, RunIdentity, log_pipeline, read_yaml, repro_name, uncommitted_results
+from petbreeds.tracking import (
+    MODEL_FILE,
+    PARENT_STAGE,
+    SPLIT_TABLE,
+    RunIdentity,
+    example_image,
+    has_model,
+    log_pipeline,
+    read_yaml,
+    repro_name,
+    uncommitted_results,
+)
 
 
 @dataclass(frozen=True)
@@ -82,27 +93,33 @@ def _find_experiment(root: Path, name: str) -> ExperimentRef:
 def _export_commit(root: Path, commit: str, dest: Path) -> None:
     """An experiment's outputs as its commit holds them, into ``dest``: git keeps params.yaml, dvc.lock and metrics/
     (``cache: false``); plots/ and reports/ (run_info sidecars included) come from DVC's cache, read through DVC at
-    that commit. They are cached so that DVC's run cache works (dvc.yaml)."""
+    that commit (they are cached so that DVC's run cache works, dvc.yaml), and so does the model with its input
+    example (models/model.pt, data/split.csv and one image of data/raw) when dvc.lock records one."""
     archive = subprocess.run(["git", "archive", commit], cwd=root, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
     import dvc.api  # here only: importing DVC takes a second that logging from the workspace never needs
 
+    def export(path: str) -> None:
+        try:
+            data = dvc.api.read(path, repo=str(root), rev=commit, mode="rb")
+        except Exception as e:  # DVC raises several types for an object its cache no longer has
+            raise PetbreedsError(
+                f"{path} of commit {commit[:7]}: not in DVC's cache ({type(e).__name__}: {e}); "
+                "`dvc exp apply` the experiment and `dvc repro` it, then relog from the workspace"
+            ) from None
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        (dest / path).write_bytes(data)
+
     lock = read_yaml(dest / "dvc.lock") or {}
     for stage in lock.get("stages", {}).values():
         for out in stage.get("outs", []):
-            path = out["path"]
-            if not path.startswith(("plots/", "reports/")) or (dest / path).exists():
-                continue
-            try:
-                data = dvc.api.read(path, repo=str(root), rev=commit, mode="rb")
-            except Exception as e:  # DVC raises several types for an object its cache no longer has
-                raise PetbreedsError(
-                    f"{path} of commit {commit[:7]}: not in DVC's cache ({type(e).__name__}: {e}); "
-                    "`dvc exp apply` the experiment and `dvc repro` it, then relog from the workspace"
-                ) from None
-            (dest / path).parent.mkdir(parents=True, exist_ok=True)
-            (dest / path).write_bytes(data)
+            if out["path"].startswith(("plots/", "reports/")) and not (dest / out["path"]).exists():
+                export(out["path"])
+    if has_model(lock):
+        export(MODEL_FILE)
+        export(SPLIT_TABLE)
+        export(example_image(dest))
 
 
 def relog_cli(argv: list[str]) -> int:

@@ -15,6 +15,8 @@ VERBOSE_ENV = "PETBREEDS_VERBOSE"
 # MLflow reads it when it is imported (``mlflow/__init__.py`` configures its loggers from it), in this process
 # and in every child (torchrun's ranks).
 MLFLOW_LEVEL_ENV = "MLFLOW_LOGGING_LEVEL"
+# MLflow reads it each time it copies artifacts.
+MLFLOW_PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def project_root() -> Path:
@@ -30,13 +32,16 @@ def verbose() -> bool:
 
 
 def quiet_by_default() -> None:
-    """MLflow's logging at WARNING unless verbose (``PETBREEDS_VERBOSE=1``) or ``MLFLOW_LOGGING_LEVEL`` says otherwise.
+    """MLflow's logging at WARNING unless verbose (``PETBREEDS_VERBOSE=1``) or ``MLFLOW_LOGGING_LEVEL`` says otherwise;
+    its artifact progress bars off.
 
     Without it every stage prints MLflow's start-up lines (database creation, the system metrics monitor starting
-    and stopping) into DVC's output and the queue's logs.
+    and stopping) into DVC's output and the queue's logs, and mlflow_log a progress bar (MLflow loads the model it
+    logs, to check its input example).
     """
     if verbose():
         return
     level = os.environ.setdefault(MLFLOW_LEVEL_ENV, "WARNING")
+    os.environ.setdefault(MLFLOW_PROGRESS_ENV, "false")
     # mlflow may be imported already (stages/mlflow_log.py imports it before run_stage), its level set from the env
     logging.getLogger("mlflow").setLevel(level.upper())

@@ -105,6 +105,12 @@ class OneCycle(LambdaLR):
             group["betas"] = (beta1, group["betas"][1])
 
 
+def last_beta1(pct_start: float, total_steps: int) -> float:
+    """The beta1 a one-cycle fit of ``total_steps`` leaves on the optimizer: its last batch's. fastai keeps hypers
+    after a fit, and its lr_find does not schedule momentum, so a finder run after that fit trains with it."""
+    return combined_cos(pct_start, MOM_MAX, MOM_MIN, MOM_MAX, (total_steps - 1) / total_steps)
+
+
 def make_one_cycle(
     opt: torch.optim.Optimizer, total_steps: int, pct_start: float, div: float, div_final: float
 ) -> OneCycle:

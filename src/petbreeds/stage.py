@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -57,13 +57,14 @@ class StageContext:
     place among the ranks (``world.is_main``: the process that writes the outputs).
 
     ``log_metrics`` streams to the live tracking run when one is open (see petbreeds.live);
-    it never fails the stage.
+    it never fails the stage. ``record`` keeps facts about how the stage ran for its sidecar.
     """
 
     name: str
     root: Path
     live: MetricsSink | None = None
     world: World = SINGLE_PROCESS
+    facts: dict[str, str] = field(default_factory=dict)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Stream metrics while the stage runs (no-op without a live tracking run)."""
@@ -71,8 +72,16 @@ class StageContext:
             self.live.log_metrics(metrics, step)
 
     def log_epoch(self, row: Mapping[str, float]) -> None:
-        """Stream one epoch's history row, its ``epoch`` as the step."""
-        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        """Stream one epoch's history row, its ``epoch`` as the step (``iteration``, the batches so far, is an axis)."""
+        self.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "iteration")}, step=int(row["epoch"]))
+
+    def record(self, **facts: str) -> None:
+        """Facts about how the stage ran that params.yaml does not say (``precision="bf16"``, what
+        ``train.precision: auto`` became): printed by rank 0 and kept in ``reports/run_info/<stage>.json``
+        under ``facts``, which MLflow shows as the tags ``stage.<name>.<fact>``."""
+        self.facts.update(facts)
+        if self.world.is_main:
+            print(f"{self.name}: " + ", ".join(f"{key} {value}" for key, value in facts.items()), flush=True)
 
 
 def _open_live_run(name: str, root: Path) -> MetricsSink | None:
@@ -116,7 +125,8 @@ def run_stage(
                 return
             world = ddp.join(params.distributed)
         live = _open_live_run(name, root) if live_run and world.is_main else None
-        main(params, StageContext(name=name, root=root, live=live, world=world))
+        ctx = StageContext(name=name, root=root, live=live, world=world)
+        main(params, ctx)
     except BaseException as e:
         if live is not None:
             live.end("FAILED")
@@ -139,5 +149,5 @@ def run_stage(
         live.end("FINISHED")
     if write_run_info and world.is_main:
         live_id = live.run_id if live is not None else None
-        info = run_info(name, root, started, time.time(), live_id, world.world_size)
+        info = run_info(name, root, started, time.time(), live_id, world.world_size, ctx.facts)
         atomic_write_json(run_info_path(root, name), info)

@@ -41,6 +41,7 @@ from ruamel.yaml import YAML
 
 from petbreeds.config import flatten
 from petbreeds.errors import PetbreedsError
+from petbreeds.mlflow_model import log_model
 from petbreeds.provenance import RUN_INFO_DIR, dvc_invocation, git_commit
 from petbreeds.runtime import project_root
 
@@ -54,12 +55,26 @@ PARENT_STAGE = "mlflow_log"  # excluded from the result key: its dvc.lock entry 
 _EPOCH_COLUMNS = {"lr": "epoch_end_lr", "seconds": "epoch_seconds"}
 SERIES: dict[str, dict[str, str]] = {
     "lr_find": {},  # lr and smoothed loss per iteration; reports/lr_find.json holds the suggestions
+    "lr_find_unfrozen": {},
     "train_frozen": _EPOCH_COLUMNS,
     "train_unfrozen": _EPOCH_COLUMNS,
+    "train_frozen_batches": {},  # smoothed train loss and lr per batch (fastai's plot_loss), step = the batch
+    "train_unfrozen_batches": {},
 }
+# Columns of plots/*.csv that are axes (the step, or the x of a plot of dvc.yaml counted over both phases), not
+# quantities.
+_AXES = ("epoch", "global_epoch", "iteration", "global_iteration")
 # The folders and files logged as artifacts, as they are in the project.
 ARTIFACT_DIRS = ("metrics", "plots", "reports")
 ARTIFACT_FILES = ("params.yaml", "dvc.lock")
+# The result's model, logged as the run's MLflow model (petbreeds.mlflow_model) with a validation image as its input
+# example; the evaluate stage's numbers are linked to it as its metrics.
+MODEL_FILE = "models/model.pt"
+SPLIT_TABLE = "data/split.csv"
+RAW_DIR = "data/raw"
+MODEL_METRICS_STAGE = "evaluate"
+# The run's tags the model carries too: which experiment, code and data it comes from.
+MODEL_TAGS = ("dvc.exp_name", "git.commit", "data.md5", "model.md5")
 _MAX_METRICS, _MAX_PARAMS = 1000, 100  # MLflow's log_batch limits
 
 
@@ -221,7 +236,7 @@ def _ms(iso: str | None) -> int:
 
 def _series(outputs: PipelineOutputs, stage: str) -> list[Metric]:
     """One step series per column of ``plots/<stage>.csv`` (named as :data:`SERIES` says); step = ``epoch`` if
-    present, else the row index.
+    present, else ``iteration`` if present, else the row index.
 
     Timestamps: the stage's start plus the cumulative ``seconds`` column (the real end of each epoch), else its end.
     """
@@ -234,30 +249,33 @@ def _series(outputs: PipelineOutputs, stage: str) -> list[Metric]:
     metrics, elapsed = [], 0.0
     with path.open(newline="", encoding="utf-8") as f:
         for i, row in enumerate(csv.DictReader(f)):
-            step = int(float(row.get("epoch") or i))
+            step = int(float(row.get("epoch") or row.get("iteration") or i))
             if row.get("seconds"):
                 elapsed += float(row["seconds"])
             ts = start_ms + int(elapsed * 1000) if "seconds" in row else end_ms
             for column, value in row.items():
-                # global_epoch is the plots' x axis (epoch counted over both phases), not a quantity
-                if column not in ("epoch", "global_epoch") and value not in (None, ""):
+                if column not in _AXES and value not in (None, ""):
                     metrics.append(Metric(f"{stage}/{names.get(column, column)}", float(value), ts, step))
     return metrics
 
 
-def _stage_metrics(outputs: PipelineOutputs, stage: str) -> list[Metric]:
+def _stage_metrics(outputs: PipelineOutputs, stage: str, model_id: str | None = None) -> list[Metric]:
     """A stage's series (``plots/<stage>.csv``) and every number of ``metrics/<stage>.json`` (the columns of ``dvc exp
     show``) and ``reports/<stage>.json`` as ``<stage>/<key>``, at the series' last step (0 without one), timed at the
     stage's end.
 
     MLflow shows a metric's point of the highest step, the latest of them, so the runs table and the run page show
-    the final numbers. A final number that is already the series' last point is not logged twice.
+    the final numbers. A final number that is already the series' last point is not logged twice. The finals are
+    linked to the MLflow model ``model_id`` (its metrics) when given.
     """
     series = _series(outputs, stage) if stage in SERIES else []
     step = max((m.step for m in series), default=0)
     ts = max([_ms(outputs.run_info.get(stage, {}).get("finished")), *(m.timestamp for m in series)])
     last_points = {(m.key, m.value) for m in series if m.step == step}
-    finals = [Metric(f"{stage}/{key}", value, ts, step) for key, value in outputs.metrics.get(stage, {}).items()]
+    finals = [
+        Metric(f"{stage}/{key}", value, ts, step, model_id=model_id)
+        for key, value in outputs.metrics.get(stage, {}).items()
+    ]
     return series + [m for m in finals if (m.key, m.value) not in last_points]
 
 
@@ -389,6 +407,8 @@ def _tags(outputs: PipelineOutputs, identity: RunIdentity, key: str) -> dict[str
         tags[f"stage.{stage}.producer"] = _producer(info)
         if info.get("mlflow_child_run_id"):
             tags[f"stage.{stage}.live_run"] = info["mlflow_child_run_id"]
+        for fact, value in (info.get("facts") or {}).items():  # e.g. the precision train.precision auto became
+            tags[f"stage.{stage}.{fact}"] = str(value)
     what = f"DVC experiment `{identity.exp_name}`" if identity.exp_name else "`dvc repro`"
     lines = [f"{what} at commit `{(identity.git_commit or '?')[:7]}`, built from the DVC outputs by `mlflow_log`."]
     lines += [f"- {status}: {', '.join(stages)}" for status, stages in sorted(by_status.items())]
@@ -412,11 +432,15 @@ def _parents(client: MlflowClient, experiment_id: str, where: str) -> list[Run]:
     return list(client.search_runs([experiment_id], f"tags.`petbreeds.run_type` = 'pipeline' and {where}"))
 
 
-def _log_contents(client: MlflowClient, run_id: str, outputs: PipelineOutputs) -> None:
+def _log_contents(client: MlflowClient, run_id: str, outputs: PipelineOutputs, model_id: str | None) -> None:
     params = [Param(k, _param_text(v)) for k, v in outputs.params.items()]
     for batch in _batches(params, _MAX_PARAMS):
         client.log_batch(run_id, params=list(batch))
-    metrics = [m for stage in sorted(set(outputs.metrics) | set(SERIES)) for m in _stage_metrics(outputs, stage)]
+    metrics = [
+        m
+        for stage in sorted(set(outputs.metrics) | set(SERIES))
+        for m in _stage_metrics(outputs, stage, model_id if stage == MODEL_METRICS_STAGE else None)
+    ]
     for batch in _batches(metrics, _MAX_METRICS):
         client.log_batch(run_id, metrics=list(batch))
     dataset = _dataset(outputs)
@@ -427,6 +451,42 @@ def _log_contents(client: MlflowClient, run_id: str, outputs: PipelineOutputs) -
             client.log_artifacts(run_id, str(outputs.root / name), name)
     for name in ARTIFACT_FILES:
         client.log_artifact(run_id, str(outputs.root / name))
+
+
+def has_model(lock: Mapping[str, Any]) -> bool:
+    """Whether the result of ``lock`` (dvc.lock's content) has a model: train_unfrozen recorded one."""
+    return _out_md5(lock, "train_unfrozen", MODEL_FILE) is not None
+
+
+def example_image(root: Path) -> str:
+    """The model's input example, relative to ``root``: the first validation image of ``data/split.csv``."""
+    from petbreeds.splitting import read_split_table  # here only: it imports torch, which most logging never needs
+
+    valid = read_split_table(root / SPLIT_TABLE).query("split == 'valid'")
+    if valid.empty:
+        raise PetbreedsError(f"{root / SPLIT_TABLE}: no validation image to show the model with; re-run `dvc repro`")
+    return f"{RAW_DIR}/{valid['path'].iloc[0]}"
+
+
+def _log_model(
+    client: MlflowClient, experiment_id: str, run_id: str, outputs: PipelineOutputs, tags: Mapping[str, str]
+) -> str | None:
+    """``models/model.pt`` as the run's MLflow model, with the run's params and provenance tags; its id, or None for a
+    result without a model (dvc.lock records none)."""
+    if not has_model(outputs.lock):
+        return None
+    checkpoint = outputs.root / MODEL_FILE
+    if not checkpoint.is_file():
+        raise PetbreedsError(f"{checkpoint}: not found, though dvc.lock lists it; run `dvc checkout` or `dvc repro`")
+    return log_model(
+        client,
+        experiment_id,
+        run_id,
+        checkpoint,
+        outputs.root / example_image(outputs.root),
+        params={k: _param_text(v) for k, v in outputs.params.items()},
+        tags={k: tags[k] for k in MODEL_TAGS if k in tags},
+    )
 
 
 def _adopt_children(client: MlflowClient, run_id: str, outputs: PipelineOutputs) -> None:
@@ -460,13 +520,18 @@ def log_pipeline(files_root: Path, identity: RunIdentity, store_root: Path) -> s
         if run.info.status == "FINISHED":
             print(f"mlflow: {identity.name} is already logged as run {run.info.run_id}")
             return run.info.run_id
-        client.delete_run(run.info.run_id)  # an interrupted attempt: replace it
+        client.delete_run(run.info.run_id)  # an interrupted attempt: replace it, and its model
+        for output in run.outputs.model_outputs if run.outputs else []:
+            client.delete_logged_model(output.model_id)
     # The stages' real times, not this logging's: the UI's Duration is the pipeline's (MLflow's default is now).
     start_ms, end_ms = _span_ms(outputs, identity) or (None, None)
     tags = _tags(outputs, identity, key)
     run_id = client.create_run(experiment_id, start_time=start_ms, run_name=identity.name, tags=tags).info.run_id
     try:
-        _log_contents(client, run_id, outputs)
+        # The model before the metrics: MLflow links every metric a run already has at the model's step to the
+        # model; _log_contents links the model's own (the evaluate stage's).
+        model_id = _log_model(client, experiment_id, run_id, outputs, tags)
+        _log_contents(client, run_id, outputs, model_id)
         _adopt_children(client, run_id, outputs)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -479,19 +544,22 @@ def log_pipeline(files_root: Path, identity: RunIdentity, store_root: Path) -> s
         for old in _parents(client, experiment_id, same_exp):
             if old.info.run_id != run_id:
                 client.set_tag(old.info.run_id, "dvc.superseded", "true")
-    print(f"mlflow: logged {identity.name} as run {run_id} in {tracking_uri(store_root)}")
+    model = f", its model models:/{model_id}" if model_id else ""
+    print(f"mlflow: logged {identity.name} as run {run_id}{model} in {tracking_uri(store_root)}")
     return run_id
 
 
 def log_pipeline_or_warn(files_root: Path) -> None:
     """The ``mlflow_log`` stage: tracking problems are a warning, never a failed pipeline."""
     store_root = project_root()
+    identity = current_identity(files_root)
     try:
-        log_pipeline(files_root, current_identity(files_root), store_root)
+        log_pipeline(files_root, identity, store_root)
     except (TrackingUnavailable, MlflowException, RequestException, OSError) as e:
+        relog = " ".join(["petbreeds mlflow-relog", *([identity.exp_name] if identity.exp_name else [])])
+        server = " with the same MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else ""
         print(
             f"warning: MLflow logging failed at {tracking_uri(store_root)}: {e}\n"
-            "warning: the DVC outputs are complete; run `petbreeds mlflow-relog` (for an experiment: "
-            "`petbreeds mlflow-relog EXP_NAME`) once the store is back",
+            f"warning: the DVC outputs are complete; once the store is back, run `{relog}`{server} in {store_root}",
             file=sys.stderr,
         )

@@ -44,8 +44,12 @@ Augment = Callable[..., torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 # plots/<stage>.csv: the per-epoch history for `dvc plots`. `epoch` is numbered 0..n-1 within each phase;
 # `global_epoch` counts on over the phases (the unfrozen phase's first follows the frozen phase's last), so that the
-# plots of dvc.yaml draw one phase after the other on one axis.
-CSV_COLUMNS = ("epoch", "global_epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds")
+# plots of dvc.yaml draw one phase after the other on one axis. `global_iteration`: the batches trained by the epoch's
+# end, over the phases (fastai's Recorder.iters), where the loss-per-batch plot marks the epoch's valid_loss.
+CSV_COLUMNS = ("epoch", "global_epoch", "global_iteration", "train_loss", "valid_loss", "error_rate", "lr", "seconds")
+# plots/<stage>_batches.csv: per training batch, fastai's Recorder.losses and .lrs. `iteration` = batches trained in
+# the phase with this one (1..n), `global_iteration` the same over the phases.
+BATCH_CSV_COLUMNS = ("iteration", "global_iteration", "train_loss", "lr")
 
 
 class SmoothLoss:
@@ -177,13 +181,16 @@ def fit_one_cycle(
     *,
     stage: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_batch: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` (its current freeze state) for ``phase.epochs`` of one cycle; a history row per epoch.
 
     ``lrs``: the max lr of each of the model's parameter groups. A row holds the book's columns (train_loss =
     the smoothed loss at the epoch's end, reset per fit; valid_loss; error_rate), ``lr`` (the last group's, last
-    batch), ``seconds`` (training + validation) and ``images_per_s`` (training, all ranks). Rank 0 prints the
-    book's table and calls ``on_epoch``. A non-finite loss stops every rank with a :class:`PetbreedsError`
+    batch), ``seconds`` (training + validation), ``images_per_s`` (training, all ranks) and ``iteration`` (the
+    batches trained so far in the fit). Rank 0 prints the book's table and calls ``on_epoch``, and ``on_batch``
+    after every training batch with fastai's Recorder record: ``iteration`` (1..n), the smoothed ``train_loss``,
+    the batch's ``lr`` (the last group's). A non-finite loss stops every rank with a :class:`PetbreedsError`
     naming ``stage``, the epoch, the batch and the lr.
     """
     if phase.epochs == 0:
@@ -198,6 +205,7 @@ def fit_one_cycle(
     scaler = compute.grad_scaler()
     smooth = SmoothLoss()
     history: list[dict[str, float]] = []
+    iteration = 0
     if show:
         print(_format_row(("epoch", "train_loss", "valid_loss", "error_rate", "time")))
     for epoch in range(phase.epochs):
@@ -217,6 +225,9 @@ def fit_one_cycle(
             sched.step()
             train_loss = smooth.add(loss)
             images += len(y) * world.world_size
+            iteration += 1
+            if show and on_batch is not None:
+                on_batch({"iteration": iteration, "train_loss": train_loss, "lr": lr})
         train_seconds = time.perf_counter() - started
         valid_loss, error_rate = validate(model, data)
         seconds = time.perf_counter() - started
@@ -228,6 +239,7 @@ def fit_one_cycle(
             "lr": lr,
             "seconds": seconds,
             "images_per_s": images / train_seconds,
+            "iteration": iteration,
         }
         history.append(row)
         if show:
@@ -255,10 +267,21 @@ def phase_metrics(history: list[dict[str, float]], model: nn.Module, data: Train
     }
 
 
-def write_history(path: Path, history: list[dict[str, float]], first_epoch: int = 0) -> None:
-    """The per-epoch history as CSV (:data:`CSV_COLUMNS`), for ``dvc plots``; ``first_epoch`` is the global epoch of
-    the phase's first: the number of epochs the phases before it trained."""
+def write_history(path: Path, history: list[dict[str, float]], first_epoch: int = 0, first_iteration: int = 0) -> None:
+    """The per-epoch history as CSV (:data:`CSV_COLUMNS`), for ``dvc plots``. ``first_epoch`` and
+    ``first_iteration``: the epochs and the batches the phases before this one trained."""
     with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({**row, "global_epoch": first_epoch + int(row["epoch"])} for row in history)
+        for row in history:
+            epoch, iteration = first_epoch + int(row["epoch"]), first_iteration + int(row["iteration"])
+            writer.writerow({**row, "global_epoch": epoch, "global_iteration": iteration})
+
+
+def write_batches(path: Path, batches: list[dict[str, float]], first_iteration: int = 0) -> None:
+    """The per-batch records of ``fit_one_cycle``'s ``on_batch`` as CSV (:data:`BATCH_CSV_COLUMNS`), for the
+    loss-per-batch plot (fastai's ``plot_loss``); ``first_iteration``: the batches the phases before trained."""
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=BATCH_CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows({**row, "global_iteration": first_iteration + int(row["iteration"])} for row in batches)

@@ -1,0 +1,175 @@
+"""The trained model as an MLflow model: a pyfunc that names the breeds of images, logged with the pipeline's run.
+
+    model = mlflow.pyfunc.load_model("models:/petbreeds@champion")  # or models:/<model_id>, from any process
+    model.predict(pd.DataFrame({"image": ["photo.jpg", jpeg_base64_text, jpeg_bytes]}), params={"top_k": 3})
+    #    breed  probability  top_k ([{"breed": ..., "probability": ...}, ...], most probable first)
+
+Input: a DataFrame column ``image``, one image per row: a file path (read where the model runs), an image file's
+bytes as base64 text (what a JSON request to ``mlflow models serve`` carries), or the bytes themselves. Predictions
+go through :class:`petbreeds.predict.Predictor`, the code of ``petbreeds predict``: the checkpoint's own validation
+transforms. An input that is no image raises an ``MlflowException`` with INVALID_PARAMETER_VALUE, which the scoring
+server answers with HTTP 400 and its message (any other exception would be a 400 carrying a traceback).
+
+The logged model holds the checkpoint (artifact ``checkpoint``) and this package (``code_paths``), so it loads
+where only the packages of :func:`requirements` are installed; its requirements are given, not inferred (inference
+would load the model in a subprocess).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+from petbreeds.errors import PetbreedsError
+
+if TYPE_CHECKING:
+    from petbreeds.predict import Predictor
+    from petbreeds.presizing import ImageSource
+
+MODEL_NAME = "petbreeds"  # the LoggedModel's name in its run (the registry's name is the user's choice)
+CHECKPOINT = "checkpoint"  # the artifact holding models/model.pt
+IMAGE = "image"  # the input column
+DEFAULT_TOP_K = 3
+PACKAGE = Path(__file__).resolve().parent  # travels with the model (code_paths)
+MODEL_CODE = PACKAGE / "mlflow_model_code.py"  # builds the pyfunc (MLflow's models from code)
+# Where the model is loaded, the predict path needs these (torch, the model zoo, decoding, params' types, the table).
+RUNTIME_PACKAGES = ("torch", "torchvision", "timm", "pillow", "numpy", "pandas", "pydantic", "ruamel.yaml", "tqdm")
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", IMAGE)]),  # bytes pass the schema too (it checks strings loosely)
+    outputs=Schema(
+        [
+            ColSpec("string", "breed"),
+            ColSpec("double", "probability"),
+            ColSpec(Array(Object([Property("breed", "string"), Property("probability", "double")])), "top_k"),
+        ]
+    ),
+    params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
+)
+
+
+class BreedClassifier(mlflow.pyfunc.PythonModel):
+    """The pyfunc: a column ``image`` in, ``breed``, ``probability`` and ``top_k`` out, row for row."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        # Imported here: the process that logs the model needs no torch.
+        from petbreeds.predict import Predictor
+
+        self._predictor: Predictor = Predictor(Path(context.artifacts[CHECKPOINT]))
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
+        images = [_image_source(value, row) for row, value in enumerate(model_input[IMAGE])]
+        names = [f"{IMAGE} row {row}" for row in range(len(images))]
+        try:
+            predictions = self._predictor(images, top_k, names=names)
+        except PetbreedsError as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        rows = [
+            {
+                "breed": p.breed,
+                "probability": p.probability,
+                "top_k": [{"breed": breed, "probability": prob} for breed, prob in p.top_k],
+            }
+            for p in predictions
+        ]
+        return pd.DataFrame(rows, columns=["breed", "probability", "top_k"])
+
+
+def _image_source(value: object, row: int) -> ImageSource:
+    """An ``image`` cell as a file or bytes: bytes as they are; text naming an existing file; else base64 text."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        try:
+            if Path(value).is_file():
+                return Path(value)
+        except OSError:
+            pass  # base64 text far longer than a file name can be
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            pass
+    shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+    raise MlflowException.invalid_parameter_value(
+        f"{IMAGE} row {row}: {shown} is neither an image file's path nor its bytes in base64; send each image "
+        "file base64-encoded"
+    )
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent tracking URI set to ``uri`` meanwhile, for the MLflow functions that read it instead of taking a
+    client. ``MLFLOW_TRACKING_URI`` is kept as it was: MLflow overwrites it when setting the URI and unsets it when
+    restoring, and petbreeds reads it to find the store."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def requirements() -> list[str]:
+    """The packages the model needs where it is loaded, pinned to the versions it was logged with."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in RUNTIME_PACKAGES]
+
+
+def log_model(
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    checkpoint: Path,
+    example: Path,
+    *,
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+) -> str:
+    """Log ``checkpoint`` as the pyfunc LoggedModel of run ``run_id`` (an output of the run) in the store of
+    ``client``; ``example`` is the input example, base64 as served. The model's id.
+
+    The model is created with the explicit client, in the run's experiment: MLflow's own creation would put it in
+    the fluent API's current experiment (the Default one). Log it before the run's metrics: MLflow links every
+    metric already logged at the model's step to it, and the caller links the model's own.
+    """
+    model = client.create_logged_model(
+        experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(params), tags=dict(tags)
+    )
+    example_frame = pd.DataFrame({IMAGE: [base64.b64encode(example.read_bytes()).decode("ascii")]})
+    # Model.log writes through the fluent tracking URI: point it at this client's store while it does.
+    with fluent_tracking_uri(client.tracking_uri):
+        Model.log(
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=model.model_id,
+            python_model=str(MODEL_CODE),
+            artifacts={CHECKPOINT: str(checkpoint)},
+            code_paths=[str(PACKAGE)],
+            signature=SIGNATURE,
+            input_example=example_frame,
+            pip_requirements=requirements(),
+        )
+    return model.model_id

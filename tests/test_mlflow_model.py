@@ -1,0 +1,292 @@
+"""The trained model as an MLflow model (petbreeds.mlflow_model), registered (petbreeds.registry) and served.
+
+One pipeline result (the tiny model of tests/conftest.py, real breed JPEGs, params.yaml, dvc.lock) is logged once by
+petbreeds.tracking into a real sqlite store; the model is loaded in fresh processes and served by a real
+`mlflow models serve` on a free localhost port.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
+
+from petbreeds import cli, registry, tracking
+from petbreeds.errors import PetbreedsError
+from petbreeds.predict import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+BASELINE = "ab" + "c" * 38
+DATA_MD5 = "0" * 32 + ".dir"
+METRICS = {"error_rate": 0.0, "valid_loss": 0.05}
+
+
+def identity(name: str, exp: bool = True) -> tracking.RunIdentity:
+    return tracking.RunIdentity(name=name, exp_name=name if exp else None, baseline_rev=BASELINE, git_commit=BASELINE)
+
+
+def write_result(root: Path, model: Path | None, write_breed_images) -> None:
+    """A pipeline result as the stages leave it: params.yaml, dvc.lock, metrics, the split table and its images, and
+    ``model`` as models/model.pt (dvc.lock records it only then)."""
+    table = write_breed_images(root / "data/raw/images", 1, 600)  # paths relative to data/raw
+    table["split"] = ["train", "valid", "valid"]
+    (root / "data/split.csv").write_text(table.to_csv(index=False))
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    stages = {"fetch": {"cmd": "python stages/fetch.py", "outs": [{"path": "data/raw", "md5": DATA_MD5}]}}
+    if model is not None:
+        (root / "models").mkdir()
+        shutil.copy(model, root / "models/model.pt")
+        md5 = hashlib.md5((root / "models/model.pt").read_bytes()).hexdigest()
+        stages["train_unfrozen"] = {
+            "cmd": "python stages/train_unfrozen.py",
+            "outs": [{"path": "models/model.pt", "md5": md5}],
+        }
+    (root / "dvc.lock").write_text(json.dumps({"schema": "2.0", "stages": stages}))  # JSON is YAML
+    (root / "metrics").mkdir()
+    (root / "metrics/evaluate.json").write_text(json.dumps(METRICS))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, write_breed_images) -> Iterator[Path]:
+    """The result's folder, with its own default store (``mlflow.db``): MLFLOW_TRACKING_URI unset, DVC_ROOT set."""
+    root = tmp_path_factory.mktemp("mlflow_model") / "project"
+    write_result(root, tiny_model, write_breed_images)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_RUN_ID"):
+            mp.delenv(var, raising=False)
+        mp.setenv("DVC_ROOT", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def store(project: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def run_id(project: Path) -> str:
+    """The result logged by the mlflow_log stage's code."""
+    return tracking.log_pipeline(project, identity("exp-a"), project)
+
+
+@pytest.fixture(scope="module")
+def model_id(store: MlflowClient, run_id: str) -> str:
+    (output,) = store.get_run(run_id).outputs.model_outputs
+    return output.model_id
+
+
+@pytest.fixture(scope="module")
+def champion(project: Path, model_id: str) -> int:
+    """exp-a's model registered as ``petbreeds``, alias champion; its version."""
+    return int(registry.register(project, "exp-a", "petbreeds", "champion").version)
+
+
+def test_the_run_logs_its_model_with_metrics_signature_and_input_example(
+    project: Path, store: MlflowClient, run_id: str, model_id: str
+) -> None:
+    model = store.get_logged_model(model_id)
+    assert model.status == LoggedModelStatus.READY and model.name == "petbreeds"
+    assert model.source_run_id == run_id and model.experiment_id == store.get_run(run_id).info.experiment_id
+    assert model.tags["dvc.exp_name"] == "exp-a" and model.tags["git.commit"] == BASELINE
+    assert model.tags["data.md5"] == DATA_MD5 and model.params["model.arch"] == "efficientnet_lite0"
+    # the model's metrics: the evaluate stage's numbers, linked to it
+    assert {m.key: m.value for m in model.metrics} == {f"evaluate/{k}": v for k, v in METRICS.items()}
+    assert store.get_run(run_id).data.metrics["evaluate/error_rate"] == 0.0
+
+    path = urlparse(model.artifact_location).path
+    mlmodel = Model.load(path)
+    assert mlmodel.signature.inputs.input_names() == ["image"]
+    assert mlmodel.signature.params.params[0].name == "top_k"
+    assert mlmodel.signature.outputs.input_names() == ["breed", "probability", "top_k"]
+    # the input example: the first validation image of data/split.csv, base64 as a request carries it
+    example = mlmodel.load_input_example(path)
+    assert base64.b64decode(example["image"][0]) == (project / "data/raw/images/green_cat_600.jpg").read_bytes()
+    requirements = (Path(path) / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements and "mlflow==3.17.2" in requirements
+    assert (Path(path) / "code/petbreeds/predict.py").is_file()  # the package travels with the model
+
+    # nothing outside the petbreeds experiment: no fluent run, no model in MLflow's Default experiment
+    experiments = [e.experiment_id for e in store.search_experiments()]
+    assert [r.info.run_name for r in store.search_runs(experiments)] == ["exp-a"]
+    assert [m.model_id for m in store.search_logged_models(experiment_ids=experiments)] == [model_id]
+
+
+def test_logging_a_result_again_logs_no_second_model(project: Path, store: MlflowClient, run_id: str) -> None:
+    assert tracking.log_pipeline(project, identity("exp-a"), project) == run_id
+    experiment_id = store.get_run(run_id).info.experiment_id
+    assert len(store.search_logged_models(experiment_ids=[experiment_id])) == 1
+
+
+def test_an_interrupted_attempt_is_replaced_with_its_model(project: Path, store: MlflowClient) -> None:
+    first = tracking.log_pipeline(project, identity("exp-interrupted"), project)
+    (old,) = store.get_run(first).outputs.model_outputs
+    store.update_run(first, status="FAILED")  # as a stage killed while logging leaves it
+    second = tracking.log_pipeline(project, identity("exp-interrupted"), project)
+    assert second != first and store.get_run(second).outputs.model_outputs
+    with pytest.raises(MlflowException, match="not found"):
+        store.get_logged_model(old.model_id)
+
+
+LOAD_AND_PREDICT = """
+import base64, json, sys
+from pathlib import Path
+sys.path = [p for p in sys.path if not (Path(p) / "petbreeds").is_dir()]  # petbreeds only from the model itself
+import mlflow, pandas as pd
+from mlflow.exceptions import MlflowException
+model = mlflow.pyfunc.load_model(sys.argv[1])
+import petbreeds
+image = Path(sys.argv[2])
+frame = pd.DataFrame({"image": [str(image), base64.b64encode(image.read_bytes()).decode(), image.read_bytes()]})
+out = {"package": petbreeds.__file__, "top3": model.predict(frame).to_dict("records")}
+out["top1"] = model.predict(frame, params={"top_k": 1}).to_dict("records")
+out["errors"] = []
+for bad in ("hello", base64.b64encode(b"hello").decode()):
+    try:
+        model.predict(pd.DataFrame({"image": [bad]}))
+    except MlflowException as e:
+        out["errors"].append([e.error_code, e.message])
+print(json.dumps(out))
+"""
+
+
+def test_a_fresh_process_predicts_paths_base64_and_bytes_as_petbreeds_predict(
+    project: Path, tmp_path: Path, model_id: str, tiny_model: Path, write_breed_images
+) -> None:
+    write_breed_images(tmp_path / "new", 1, 700)
+    image = tmp_path / "new/red_dog_700.jpg"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    args = [sys.executable, "-c", LOAD_AND_PREDICT, f"models:/{model_id}", str(image)]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert "/code/petbreeds/" in out["package"]  # the package the model carries, not this checkout's
+
+    (expected,) = predict(image, tiny_model, top_k=3, device=torch.device("cpu"))
+    assert expected.breed == "red_dog"
+    for row in out["top3"]:  # a path, base64 text, bytes: one answer, petbreeds predict's
+        assert row["breed"] == expected.breed and row["probability"] == pytest.approx(expected.probability, abs=1e-5)
+        assert [t["breed"] for t in row["top_k"]] == [breed for breed, _ in expected.top_k]
+        assert [t["probability"] for t in row["top_k"]] == pytest.approx([p for _, p in expected.top_k], abs=1e-5)
+    assert [len(row["top_k"]) for row in out["top1"]] == [1, 1, 1]
+
+    (code, text), (code_b64, text_b64) = out["errors"]
+    assert code == code_b64 == "INVALID_PARAMETER_VALUE"
+    assert text.startswith("image row 0: 'hello' is neither an image file's path nor its bytes in base64"), text
+    assert text_b64.startswith("image row 0: not an image Pillow can read"), text_b64
+
+
+def test_register_names_aliases_and_tags_a_version(
+    project: Path, store: MlflowClient, run_id: str, model_id: str, champion: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = store.get_model_version_by_alias("petbreeds", "champion")
+    assert int(version.version) == champion == 1
+    assert version.source == f"models:/{model_id}" and version.run_id == run_id
+    assert version.tags == {"dvc.exp_name": "exp-a", "git.commit": BASELINE, "data.md5": DATA_MD5} | {
+        "model.md5": store.get_run(run_id).data.tags["model.md5"]
+    }
+
+    # a run of plain `dvc repro`, found by its run name; no alias: only a new version. The store named by
+    # MLFLOW_TRACKING_URI stays named (MLflow unsets it when it restores its fluent URI).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.tracking_uri)
+    repro_run = tracking.log_pipeline(project, identity("repro@1234567", exp=False), project)
+    second = registry.register(project, "repro@1234567", "petbreeds", None)
+    assert os.environ["MLFLOW_TRACKING_URI"] == store.tracking_uri
+    assert int(second.version) == 2 and second.run_id == repro_run and "dvc.exp_name" not in second.tags
+    assert int(store.get_model_version_by_alias("petbreeds", "champion").version) == 1
+
+
+def test_register_says_what_to_run_when_the_run_or_its_model_is_missing(
+    project: Path, tmp_path: Path, run_id: str, write_breed_images, capsys
+) -> None:
+    with pytest.raises(
+        PetbreedsError, match=r"no MLflow run of the DVC experiment or run name 'nope'.*dvc exp run -n nope"
+    ):
+        registry.register(project, "nope", "petbreeds", "champion")
+
+    write_result(tmp_path / "no-model", None, write_breed_images)  # a result whose dvc.lock records no model
+    tracking.log_pipeline(tmp_path / "no-model", identity("exp-no-model"), project)
+    with pytest.raises(PetbreedsError, match=r"run exp-no-model \(\w+\) has no logged model.*petbreeds mlflow-relog"):
+        registry.register(project, "exp-no-model", "petbreeds", "champion")
+
+    assert cli.main(["register", "nope", "--alias", "champion"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no MLflow run") and "Traceback" not in err
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+def test_the_served_champion_names_the_breed_of_a_jpeg_and_refuses_a_non_image_with_400(
+    project: Path, tmp_path: Path, champion: int, free_port, write_breed_images
+) -> None:
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the server runs `uvicorn` from the venv
+    command = [MLFLOW, "models", "serve", "-m", "models:/petbreeds@champion", "--env-manager", "local"]
+    log = (tmp_path / "serve.log").open("w")
+    # its own process group: the server runs uvicorn as a child, and both must go
+    server = subprocess.Popen(
+        [*command, "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env, stdout=log, stderr=log,
+        start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "no answer on /ping in 180 s:\n" + (tmp_path / "serve.log").read_text()
+            time.sleep(1)
+
+        write_breed_images(tmp_path / "new", 1, 800)
+        jpeg = base64.b64encode((tmp_path / "new/blue_dog_800.jpg").read_bytes()).decode()
+        status, answer = post(f"{base}/invocations", json.dumps({"dataframe_records": [{"image": jpeg}]}).encode())
+        assert status == 200, answer
+        (prediction,) = answer["predictions"]
+        assert prediction["breed"] == "blue_dog" and prediction["probability"] > 0.5
+
+        hello = base64.b64encode(b"hello").decode()
+        status, answer = post(f"{base}/invocations", json.dumps({"dataframe_records": [{"image": hello}]}).encode())
+        assert status == 400, answer
+        assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "image row 0: not an image Pillow can read" in answer["message"]
+        assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
