@@ -238,6 +238,23 @@ def test_a_hung_rank_becomes_an_error_after_the_timeout_not_a_stuck_stage(ddp_pr
     assert _digests(ddp_project) == before
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        # what gloo raised in the hung-rank test above, waiting in an all-reduce or in DDP's buffer broadcast
+        "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv operation",
+        "Application timeout caused pair closure",
+    ],
+)
+def test_a_timed_out_collective_is_worded_as_a_hung_rank_whichever_collective_waited(text: str) -> None:
+    from petbreeds.distributed import collective_failure
+
+    params = load_params(ROOT / "params.yaml").distributed.model_copy(update={"timeout_s": 15.0})
+    words = collective_failure(RuntimeError(text), params)
+    assert words is not None and words.startswith("waited longer than distributed.timeout_s=15 s for the other ranks")
+    assert collective_failure(RuntimeError("CUDA out of memory"), params) is None  # not a peer's doing
+
+
 @pytest.mark.slow
 def test_sync_bn_on_cpus_is_an_error_naming_the_key(tmp_path: Path) -> None:
     """torch's SyncBatchNorm has no CPU kernel: a clear error, not a ValueError from deep inside a forward pass."""

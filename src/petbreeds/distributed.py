@@ -118,13 +118,17 @@ def join(params: DistributedParams) -> World:
 
 # How a rank words the loss of a peer: a consequence of another rank's failure, never its cause (see launch).
 LOST_PEER = "lost the other ranks"
+# gloo's RuntimeErrors: most name gloo (its source path), but a pair that timed out in a broadcast (DDP's buffer sync
+# before a forward) only says "Application timeout caused pair closure".
+_GLOO_WORDS = ("gloo", "pair closure")
 
 
 def collective_failure(error: BaseException, params: DistributedParams) -> str | None:
     """The words for an error of torch.distributed itself (a peer that hung past the timeout, or vanished),
     or None when ``error`` is something else."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in text.lower())):
+    gloo = isinstance(error, RuntimeError) and any(word in text.lower() for word in _GLOO_WORDS)
+    if not (isinstance(error, dist.DistError) or gloo):
         return None
     if "timed out" in text.lower() or "timeout" in text.lower():
         return (
