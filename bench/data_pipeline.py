@@ -83,7 +83,7 @@ def main() -> None:
     print(machine_header())
 
     paths = sorted(p for p in args.images.iterdir() if p.suffix == ".jpg")[: args.n]
-    workers = default_num_workers(args.workers)
+    workers = default_num_workers(args.workers, cuda=True)  # -1: one per core, as a GPU's training would load
     data = DataParams(
         item_size=args.item,
         size=args.size,

@@ -11,50 +11,22 @@ machine:
 from __future__ import annotations
 
 import os
-import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-CPUINFO = Path("/proc/cpuinfo")
+from petbreeds.machine import CPUINFO, cpu_flags, cpu_model, usable_cores
+
 # The instruction sets that change torch's CPU kernels: AVX2 / AVX-512 vectorisation, native bf16 (AVX512-BF16),
 # and the AMX tile units that oneDNN uses for bf16 matrix products.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def _cpuinfo_field(cpuinfo: Path, name: str) -> str | None:
-    """The first ``name : value`` of ``/proc/cpuinfo`` (Linux); None when the file or the field is absent."""
-    try:
-        lines = cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == name:
-            return value.strip()
-    return None
-
-
-def cpu_model(cpuinfo: Path = CPUINFO) -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what the platform reports, else "unknown CPU"."""
-    return _cpuinfo_field(cpuinfo, "model name") or platform.processor() or "unknown CPU"
-
-
 def isa_flags(cpuinfo: Path = CPUINFO) -> dict[str, bool] | None:
     """Which of :data:`ISA_FLAGS` the CPU has; None where ``/proc/cpuinfo`` does not say (not Linux)."""
-    flags = _cpuinfo_field(cpuinfo, "flags")
-    if flags is None:
-        return None
-    present = set(flags.split())
-    return {flag: flag in present for flag in ISA_FLAGS}
-
-
-def usable_cores() -> int:
-    """Logical cores this process may run on (its affinity mask: what a container or taskset leaves it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    present = cpu_flags(cpuinfo)
+    return None if present is None else {flag: flag in present for flag in ISA_FLAGS}
 
 
 def machine_header(cpuinfo: Path = CPUINFO, now: datetime | None = None) -> str:

@@ -9,9 +9,11 @@ same tensors), lr_find(100 iterations),
 then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e-3), div 5, pct 0.3.
 
 Each side runs in its own subprocess of .venv's python (the dev extra holds fastai) so that peak RSS is per
-side; the sides alternate (A B, B A, ...) so that load from other processes hits both alike. Both get the same
-DataLoader worker count. The fastai child checks that its RandomSplitter(0.2, seed=42) over the sorted file list
-gives exactly our validation set. Prints one table of medians with the ratios and the run-to-run spread.
+side; the sides alternate (A B, B A, ...) so that load from other processes hits both alike. Each side loads
+with its library's default DataLoader workers (``--workers N`` gives both N). Our side also times its training step
+alone on a loaded batch (model-only images/s): the pipeline's rate against what the model allows. The fastai
+child checks that its RandomSplitter(0.2, seed=42) over the sorted file list gives exactly our validation set.
+Prints one table of medians with the ratios and the run-to-run spread.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the parent process imports neither: each side imports its library in its own child
+    import torch
+
+    from petbreeds.training import TrainingData
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
@@ -48,17 +56,17 @@ class Recipe:
     batch_size: int
     num_it: int
     unfrozen_epochs: int
-    workers: int
+    workers: int | None  # DataLoader workers; None: each library's default
     seed: int = 42
 
 
-def full_recipe(workers: int) -> Recipe:
+def full_recipe(workers: int | None) -> Recipe:
     return Recipe(
         item_size=460, size=224, min_scale=0.75, batch_size=32, num_it=100, unfrozen_epochs=2, workers=workers
     )
 
 
-def quick_recipe(workers: int) -> Recipe:
+def quick_recipe(workers: int | None) -> Recipe:
     """Minutes, not an hour: small images, few lr_find steps (suggestions need >= 2 points after trimming)."""
     return Recipe(item_size=160, size=128, min_scale=0.75, batch_size=16, num_it=10, unfrozen_epochs=1, workers=workers)
 
@@ -119,7 +127,8 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
             Normalize.from_stats(*imagenet_stats),
         ],
     )
-    dls = block.dataloaders(root, bs=recipe.batch_size, num_workers=recipe.workers, device=torch.device("cpu"))
+    workers = {} if recipe.workers is None else {"num_workers": recipe.workers}  # fastai's default: one per core
+    dls = block.dataloaders(root, bs=recipe.batch_size, device=torch.device("cpu"), **workers)
     ours = {str(root / p) for p in table.loc[table["split"] == "valid", "path"]}
     if {str(p) for p in dls.valid_ds.items} != ours:
         raise SystemExit("fastai's RandomSplitter did not reproduce petbreeds' validation set")
@@ -186,7 +195,7 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
                     "size": recipe.size,
                     "resize_method": "crop",
                     "batch_size": recipe.batch_size,
-                    "num_workers": recipe.workers,
+                    **({} if recipe.workers is None else {"num_workers": recipe.workers}),
                 }
             ),
             "augment": params.augment.model_copy(update={"min_scale": recipe.min_scale}),
@@ -212,7 +221,41 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
     train = data.train_loader
     images = len(train) * recipe.batch_size  # drop_last: every epoch trains on full batches only
     epochs = [(images / row["images_per_s"], images) for row in history]  # training time, validation excluded
-    return summary(lr_find_s, len(found.lrs), epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
+    result = summary(lr_find_s, len(found.lrs), epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
+    # the model alone at the same epoch mix (1 frozen, then unfrozen): what a perfect data pipeline would reach
+    rates = model_only_images_per_s(model, data)
+    seconds = sum(n / rates["frozen" if i == 0 else "unfrozen"] for i, (_, n) in enumerate(epochs))
+    result["model_only_images_per_s"] = sum(n for _, n in epochs) / seconds
+    result["pipeline_share"] = result["images_per_s"] / result["model_only_images_per_s"]
+    return result
+
+
+def model_only_images_per_s(model: torch.nn.Module, data: TrainingData, steps: int = 5) -> dict[str, float]:
+    """Images/s of the training step alone (forward, backward, AdamW) on one batch already loaded and augmented,
+    frozen and unfrozen, on a copy of the trained model (the run's results stay as they are). Median of ``steps``
+    after one warm-up step."""
+    import copy
+    import statistics
+
+    from petbreeds.model import freeze, param_groups, unfreeze
+    from petbreeds.schedule import make_optimizer
+    from petbreeds.training import batch_inputs, train_step
+
+    compute = data.compute
+    x, y = batch_inputs(next(iter(data.train_loader)), data.augment, compute, train=True)
+    rates = {}
+    for phase, set_phase in (("frozen", freeze), ("unfrozen", unfreeze)):
+        net = copy.deepcopy(model)
+        set_phase(net)
+        net.train()
+        opt = make_optimizer(param_groups(net), [1e-6] * 3, WD)
+        times = []
+        for _ in range(steps + 1):
+            started = time.perf_counter()
+            train_step(net, opt, compute.grad_scaler(), x, y, compute)
+            times.append(time.perf_counter() - started)
+        rates[phase] = len(y) / statistics.median(times[1:])
+    return rates
 
 
 def summary(
@@ -234,6 +277,8 @@ def summary(
 
 COLUMNS = (
     ("images_per_s", "train images/s", "{:.2f}", True),
+    ("model_only_images_per_s", "model-only images/s (petbreeds' step on a loaded batch)", "{:.2f}", None),
+    ("pipeline_share", "pipeline / model-only (target >= 0.90)", "{:.2f}", None),
     ("s_per_epoch", "s per epoch (train)", "{:.1f}", False),
     ("lr_find_s", "lr_find s", "{:.1f}", False),
     ("lr_find_s_per_step", "lr_find s per step", "{:.3f}", False),
@@ -268,10 +313,12 @@ def prepare(work: Path, data_root: Path, quick: bool, seed: int) -> int:
     return len(table)
 
 
-def run_side(side: str, work: Path, extra_args: list[str], workers: int) -> dict[str, float]:
+def run_side(side: str, work: Path, extra_args: list[str], workers: int | None) -> dict[str, float]:
     """One side in its own process; adds its peak RSS (the largest of the process and its DataLoader workers)."""
     out = work / f"{side}.json"
-    cmd = [str(PYTHON), __file__, "--side", side, "--work", str(work), "--workers", str(workers), *extra_args]
+    cmd = [str(PYTHON), __file__, "--side", side, "--work", str(work), *extra_args]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -288,6 +335,11 @@ def table_text(results: dict[str, list[dict[str, float]]]) -> str:
         "|---|---|---|---|---|",
     ]
     for key, name, fmt, higher_better in COLUMNS:
+        if key not in results["fastai"][0]:  # measured on petbreeds' side only
+            values = [r[key] for r in results["petbreeds"]]
+            cells = ["—", fmt.format(statistics.median(values)), "", f"— / {fmt.format(max(values) - min(values))}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            continue
         values = {side: [r[key] for r in runs] for side, runs in results.items()}
         med = {side: statistics.median(v) for side, v in values.items()}
         spread = {side: max(v) - min(v) for side, v in values.items()}
@@ -317,7 +369,13 @@ def main() -> None:
     )
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--workers", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers for both sides (default: each library's own: fastai one per core, petbreeds "
+        "data.num_workers -1; README § Speed)",
+    )
     args = parser.parse_args()
     if args.side:  # a child: run one side, write its numbers
         recipe = (quick_recipe if args.quick else full_recipe)(args.workers)
@@ -333,9 +391,7 @@ def main() -> None:
 
     print(machine_header(), flush=True)
     data_root = args.data or (SHARED_SUBSET if SHARED_SUBSET.is_dir() else ROOT / "data" / "raw")
-    from petbreeds.dataloaders import default_num_workers
-
-    workers = default_num_workers(-1)
+    workers = args.workers
     extra_args = [flag for flag, on in (("--quick", args.quick),
                   ("--fastai-reuse-freed-memory", args.fastai_reuse_freed_memory)) if on]  # fmt: skip
     results: dict[str, list[dict[str, float]]] = {"fastai": [], "petbreeds": []}

@@ -15,7 +15,7 @@ from petbreeds.atomic import atomic_write_json
 from petbreeds.checkpoint import load_checkpoint
 from petbreeds.config import Params
 from petbreeds.dataloaders import make_loader
-from petbreeds.device import Compute, pick_device, resolve_precision
+from petbreeds.device import pick_device
 from petbreeds.errors import PetbreedsError
 from petbreeds.interpret import (
     classification_metrics,
@@ -32,7 +32,7 @@ from petbreeds.interpret import (
 )
 from petbreeds.splitting import read_split_table
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import get_preds
+from petbreeds.training import get_preds, training_compute
 
 RAW = Path("data/raw")
 # The numbers of metrics/evaluate.json, by their name in classification_metrics -> their name for the validation
@@ -70,8 +70,8 @@ def metrics_and_report(per_split: dict[str, dict[str, float | int]]) -> tuple[di
 def main(params: Params, ctx: StageContext) -> None:
     device = pick_device()
     model, ckpt = load_checkpoint(Path("models/model.pt"), device)
-    compute = Compute(device, resolve_precision(params.train.precision, device), params.train.channels_last)
-    ctx.record(precision=compute.precision)
+    compute = training_compute(params, device, ctx.world)  # as trained: auto on a CPU reads its calibration
+    ctx.record(precision=compute.precision, precision_choice=compute.precision_choice)
     table = read_split_table(Path("data/split.csv"))
     # The model's own transforms; batching as params.data says.
     data = ckpt.data_params(params.data.batch_size, params.data.num_workers)

@@ -27,7 +27,8 @@ from petbreeds.training import batch_inputs, train_step, training_data
 def main(project: Path, out: Path) -> None:
     params = load_params(ROOT / "params.yaml")
     data_params = params.data.model_copy(update={"item_size": 40, "size": 32, "batch_size": 32, "num_workers": 0})
-    params = params.model_copy(update={"data": data_params})
+    train = params.train.model_copy(update={"precision": "fp32"})  # exact sums to compare, not auto's calibration
+    params = params.model_copy(update={"data": data_params, "train": train})
     world = join(params.distributed)
     table = pd.read_csv(project / "split.csv", keep_default_na=False)
     data = training_data(params, table, VOCAB, project, seed=3, world=world)

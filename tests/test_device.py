@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from petbreeds.device import CPU_AUTO_DTYPE, Compute, autocast, make_grad_scaler, pick_device, resolve_precision
+from petbreeds.device import Compute, autocast, make_grad_scaler, pick_device, resolve_precision
 from petbreeds.errors import PetbreedsError
+from petbreeds.runtime import cache_dir, use_project_cache
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pick_device_prefers_cuda():
@@ -81,7 +84,7 @@ def test_freed_cpu_memory_is_not_shared_copy_on_write_with_forked_workers():
 def test_resolve_precision_on_cpu():
     assert resolve_precision("fp32", CPU) is None
     assert resolve_precision("bf16", CPU) is torch.bfloat16
-    assert resolve_precision("auto", CPU) is CPU_AUTO_DTYPE
+    assert resolve_precision("auto", CPU) is None  # serving's; training calibrates (tests/test_calibration.py)
     with pytest.raises(PetbreedsError, match=r"train\.precision fp16 needs a CUDA GPU"):
         resolve_precision("fp16", CPU)
 
@@ -115,3 +118,15 @@ def test_autocast_runs_matmuls_in_the_chosen_dtype():
 def test_no_loss_scaling_on_cpu():
     assert not make_grad_scaler(CPU, torch.bfloat16).is_enabled()
     assert not make_grad_scaler(CPU, None).is_enabled()
+
+
+def test_compiled_kernels_and_calibrations_are_cached_in_the_project(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # as DVC sets it for a stage, a queued experiment's included
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert cache_dir() == tmp_path.resolve() / ".cache"
+    assert use_project_cache() == tmp_path.resolve() / ".cache" / "torchinductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path.resolve() / ".cache" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice wins
+    assert use_project_cache() == tmp_path / "mine"
+    ignored = {f: (ROOT / f).read_text().splitlines() for f in (".gitignore", ".dvcignore")}
+    assert "/.cache/" in ignored[".gitignore"] and ".cache/" in ignored[".dvcignore"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from petbreeds.config import DataParams
-from petbreeds.dataloaders import make_loader, to_device
+from petbreeds.dataloaders import default_num_workers, make_loader, to_device
 from petbreeds.errors import PetbreedsError
 from petbreeds.presizing import PresizedImages, load_rgb, presize
 
@@ -190,6 +191,17 @@ def test_two_workers_give_the_same_batches_as_none(tmp_path: Path) -> None:
     parallel = batches(make_loader(table, tmp_path, ["a", "b"], two, train=True, seed=5), 2)
     assert len(serial) == len(parallel) == 6
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, parallel, strict=True))
+
+
+def test_minus_one_workers_means_none_on_a_cpu_and_one_per_core_on_a_gpu(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert default_num_workers(-1, cuda=False) == 0
+    assert default_num_workers(-1, cuda=True) == min(16, cores)
+    assert default_num_workers(-1, processes=cores, cuda=True) == 1  # the cores shared among the processes
+    assert default_num_workers(3, cuda=False) == default_num_workers(3, cuda=True) == 3  # a number is a number
+    table = write_items(tmp_path, 8, ["a", "b"])
+    loader = make_loader(table, tmp_path, ["a", "b"], DATA.model_copy(update={"num_workers": -1}), train=True, seed=0)
+    assert loader.num_workers == (min(16, cores) if torch.cuda.is_available() else 0)
 
 
 def test_loader_refuses_unknown_labels_and_too_few_items(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +33,8 @@ def pets(tmp_path: Path) -> tuple[Path, pd.DataFrame]:
 def _setup(root: Path, table: pd.DataFrame, seed: int = 0) -> tuple[torch.nn.Module, TrainingData]:
     params = load_params(ROOT / "params.yaml")
     data = params.data.model_copy(update={"item_size": 40, "size": 32, "batch_size": 8, "num_workers": 0})
-    params = params.model_copy(update={"data": data})
+    train = params.train.model_copy(update={"precision": "fp32"})  # the loop's numbers, not auto's calibration
+    params = params.model_copy(update={"data": data, "train": train})
     torch.manual_seed(seed)
     return tiny_net(), training_data(params, table, VOCAB, root, seed=seed, world=SINGLE_PROCESS)
 
@@ -131,15 +133,21 @@ TRAINING_STAGES = ("lr_find", "train_frozen", "lr_find_unfrozen", "train_unfroze
 def test_stages_lr_find_train_frozen_train_unfrozen(tmp_path: Path) -> None:
     """The four stage scripts on a tiny project: resnet18 without pretrained weights, 32 px, real JPEGs."""
     tiny_project(tmp_path)
-    # what train.precision auto becomes, printed and kept in the sidecar (MLflow's tag stage.<stage>.precision)
-    auto = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "fp32"
-
+    # what train.precision auto becomes and why, printed and kept in the sidecar (MLflow's tags
+    # stage.<stage>.precision, .precision_choice); on a CPU the first stage calibrates, the others read its cache
+    cuda = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else None
+    became = set()
     for stage in TRAINING_STAGES:
         done = _run_stage(stage, tmp_path)
         assert done.returncode == 0, done.stderr
-        assert f"{stage}: precision {auto}" in done.stdout
-        info = json.loads((tmp_path / "reports" / "run_info" / f"{stage}.json").read_text())
-        assert info["facts"] == {"precision": auto}
+        facts = json.loads((tmp_path / "reports" / "run_info" / f"{stage}.json").read_text())["facts"]
+        assert set(facts) == {"precision", "precision_choice"}
+        assert f"{stage}: precision {facts['precision']}, precision_choice {facts['precision_choice']}" in done.stdout
+        assert facts["precision"] in ((cuda,) if cuda else ("fp32", "bf16"))
+        if facts["precision_choice"].startswith("calibrated"):
+            assert facts["precision_choice"].endswith("(cached)") == (stage != "lr_find")
+        became.add(facts["precision"])
+    assert len(became) == 1  # one precision for the whole run
 
     lr_find = json.loads((tmp_path / "reports" / "lr_find.json").read_text())
     assert set(lr_find) == {"valley", "minimum", "steep", "slide", "chosen", "seconds", "iterations"}
@@ -215,3 +223,32 @@ def test_the_phases_take_fastais_lr_forms(tmp_path: Path) -> None:
     assert "train_unfrozen: max lr per group 0.0003, 0.0003, 0.0003" in done.stdout
     unfrozen = json.loads((tmp_path / "reports" / "train_unfrozen.json").read_text())
     assert unfrozen["lr_lo"] == unfrozen["lr_hi"] == 3e-4
+
+
+def _compiled_fit(root: Path, table: pd.DataFrame, cache: Path) -> tuple[list[dict[str, float]], list[str]]:
+    """Two epochs with train.compile true, compiling into ``cache``; the history and the cache's files."""
+    model, data = _setup(root, table)
+    compiled = TrainingData(**{**vars(data), "compute": replace(data.compute, compile=True)})
+    return _fit(model, compiled, epochs=2), sorted(p.name for p in cache.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_compiled_training_learns_like_eager_and_reuses_its_cache(pets, tmp_path, monkeypatch) -> None:
+    root, table = pets
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    eager = _fit(*_setup(root, table), epochs=2)
+    torch._dynamo.reset()
+    compiled, files = _compiled_fit(root, table, cache)
+    assert files, "torch.compile wrote nothing into TORCHINDUCTOR_CACHE_DIR"
+    # compiled kernels round differently: close to eager, not equal
+    for e, c in zip(eager, compiled, strict=True):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3)
+        assert c["valid_loss"] == pytest.approx(e["valid_loss"], rel=1e-3)
+    # a new process (here: dynamo's in-memory state dropped) finds the compiled graphs on disk
+    torch._dynamo.reset()
+    hits_before = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+    again, files_again = _compiled_fit(root, table, cache)
+    assert torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"] > hits_before
+    assert files_again == files
+    assert [r["valid_loss"] for r in again] == [r["valid_loss"] for r in compiled]

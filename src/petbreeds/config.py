@@ -142,6 +142,7 @@ class ModelParams(_Model):
 class TrainParams(_Model):
     precision: Precision
     channels_last: bool
+    compile: bool
 
 
 class LrFindParams(_Model):

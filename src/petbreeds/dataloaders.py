@@ -6,7 +6,6 @@ Valid: table order, every item. Batches stay uint8 until the device (a quarter o
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from petbreeds.config import DataParams
 from petbreeds.errors import PetbreedsError
+from petbreeds.machine import usable_cores
 from petbreeds.presizing import PresizedImages
 from petbreeds.world import SINGLE_PROCESS, World
 
@@ -25,13 +25,21 @@ from petbreeds.world import SINGLE_PROCESS, World
 _MAX_DEFAULT_WORKERS = 16
 
 
-def default_num_workers(requested: int, processes: int = 1) -> int:
-    """``data.num_workers``, with -1 meaning the cores this process may use shared among the ``processes`` that
-    train on this machine (one worker per core for one process; at most 16, fastai's cap)."""
+def default_num_workers(requested: int, processes: int = 1, cuda: bool | None = None) -> int:
+    """``data.num_workers``; -1: none when training on the CPU, else the cores this process may use shared among
+    the ``processes`` that train on this machine (one worker per core for one process; at most 16, fastai's cap).
+
+    On a CPU every core already runs the training step's threads. A worker decoding at the same time preempts one of
+    them, and the whole step waits for it at its next parallel region; decoding in the training process between two
+    steps costs only the decoding (bench/cpu_workers.py: 1.05-1.14x the images/s of one worker per core on 2 cores).
+    ``cuda``: whether training runs on a GPU (default: whether one is available, as petbreeds.device.pick_device
+    decides).
+    """
     if requested >= 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    return min(_MAX_DEFAULT_WORKERS, max(1, cores // processes))
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return 0
+    return min(_MAX_DEFAULT_WORKERS, max(1, usable_cores() // processes))
 
 
 class EpochShuffle(Sampler[tuple[int, int]]):
@@ -104,6 +112,7 @@ def make_loader(
             f"only {len(table)} training items, fewer than data.batch_size={data.batch_size}: with drop_last no "
             "batch would be left; lower data.batch_size"
         )
+    workers = default_num_workers(data.num_workers, world.local_world_size)
     dataset = PresizedImages(
         [root / p for p in table["path"]],
         [class_index[label] for label in table["label"]],
@@ -111,7 +120,6 @@ def make_loader(
         train=train,
         seed=seed,
     )
-    workers = default_num_workers(data.num_workers, world.local_world_size)
     return DataLoader(
         dataset,
         batch_size=data.batch_size // world.world_size,

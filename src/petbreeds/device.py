@@ -8,7 +8,9 @@
         logits = model(x)
     loss = loss_fn(logits.float(), y)                            # the loss always in fp32
 
-Weights stay fp32 in every mode; only autocast regions compute in the lower precision.
+Weights stay fp32 in every mode; only autocast regions compute in the lower precision. The training stages and
+evaluate build their Compute with ``petbreeds.training.training_compute``, where ``auto`` on a CPU is timed per CPU
+model (``petbreeds.calibration``); here ``auto`` on a CPU is fp32, what serving uses.
 """
 
 from __future__ import annotations
@@ -25,12 +27,6 @@ import torch
 from torch import nn
 
 from petbreeds.errors import PetbreedsError
-
-# What `train.precision: auto` means on CPU, from bench/precision_cpu.py (README § Model): fp32 + channels_last
-# trains efficientnet_lite0, the default arch, 1.4-1.7x faster than bf16 autocast even on CPUs with native bf16
-# (AVX512-BF16). resnet34 is the other way round there (bf16 1.8x faster): set train.precision: bf16 for it.
-CPU_AUTO_DTYPE: torch.dtype | None = None
-
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -76,9 +72,11 @@ def reuse_freed_cpu_memory() -> bool:
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """``train.precision`` -> the autocast dtype, or None for fp32.
 
-    auto: the fastest measured, not the book's (fp32; run (h) fp16): bf16 on a CUDA device that supports it, else
-    fp16 on CUDA (with a grad scaler), and on CPU what bench/precision_cpu.py measured faster (``CPU_AUTO_DTYPE``).
-    The stages record what it became (``Compute.precision``).
+    auto: the fastest, not the book's (fp32; run (h) fp16): bf16 on a CUDA device that supports it, else fp16 on
+    CUDA (with a grad scaler), and fp32 on CPU. That CPU answer is serving's (petbreeds.predict); training on a CPU
+    asks :func:`petbreeds.calibration.cpu_autocast_dtype` instead (via ``petbreeds.training.training_compute``),
+    which times fp32 against bf16 on the CPU model at hand: no one rule fits every CPU (bench/precision_cpu.py).
+    The stages record what it became (``Compute.precision``) and why (``Compute.precision_choice``).
     """
     if name == "fp32":
         return None
@@ -94,7 +92,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return CPU_AUTO_DTYPE
+        return None
     raise PetbreedsError(f"params.yaml: train.precision must be one of auto, fp32, bf16, fp16, got {name!r}")
 
 
@@ -115,15 +113,36 @@ def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.a
 
 @dataclass(frozen=True)
 class Compute:
-    """Where and how the model computes: the device, the autocast dtype (None = fp32) and the memory layout."""
+    """Where and how the model computes: the device, the autocast dtype (None = fp32) and the memory layout.
+
+    ``precision_choice``: how the dtype was chosen, in a few words, for the stages' facts (what ``auto`` became is
+    worth nothing without why: a calibration's timings on which CPU, or params.yaml).
+    """
 
     device: torch.device
     dtype: torch.dtype | None
     channels_last: bool
+    compile: bool = False
+    precision_choice: str = "set in params.yaml"
 
     def place(self, model: nn.Module) -> None:
         """Move ``model`` here, in channels_last layout when asked (in place: the Parameters stay the same)."""
         model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+
+    def for_training(self, net: nn.Module) -> nn.Module:
+        """``net`` (the model, or its DDP wrapper) as the training loop calls it: ``torch.compile``'d when asked.
+
+        The compiled graphs land in ``TORCHINDUCTOR_CACHE_DIR`` (the project's ``.cache/``, set by
+        :func:`petbreeds.runtime.use_project_cache`), so only the first run on a machine and torch build compiles.
+        Random ops (the head's dropout) draw from torch's own generator as in eager mode (inductor's
+        ``fallback_random``): compiling changes the speed and the last bits of the floats, not the experiment.
+        """
+        if not self.compile:
+            return net
+        import torch._inductor.config  # torch.compile's backend: loaded only when compiling
+
+        torch._inductor.config.fallback_random = True
+        return torch.compile(net)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return autocast(self.device, self.dtype)

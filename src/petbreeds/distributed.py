@@ -25,9 +25,10 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,8 @@ from petbreeds.config import DistributedParams
 from petbreeds.errors import PetbreedsError
 from petbreeds.runtime import verbose
 from petbreeds.world import SINGLE_PROCESS, World, under_torchrun, world_from_env, world_size_of
+
+T = TypeVar("T")
 
 
 def wrap(world: World, model: nn.Module, device: torch.device) -> nn.Module:
@@ -81,6 +84,16 @@ def sync_buffers(world: World, model: nn.Module) -> None:
         return
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
+
+
+def from_rank_0(world: World, decide: Callable[[], T]) -> T:
+    """Rank 0's ``decide()``, on every rank (the others never call it): one decision for all, such as the precision
+    a calibration chose, even where the ranks run on different CPUs. Without a process group, ``decide()`` here."""
+    if world.world_size == 1 or not dist.is_initialized():
+        return decide()
+    box: list[T | None] = [decide() if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return cast(T, box[0])
 
 
 def backend_for(params: DistributedParams) -> str:

@@ -156,7 +156,7 @@ def lr_find(
     compute.place(model)
     saved = {name: value.clone() for name, value in model.state_dict().items()}
     was_training = model.training
-    net = wrap(world, model, compute.device)
+    net = compute.for_training(wrap(world, model, compute.device))
     groups = param_groups(model)
     opt = make_optimizer(groups, [sweep.start_lr] * len(groups), wd, beta1=beta1)
     sched = LambdaLR(opt, lambda i: (sweep.end_lr / sweep.start_lr) ** (i / sweep.num_it))

@@ -27,6 +27,24 @@ def project_root() -> Path:
     return next((d for d in (cwd, *cwd.parents) if (d / "dvc.yaml").is_file()), cwd)
 
 
+# What the stages cache on this machine (train.precision auto's calibration, train.compile's kernels), outside git
+# and DVC (.gitignore, .dvcignore): it depends on the machine and the torch build, not on the experiment.
+CACHE_DIR = ".cache"
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """The project's ``.cache/``; for a queued experiment too, which runs in a temporary copy of the project
+    (``DVC_ROOT`` names the real one): what one experiment calibrated or compiled serves the next."""
+    return project_root() / CACHE_DIR
+
+
+def use_project_cache() -> Path:
+    """Point torch.compile's cache at ``.cache/torchinductor`` (:func:`cache_dir`; unless ``TORCHINDUCTOR_CACHE_DIR``
+    is set already); returns it. torch's default is a folder in /tmp, which a reboot empties."""
+    return Path(os.environ.setdefault(INDUCTOR_CACHE_ENV, str(cache_dir() / "torchinductor")))
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 

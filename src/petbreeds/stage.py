@@ -34,7 +34,7 @@ from petbreeds.atomic import atomic_write_json
 from petbreeds.config import Params, load_params
 from petbreeds.errors import PetbreedsError
 from petbreeds.provenance import run_info, run_info_path
-from petbreeds.runtime import quiet_by_default
+from petbreeds.runtime import quiet_by_default, use_project_cache
 from petbreeds.world import SINGLE_PROCESS, World, under_torchrun, world_size_of
 
 # Tracking switches are env vars, not params: a param change would invalidate the training stages.
@@ -108,6 +108,7 @@ def run_stage(
     On success, writes ``reports/run_info/<name>.json`` unless ``write_run_info`` is false (``mlflow_log``,
     which has no outputs).
     """
+    use_project_cache()
     quiet_by_default()  # DVC's output and the queue's logs: the stage's own lines, not MLflow's start-up chatter
     root = Path.cwd()
     started = time.time()

@@ -30,14 +30,16 @@ from tqdm import tqdm
 
 from petbreeds.atomic import atomic_output
 from petbreeds.augment import BatchAugment
+from petbreeds.calibration import CACHE_NAME, cpu_autocast_dtype
 from petbreeds.config import OneCycleParams, Params
 from petbreeds.dataloaders import make_loader, to_device
 from petbreeds.device import Compute, pick_device, resolve_precision
-from petbreeds.distributed import gather, mean, sync_buffers, wrap
+from petbreeds.distributed import from_rank_0, gather, mean, sync_buffers, wrap
 from petbreeds.errors import PetbreedsError
 from petbreeds.model import PetModel, create_model, freeze, param_groups
+from petbreeds.runtime import cache_dir
 from petbreeds.schedule import make_one_cycle, make_optimizer
-from petbreeds.world import World
+from petbreeds.world import World, world_size_of
 
 # The augment stage: uint8 [B, 3, item, item] on the device -> float32 normalised [B, 3, size, size].
 Augment = Callable[..., torch.Tensor]
@@ -100,9 +102,41 @@ def training_data(
         train_loader=make_loader(train, raw, vocab, params.data, train=True, seed=seed, world=world),
         valid_loader=make_loader(valid, raw, vocab, params.data, train=False, seed=seed, world=world),
         augment=BatchAugment(params.augment, params.data.size, seed, device, shard=(world.rank, world.world_size)),
-        compute=Compute(device, resolve_precision(params.train.precision, device), params.train.channels_last),
+        compute=training_compute(params, device, world),
         world=world,
     )
+
+
+def training_compute(params: Params, device: torch.device, world: World, cache_file: Path | None = None) -> Compute:
+    """How the training stages and evaluate compute: ``train.precision``, ``train.channels_last``, ``train.compile``.
+
+    ``auto`` on a CPU is what a calibration measured faster on this CPU model for ``model.arch`` at ``data.size``
+    with a rank's share of ``data.batch_size`` (:func:`petbreeds.calibration.cpu_autocast_dtype`, cached in
+    ``cache_file``, by default the project's ``.cache/cpu_precision.json``). The share comes from
+    ``distributed:``, not from ``world``: evaluate, one process, then reads the entry the training ranks used and
+    evaluates in their precision. With several ranks, rank 0's choice holds for all of them (``auto`` only: the
+    other names mean the same everywhere), so that ranks on different CPUs or GPUs never mix precisions.
+    """
+    name = params.train.precision
+
+    def decide() -> tuple[torch.dtype | None, str]:
+        if name == "auto" and device.type == "cpu":
+            return _calibrated(params, world, cache_file or cache_dir() / CACHE_NAME)
+        dtype = resolve_precision(name, device)
+        if name != "auto":
+            return dtype, "set in params.yaml"
+        return dtype, "auto on CUDA: " + ("bf16 supported" if dtype == torch.bfloat16 else "no bf16, fp16")
+
+    dtype, choice = from_rank_0(world, decide) if name == "auto" else decide()
+    return Compute(device, dtype, params.train.channels_last, params.train.compile, choice)
+
+
+def _calibrated(params: Params, world: World, cache_file: Path) -> tuple[torch.dtype | None, str]:
+    batch = max(1, params.data.batch_size // world_size_of(params.distributed))
+    calibration = cpu_autocast_dtype(params.model.arch, params.data.size, batch, params.train.channels_last, cache_file)
+    if world.is_main and calibration.fp32_s is not None and not calibration.from_cache:
+        print(calibration.announcement(cache_file), flush=True)  # the seconds it took: say why, once per machine
+    return calibration.dtype, calibration.describe()
 
 
 def new_frozen_model(params: Params, n_classes: int, pretrained: Path) -> PetModel:
@@ -199,7 +233,7 @@ def fit_one_cycle(
     show = world.is_main
     no_bar = None if show else True  # a bar on rank 0, only on a terminal (None): queue logs get the table alone
     compute.place(model)
-    net = wrap(world, model, compute.device)
+    net = compute.for_training(wrap(world, model, compute.device))
     opt = make_optimizer(param_groups(model), lrs, phase.wd)
     sched = make_one_cycle(opt, phase.epochs * len(data.train_loader), phase.pct_start, phase.div, phase.div_final)
     scaler = compute.grad_scaler()
