@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from petbreeds.config import DistributedParams
 from petbreeds.errors import PetbreedsError
+from petbreeds.machine import usable_cores
 from petbreeds.runtime import verbose
 from petbreeds.world import SINGLE_PROCESS, World, under_torchrun, world_from_env, world_size_of
 
@@ -210,8 +211,7 @@ def launch(script: Path, params: DistributedParams, stage: str, args: Sequence[s
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     if "OMP_NUM_THREADS" not in os.environ:
         # torchrun's rule, with the machine's cores shared out instead of 1 thread each
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // params.nproc_per_node))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // params.nproc_per_node))
     single = params.nnodes == 1
     config = LaunchConfig(
         min_nodes=params.nnodes,
