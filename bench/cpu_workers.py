@@ -48,7 +48,8 @@ def one_epoch(data_root: Path, workers: int, args: argparse.Namespace) -> float:
     params = load_params(ROOT / "params.yaml")
     n_workers = default_num_workers(-1, cuda=True) if workers == -2 else workers
     data_params = {"item_size": args.item_size, "size": args.size, "batch_size": args.bs, "num_workers": n_workers}
-    params = params.model_copy(update={"data": params.data.model_copy(update=data_params)})
+    train = params.train.model_copy(update={"precision": "fp32", "channels_last": True})  # no calibration here
+    params = params.model_copy(update={"data": params.data.model_copy(update=data_params), "train": train})
     torch.manual_seed(42)
     data = training_data(params, table, vocab, data_root, seed=42, world=SINGLE_PROCESS)
     model = create_model("efficientnet_lite0", len(vocab), None)

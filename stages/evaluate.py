@@ -71,7 +71,7 @@ def main(params: Params, ctx: StageContext) -> None:
     device = pick_device()
     model, ckpt = load_checkpoint(Path("models/model.pt"), device)
     compute = training_compute(params, device, ctx.world)  # as trained: auto on a CPU reads its calibration
-    ctx.record(precision=compute.precision, precision_choice=compute.precision_choice)
+    ctx.record(**compute.facts())
     table = read_split_table(Path("data/split.csv"))
     # The model's own transforms; batching as params.data says.
     data = ckpt.data_params(params.data.batch_size, params.data.num_workers)

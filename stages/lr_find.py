@@ -20,7 +20,7 @@ from petbreeds.training import new_frozen_model, training_data
 def main(params: Params, ctx: StageContext) -> None:
     table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
     data = training_data(params, table, vocab, Path("data/raw"), seed=params.seed, world=ctx.world)
-    ctx.record(precision=data.compute.precision, precision_choice=data.compute.precision_choice)
+    ctx.record(**data.compute.facts())
     model = new_frozen_model(params, len(vocab), Path("models/pretrained"))
     started = time.perf_counter()
     wd = params.train_frozen.wd  # the optimizer the frozen phase will train with

@@ -28,7 +28,7 @@ def main(params: Params, ctx: StageContext) -> None:
     seed = params.seed + 1  # the unfrozen phase's batches and dropout masks (stages/train_unfrozen.py)
     table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
     data = training_data(params, table, vocab, Path("data/raw"), seed=seed, world=ctx.world)
-    ctx.record(precision=data.compute.precision, precision_choice=data.compute.precision_choice)
+    ctx.record(**data.compute.facts())
     model, _ = load_checkpoint(Path("models/frozen.pt"), data.compute.device)
     unfreeze(model)
     torch.manual_seed(seed)

@@ -30,7 +30,7 @@ def main(params: Params, ctx: StageContext) -> None:
     lr = phase_lr("train_frozen", params.train_frozen.lr, Path("reports/lr_find.json"), params.lr_find.suggestion)
     table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
     data = training_data(params, table, vocab, Path("data/raw"), seed=params.seed, world=ctx.world)
-    ctx.record(precision=data.compute.precision, precision_choice=data.compute.precision_choice)
+    ctx.record(**data.compute.facts())
     model = new_frozen_model(params, len(vocab), Path("models/pretrained"))  # seeded as in lr_find: the same head
     lrs = group_lrs(lr, len(param_groups(model)))
     if ctx.world.is_main:

@@ -137,12 +137,11 @@ class Compute:
         Random ops (the head's dropout) draw from torch's own generator as in eager mode (inductor's
         ``fallback_random``): compiling changes the speed and the last bits of the floats, not the experiment.
         """
-        if not self.compile:
-            return net
-        import torch._inductor.config  # torch.compile's backend: loaded only when compiling
+        return torch.compile(net, options={"fallback_random": True}) if self.compile else net
 
-        torch._inductor.config.fallback_random = True
-        return torch.compile(net)
+    def facts(self) -> dict[str, str]:
+        """What a stage records of it (``StageContext.record``): the precision used and how it was chosen."""
+        return {"precision": self.precision, "precision_choice": self.precision_choice}
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return autocast(self.device, self.dtype)
