@@ -13,7 +13,15 @@ from petbreeds.checkpoint import load_checkpoint, save_checkpoint
 from petbreeds.config import DataParams
 from petbreeds.errors import PetbreedsError
 from petbreeds.imagenet import IMAGENET_MEAN
-from petbreeds.model import NORM_TYPES, AdaptiveConcatPool2d, create_model, freeze, param_groups, unfreeze
+from petbreeds.model import (
+    NORM_TYPES,
+    AdaptiveConcatPool2d,
+    ReLU6,
+    create_model,
+    freeze,
+    param_groups,
+    unfreeze,
+)
 
 DATA = DataParams(item_size=40, size=32, resize_method="crop", pad_mode="reflection", batch_size=4, num_workers=0)
 VOCAB = ["a", "b", "c"]
@@ -47,6 +55,42 @@ def test_head_init(resnet18):
 def test_concat_pool_puts_max_before_mean():
     x = torch.tensor([[1.0, 2.0], [3.0, 6.0]]).view(1, 1, 2, 2)
     assert AdaptiveConcatPool2d()(x).flatten().tolist() == [6.0, 3.0]
+
+
+def _saved_storages(act: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``act`` after a BN-like op (as in the body): output, input gradient, and the storages autograd saved."""
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    leaf = x.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = act(leaf * 1.0)  # not a leaf, as a BN output
+    y.backward(torch.arange(y.numel(), dtype=y.dtype).view_as(y))
+    assert leaf.grad is not None
+    return y.detach(), leaf.grad, saved
+
+
+def test_relu6_is_torchs_bit_for_bit_without_copying_its_input():
+    x = torch.randn(2, 3, 5, 5) * 4
+    x[0, 0, 0, :3] = torch.tensor([0.0, 6.0, -0.0])  # the edges, where the gradient is 0 both ways
+    ours, ours_grad, ours_saved = _saved_storages(ReLU6(), x)
+    theirs, theirs_grad, theirs_saved = _saved_storages(nn.ReLU6(inplace=True), x)
+    assert torch.equal(ours, theirs) and torch.equal(ours_grad, theirs_grad)
+    assert ours_grad[0, 0, 0, :3].tolist() == [0.0, 0.0, 0.0]
+    assert theirs_saved and theirs.untyped_storage().data_ptr() not in theirs_saved  # torch keeps a copy ...
+    assert ours_saved == [ours.untyped_storage().data_ptr()]  # ... ours keeps only its output
+    with torch.no_grad():
+        assert torch.equal(ReLU6()(x.clone()), nn.functional.relu6(x))
+
+
+def test_efficientnet_body_uses_the_copy_free_relu6():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3, None)
+    acts = [type(m) for m in model.body.modules() if "ReLU" in type(m).__name__]
+    assert acts and set(acts) == {ReLU6}
 
 
 def test_same_seed_same_model():

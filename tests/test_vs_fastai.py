@@ -348,13 +348,18 @@ def _photo(w: int, h: int, seed: int) -> Image.Image:
     ("method", "pad_mode"),
     [("crop", "reflection"), ("squish", "reflection"), ("pad", "zeros"), ("pad", "border"), ("pad", "reflection")],
 )
-def test_presize_is_fastais_resize(method: str, pad_mode: str) -> None:
-    for w, h, pos in [(300, 200, (0.5, 0.5)), (201, 333, (0.1, 0.9)), (64, 64, (0.3, 0.7)), (90, 150, (1.0, 0.0))]:
+def test_presize_is_fastais_resize_within_one_grey_level(method: str, pad_mode: str) -> None:
+    """Same window, same bilinear filter (antialiased when shrinking) as fastai's Pillow resize; torch's uint8
+    kernel rounds its fixed-point sums differently, so a pixel may differ by one level (never more)."""
+    sizes = [(300, 200, (0.5, 0.5)), (201, 333, (0.1, 0.9)), (64, 64, (0.3, 0.7)), (90, 150, (1.0, 0.0))]
+    for w, h, pos in [*sizes, (700, 500, (0.2, 0.5))]:  # up- and downscaling
         img = _photo(w, h, seed=w)
         resize = fa_augment.Resize(96, method=method, pad_mode=pad_mode)
         resize.pcts = pos  # what before_call draws on train (valid: 0.5, 0.5)
-        expected = torch.from_numpy(np.asarray(resize.encodes(fa_vision_core.PILImage(img)))).permute(2, 0, 1)
-        assert torch.equal(presize(img, 96, method, pad_mode, pos), expected), (w, h, pos)
+        expected = torch.from_numpy(np.array(resize.encodes(fa_vision_core.PILImage(img)))).permute(2, 0, 1)
+        ours = presize(img, 96, method, pad_mode, pos)
+        assert ours.shape == expected.shape, (w, h, pos)
+        assert (ours.int() - expected.int()).abs().max() <= 1, (w, h, pos)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,12 +42,44 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 # Body
 
 
+class _ClampSavingResult(torch.autograd.Function):
+    """``x.clamp_(0, 6)`` whose backward reads the result, so autograd keeps no copy of the input."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        x.clamp_(0.0, 6.0)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (result,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        # The gradient passes where 0 < input < 6, which is exactly where 0 < result < 6.
+        return torch.ops.aten.hardtanh_backward(grad, result, 0.0, 6.0)
+
+
+class ReLU6(nn.Module):
+    """``nn.ReLU6(inplace=True)`` with the same outputs and gradients, bit for bit, and one pass less per layer.
+
+    torch's in-place ReLU6 (``hardtanh_``) differentiates through its input, so autograd first copies every
+    activation it clamps: for efficientnet_lite0 at batch 32, 224 px, 33 copies per step, up to 154 MB each,
+    4-5 % of a CPU training step. This one differentiates through its result instead.
+    """
+
+    def __init__(self, inplace: bool = True) -> None:
+        super().__init__()  # always in place; the argument is the signature timm's act_layer is built with
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ClampSavingResult.apply(x)
+
+
 def create_imagenet_net(arch: str) -> nn.Module:
     """The randomly initialised 1000-class ImageNet network an ImageNet weights file fits (torchvision / timm)."""
     if arch in RESNETS:
         return getattr(torchvision.models, arch)(weights=None)
     if arch == "efficientnet_lite0":
-        return timm.create_model("efficientnet_lite0", pretrained=False)
+        return timm.create_model("efficientnet_lite0", pretrained=False, act_layer=ReLU6)
     raise PetbreedsError(
         f"params.yaml: model.arch {arch!r} is not supported; use one of {(*RESNETS, 'efficientnet_lite0')}"
     )
