@@ -225,11 +225,21 @@ def test_the_phases_take_fastais_lr_forms(tmp_path: Path) -> None:
     assert unfrozen["lr_lo"] == unfrozen["lr_hi"] == 3e-4
 
 
-def _compiled_fit(root: Path, table: pd.DataFrame, cache: Path) -> tuple[list[dict[str, float]], list[str]]:
-    """Two epochs with train.compile true, compiling into ``cache``; the history and the cache's files."""
+def _losses(model: torch.nn.Module, data: TrainingData) -> tuple[list[dict[str, float]], list[float]]:
+    """Two epochs: the history and the smoothed training loss after each batch."""
+    batches: list[float] = []
+    history = _fit(model, data, epochs=2, on_batch=lambda row: batches.append(row["train_loss"]))
+    return history, batches
+
+
+def _compiled_fit(
+    root: Path, table: pd.DataFrame, cache: Path
+) -> tuple[list[dict[str, float]], list[float], list[str]]:
+    """:func:`_losses` with train.compile true, compiling into ``cache``; and the cache's files."""
     model, data = _setup(root, table)
     compiled = TrainingData(**{**vars(data), "compute": replace(data.compute, compile=True)})
-    return _fit(model, compiled, epochs=2), sorted(p.name for p in cache.rglob("*") if p.is_file())
+    history, batches = _losses(model, compiled)
+    return history, batches, sorted(p.name for p in cache.rglob("*") if p.is_file())
 
 
 @pytest.mark.slow
@@ -237,18 +247,21 @@ def test_compiled_training_learns_like_eager_and_reuses_its_cache(pets, tmp_path
     root, table = pets
     cache = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    eager = _fit(*_setup(root, table), epochs=2)
+    eager, eager_batches = _losses(*_setup(root, table))
     torch._dynamo.reset()
-    compiled, files = _compiled_fit(root, table, cache)
+    compiled, compiled_batches, files = _compiled_fit(root, table, cache)
     assert files, "torch.compile wrote nothing into TORCHINDUCTOR_CACHE_DIR"
-    # compiled kernels round differently: close to eager, not equal
+    # Compiled kernels round differently: the first batches agree to ~1e-6 (the same forward, dropout masks
+    # included, and the same first update); the gap then grows with every update, to ~1e-3 after 2 epochs.
+    assert compiled_batches[0] == pytest.approx(eager_batches[0], rel=1e-5)
+    assert compiled_batches[1] == pytest.approx(eager_batches[1], rel=1e-4)
+    assert eager[-1]["valid_loss"] < 0.5 * eager_batches[0]  # it learned, and the compiled run as much:
     for e, c in zip(eager, compiled, strict=True):
-        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3)
-        assert c["valid_loss"] == pytest.approx(e["valid_loss"], rel=1e-3)
+        assert c["valid_loss"] == pytest.approx(e["valid_loss"], abs=0.01)
     # a new process (here: dynamo's in-memory state dropped) finds the compiled graphs on disk
     torch._dynamo.reset()
     hits_before = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
-    again, files_again = _compiled_fit(root, table, cache)
+    again, _, files_again = _compiled_fit(root, table, cache)
     assert torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"] > hits_before
     assert files_again == files
     assert [r["valid_loss"] for r in again] == [r["valid_loss"] for r in compiled]
