@@ -27,7 +27,9 @@ collective) is stopped, the table printed and the process ends with exit code 3:
    itself, one epoch with validation, on path (a): the library's own numbers.
 4. DDP: a process group of one (NCCL on CUDA, gloo on CPU) and the model under ``DistributedDataParallel``
    directly (``petbreeds.distributed.wrap`` returns the bare model for one process), on pre-augmented batches
-   held on the device, against the bare model on the same batches: the model-only speed and DDP's overhead.
+   held on the device, against the bare model on the same batches: the model-only speed and DDP's overhead. Then
+   the bare model as ``train.compile: true`` trains it (torch.compile, cold cache): the compile time of the first
+   forward + backward and the steady speed against the bare model's.
 5. fastai: a "not run" row. fastai cannot travel in .whl: ``fastai.vision.all`` imports scipy, scikit-learn,
    fasthtml, requests, rich, ... (with fastai ~55 MB of wheels, compiled ones among them, on top of the ~20 MB the
    library needs), so the lent machine never has it and this check has no fastai run (bench/vs_fastai.py, CPU).
@@ -109,6 +111,7 @@ SECTIONS = (
     *(f"3c {arch}, fit_one_cycle (library)" for arch in ARCHS),
     "4 resnet34 model only, bare",
     "4 resnet34 model only, DDP (1 process)",
+    "4 resnet34 model only, train.compile",
     "5 fastai 2.8.12",
 )
 COLUMNS = ("section", "images/s", "s / epoch (train)", "data wait", "peak GPU mem", "result")
@@ -672,6 +675,32 @@ class Check:
         row.numbers.update(backend=backend, ratio_to_bare=ratio, warnings=said)
         row.result += f"; {backend}, {ratio:.2f}x the bare model" + (f"; warned: {' / '.join(said)}" if said else "")
 
+    def model_compiled(self, row: Row) -> None:
+        """The same bare model as ``train.compile: true`` trains it (``Compute.for_training``: torch.compile, cold
+        cache): how long the first forward + backward takes to compile, then the steady speed against the bare
+        model's. The numbers that decide whether compile should be on by default on CUDA (issue 17)."""
+        from dataclasses import replace
+
+        model, batches = self.held
+        compute = replace(self.training_data_a().compute, compile=True)
+        net = compute.for_training(model)
+        x, _ = batches[0]
+        reset_peak(compute.device)
+        started = time.perf_counter()
+        with compute.autocast():
+            net(x).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+        sync(compute.device)
+        compile_s = time.perf_counter() - started
+        self.model_steps(row, net, model, batches)
+        bare = next(r.images_per_s for r in self.rows if r.section == SECTIONS[-4])
+        ratio = row.images_per_s / bare if bare and row.images_per_s else math.nan
+        row.numbers.update(compile_s=compile_s, ratio_to_bare=ratio)
+        row.result += (
+            f"; first forward + backward (compiling, or reading a warm cache) {compile_s:.1f} s; "
+            f"{ratio:.2f}x the bare model"
+        )
+
     def model_steps(self, row: Row, net: Any, model: Any, batches: list[Any]) -> None:
         from petbreeds.model import param_groups
         from petbreeds.schedule import make_optimizer
@@ -722,8 +751,9 @@ class Check:
             steps.append((f"3b {arch}, device decode", lambda row, arch=arch: self.epoch(row, arch, "b"), True))
         for arch in ARCHS:
             steps.append((f"3c {arch}, fit_one_cycle (library)", lambda row, arch=arch: self.fit(row, arch), True))
-        steps.append((SECTIONS[-3], self.model_bare, True))
-        steps.append((SECTIONS[-2], self.model_ddp, True))
+        steps.append((SECTIONS[-4], self.model_bare, True))
+        steps.append((SECTIONS[-3], self.model_ddp, True))
+        steps.append((SECTIONS[-2], self.model_compiled, True))
         steps.append((SECTIONS[-1], self.fastai, False))
         assert [name for name, _, _ in steps] == list(SECTIONS)
         return steps
@@ -748,7 +778,7 @@ class Check:
         watchdog.daemon = True
         watchdog.start()
         for name, run, needs_sample in self.plan():
-            if name == SECTIONS[-2] and self.held is None:
+            if name in SECTIONS[-3:-1] and self.held is None:
                 self.rows.append(Row(name, result="skipped: the bare run of section 4 did not finish"))
                 continue
             if name == SECTIONS[-1]:
