@@ -153,6 +153,16 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, resnet18):
     assert torch.load(path, weights_only=True)["format"] == "petbreeds-model/1"
 
 
+def test_the_same_model_saved_twice_is_the_same_file(tmp_path, resnet18):
+    """DVC addresses models/*.pt by md5: the same weights must give the same bytes, or every run of an unchanged
+    pipeline stores, pushes and reports (MLflow's model.md5) a new model. torch.save names its zip records after
+    the file it writes to, which atomic_output names at random."""
+    first, second = tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"
+    for path in (first, second):
+        save_checkpoint(path, resnet18, arch="resnet18", vocab=VOCAB, data=DATA)
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_bad_checkpoint_files_are_named(tmp_path):
     with pytest.raises(PetbreedsError, match=r"missing\.pt: checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt", torch.device("cpu"))

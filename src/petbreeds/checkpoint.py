@@ -72,8 +72,10 @@ def save_checkpoint(path: Path, model: PetModel, *, arch: str, vocab: list[str],
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
     }
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+    # To an open file, not a path: torch.save names its zip records after a path's file name (here atomic_output's
+    # random one), so the same weights would get another md5 for DVC on every save.
+    with atomic_output(path) as tmp, tmp.open("wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[PetModel, Checkpoint]:
