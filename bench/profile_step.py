@@ -2,12 +2,15 @@
 backward vs optimizer.
 
     .venv/bin/python bench/profile_step.py [--data DIR] [--steps 4] [--item-size 460] [--size 224] [--bs 32]
+                                            [--phase unfrozen|frozen]
 
 Loads in the main process (num_workers 0), so the load term is the full decode + resize cost that DataLoader
 workers have to hide behind compute; prints each term's median seconds per batch, share of the step and page
 faults (memory the OS had to map and zero: what gave away glibc's malloc, see bench/cpu_allocator.py).
-The model is efficientnet_lite0 unfrozen (the expensive phase), fp32, channels_last, as the pipeline trains it,
-with the CPU set up as training sets it (``--glibc-malloc`` leaves glibc's defaults, to see the difference).
+The model is efficientnet_lite0, fp32, channels_last, as the pipeline trains it: unfrozen (the expensive phase) or
+``--phase frozen`` (lr_find's and train_frozen's step: the body's BatchNorm layers still train, so the backward still
+runs through the whole body, without the convolutions' weight gradients). The CPU is set up as training sets it
+(``--glibc-malloc`` leaves glibc's defaults, to see the difference).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from petbreeds.config import DataParams, IndexParams, load_params
 from petbreeds.dataloaders import make_loader
 from petbreeds.device import pick_device
 from petbreeds.labelling import index_images
-from petbreeds.model import create_model, param_groups, unfreeze
+from petbreeds.model import create_model, freeze, param_groups, unfreeze
 from petbreeds.schedule import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--item-size", type=int, default=460)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--phase", choices=("unfrozen", "frozen"), default="unfrozen")
     parser.add_argument("--glibc-malloc", action="store_true", help="skip petbreeds' malloc setting")
     args = parser.parse_args()
     print(machine_header())
@@ -60,7 +64,7 @@ def main() -> None:
     augment = BatchAugment(load_params(ROOT / "params.yaml").augment, args.size, 42, torch.device("cpu"))
     torch.manual_seed(42)
     model = create_model("efficientnet_lite0", len(index.vocab), None).to(memory_format=torch.channels_last)
-    unfreeze(model)
+    (unfreeze if args.phase == "unfrozen" else freeze)(model)
     model.train()
     opt = make_optimizer(param_groups(model), [1e-4] * 3, 0.01)
 
@@ -93,7 +97,10 @@ def main() -> None:
     medians = {name: statistics.median(v) for name, v in times.items()}
     total = sum(medians.values())
     setup = "glibc malloc defaults" if args.glibc_malloc else "as training sets up the CPU"
-    print(f"batch {args.bs}, item {args.item_size} -> {args.size}, {torch.get_num_threads()} threads, {setup}")
+    print(
+        f"{args.phase}, batch {args.bs}, item {args.item_size} -> {args.size}, {torch.get_num_threads()} threads, "
+        f"{setup}"
+    )
     print("| term | s / batch | share | page faults / batch |\n|---|---|---|---|")
     for name, seconds in medians.items():
         print(f"| {name} | {seconds:.3f} | {seconds / total:.0%} | {statistics.median(faults[name]):,.0f} |")
