@@ -123,6 +123,14 @@ def _stage(project: Path, name: str) -> subprocess.Popen[str]:
     )
 
 
+def _the_error_line(err: str) -> str:
+    """The stage's one ``error:`` line; otherwise the failure shows all of stderr, so that a rare failure names its
+    cause."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def _digests(project: Path) -> dict[str, str]:
     return {p: hashlib.sha256((project / p).read_bytes()).hexdigest() for p in OUTPUTS}
 
@@ -172,7 +180,7 @@ def test_a_killed_rank_fails_the_stage_and_leaves_the_previous_outputs(ddp_proje
     time.sleep(8)  # past start-up, into training
     victim.send_signal(signal.SIGKILL)
     _, err = started.communicate(timeout=120)
-    assert started.returncode == 1
+    assert started.returncode == 1, err
     assert "error: stage train_frozen: rank 1 failed (killed by SIGKILL)" in err, err
     assert "Traceback" not in err.split("error: stage train_frozen")[-1]
     assert _digests(ddp_project) == before
@@ -184,8 +192,8 @@ def test_an_error_in_the_ranks_is_one_line_naming_the_rank(ddp_project: Path) ->
     _set(ddp_project, train_frozen__lr="1.0e+30")  # every rank sees the same global loss diverge
     failed = _stage(ddp_project, "train_frozen")
     _, err = failed.communicate(timeout=300)
-    assert failed.returncode == 1
-    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert failed.returncode == 1, err
+    line = _the_error_line(err)
     assert "failed (exit code 1): train_frozen diverged" in line and "rank " in line, err
     assert _digests(ddp_project) == before
 
@@ -230,8 +238,8 @@ def test_a_hung_rank_becomes_an_error_after_the_timeout_not_a_stuck_stage(ddp_pr
     finally:
         if victim.is_running():
             victim.kill()
-    assert started.returncode == 1
-    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert started.returncode == 1, err
+    line = _the_error_line(err)
     assert "rank 0 failed (" in line and "waited longer than distributed.timeout_s=15 s for the other ranks" in line, (
         err
     )
@@ -262,7 +270,7 @@ def test_sync_bn_on_cpus_is_an_error_naming_the_key(tmp_path: Path) -> None:
     _set(project, distributed__nproc_per_node=2, distributed__sync_bn="true", train_frozen__lr=0.01)
     failed = _stage(project, "train_frozen")
     _, err = failed.communicate(timeout=300)
-    assert failed.returncode == 1
-    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert failed.returncode == 1, err
+    line = _the_error_line(err)
     assert "distributed.sync_bn needs CUDA GPUs" in line and "rank " in line, err
     assert not (project / "models" / "frozen.pt").exists()
