@@ -263,6 +263,58 @@ def test_a_timed_out_collective_is_worded_as_a_hung_rank_whichever_collective_wa
     assert collective_failure(RuntimeError("CUDA out of memory"), params) is None  # not a peer's doing
 
 
+def _failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, exitcode: int, message: str, at: int):
+    """What torchrun's agent hands back for a rank: its exit code and the error file the rank wrote (or not)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from petbreeds.distributed import record_error
+
+    error_file = tmp_path / f"error_{rank}.json"
+    if message:
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        assert record_error(message)
+        data = json.loads(error_file.read_text())
+        error_file.write_text(json.dumps({**data, "timestamp": at}))
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(error_file))
+
+
+DIVERGED = "train_frozen diverged: the training loss is nan at epoch 0, batch 1"
+
+
+@pytest.mark.parametrize("killed_rank_wrote_first", [False, True])
+def test_of_two_ranks_with_the_same_error_the_one_that_exited_by_itself_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed_rank_wrote_first: bool
+) -> None:
+    """Both ranks diverge; rank 1 exits first, and the agent's SIGTERM reaches rank 0 while it is still exiting,
+    its error file already written (seen in CI, 2026-11-30). The line names rank 1's exit, not rank 0's SIGTERM."""
+    from petbreeds.distributed import failure_message
+
+    t = 1_800_000_000
+    failures = {
+        0: _failure(tmp_path, monkeypatch, 0, -signal.SIGTERM, DIVERGED, t - int(killed_rank_wrote_first)),
+        1: _failure(tmp_path, monkeypatch, 1, 1, DIVERGED, t),
+    }
+    line = failure_message(failures)
+    assert line.startswith(f"rank 1 failed (exit code 1): {DIVERGED}; rank(s) 0 stopped too."), line
+
+
+def test_a_ranks_own_error_is_named_before_a_killed_rank_and_the_ranks_that_lost_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from petbreeds.distributed import LOST_PEER, failure_message
+
+    t = 1_800_000_000
+    failures = {
+        0: _failure(tmp_path, monkeypatch, 0, 1, f"{LOST_PEER} (Connection closed by peer)", t - 2),
+        1: _failure(tmp_path, monkeypatch, 1, -signal.SIGTERM, "", t),
+        2: _failure(tmp_path, monkeypatch, 2, 1, DIVERGED, t),
+        3: _failure(tmp_path, monkeypatch, 3, -signal.SIGKILL, "", t - 1),
+    }
+    assert failure_message(failures).startswith(f"rank 2 failed (exit code 1): {DIVERGED}; rank(s) 0, 1, 3 stopped")
+    del failures[2]  # no rank's own error: the one killed from outside is the cause, not the ranks stopped after
+    assert failure_message(failures).startswith("rank 3 failed (killed by SIGKILL); rank(s) 0, 1 stopped too.")
+
+
 @pytest.mark.slow
 def test_sync_bn_on_cpus_is_an_error_naming_the_key(tmp_path: Path) -> None:
     """torch's SyncBatchNorm has no CPU kernel: a clear error, not a ValueError from deep inside a forward pass."""

@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar, cast
@@ -181,20 +181,34 @@ def _failure_text(rank: int, failure: object) -> str:
     return f"rank {rank} failed ({how}): {text.splitlines()[0]}"
 
 
-def _blame(item: tuple[int, object]) -> tuple[int, int, int]:
+def _blame(item: tuple[int, object]) -> tuple[int, bool, int, int]:
     """Sort key of the failures, the cause first: a rank's own error (or a hang it timed out on), then a rank
     killed by a signal, then one stopped by SIGTERM (what the agent sends the survivors), then ranks that only
-    lost their peers; within each, the earliest, then the lowest rank."""
+    lost their peers. Within each: a rank that exited by itself before one the agent stopped while it was still
+    exiting (both wrote their error, the first to exit is the one the agent saw), then the earliest, then the
+    lowest rank."""
     rank, failure = item
     message = str(getattr(failure, "message", "") or "")
     exitcode = getattr(failure, "exitcode", 0)
+    killed = isinstance(exitcode, int) and exitcode < 0
     if message.startswith(LOST_PEER):
         kind = 3
-    elif isinstance(exitcode, int) and exitcode < 0 and (not message or message.startswith("Signal ")):
+    elif killed and (not message or message.startswith("Signal ")):
         kind = 2 if exitcode == -signal.SIGTERM else 1
     else:
         kind = 0
-    return kind, int(getattr(failure, "timestamp", 0)), rank
+    return kind, killed, int(getattr(failure, "timestamp", 0)), rank
+
+
+def failure_message(failures: Mapping[int, object]) -> str:
+    """The one line a failed launch ends with: the rank that caused it and its message, the ranks stopped with it."""
+    first = min(failures.items(), key=_blame)
+    others = sorted(rank for rank in failures if rank != first[0])
+    also = f"; rank(s) {', '.join(map(str, others))} stopped too" if others else ""
+    return (
+        f"{_failure_text(*first)}{also}. The outputs of the previous run are untouched; fix the cause and "
+        "re-run (`dvc repro`)"
+    )
 
 
 def launch(script: Path, params: DistributedParams, stage: str, args: Sequence[str] = ()) -> None:
@@ -228,12 +242,6 @@ def launch(script: Path, params: DistributedParams, stage: str, args: Sequence[s
     try:
         elastic_launch(config, sys.executable)(str(script), *args)
     except ChildFailedError as e:
-        first = min(e.failures.items(), key=_blame)
-        others = sorted(rank for rank in e.failures if rank != first[0])
-        also = f"; rank(s) {', '.join(map(str, others))} stopped too" if others else ""
-        raise PetbreedsError(
-            f"{_failure_text(*first)}{also}. The outputs of the previous run are untouched; fix the cause and "
-            "re-run (`dvc repro`)"
-        ) from None
+        raise PetbreedsError(failure_message(e.failures)) from None
     except Exception as e:  # the rendezvous: a node that never came, a port taken, an unreachable endpoint
         raise PetbreedsError(f"torchrun could not start the {world_size_of(params)} processes: {e}") from None
