@@ -1,7 +1,8 @@
 """Stage lr_find: the learning-rate finder on the frozen model (as fastai's lr_find after vision_learner).
 
 Writes plots/lr_find.csv (lr, smoothed loss), reports/lr_find.png, reports/lr_find.json (every suggestion, the
-chosen one, seconds, iterations) and a look at the batches: reports/show_batch_{train,valid}.png.
+chosen one, iterations: train_frozen's dep, so no timings; the sweep's seconds are a fact in
+reports/run_info/lr_find.json) and a look at the batches: reports/show_batch_{train,valid}.png.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ def main(params: Params, ctx: StageContext) -> None:
     started = time.perf_counter()
     wd = params.train_frozen.wd  # the optimizer the frozen phase will train with
     result = lr_find(model, data, params.lr_find, wd, lambda i, lr, loss: ctx.log_metrics({"lr": lr, "loss": loss}, i))
-    seconds = time.perf_counter() - started
+    ctx.record(sweep_seconds=f"{time.perf_counter() - started:.1f}")
     if not ctx.world.is_main:
         return
     chosen = params.lr_find.suggestion
     curve, plot, report = Path("plots/lr_find.csv"), Path("reports/lr_find.png"), Path("reports/lr_find.json")
-    write_lr_find(result, chosen, seconds, curve=curve, plot=plot, report=report)
+    write_lr_find(result, chosen, curve=curve, plot=plot, report=report)
     print("lr_find: " + ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items()) + f"; {chosen} used")
     for split, loader in (("train", data.train_loader), ("valid", data.valid_loader)):
         x, y = next(iter(loader))

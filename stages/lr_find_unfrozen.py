@@ -42,12 +42,12 @@ def main(params: Params, ctx: StageContext) -> None:
 
     started = time.perf_counter()
     result = lr_find(model, data, params.lr_find, wd, log_step, beta1=beta1)
-    seconds = time.perf_counter() - started
+    ctx.record(sweep_seconds=f"{time.perf_counter() - started:.1f}")
     if not ctx.world.is_main:
         return
     chosen = params.lr_find.suggestion
     curve, plot = Path("plots/lr_find_unfrozen.csv"), Path("reports/lr_find_unfrozen.png")
-    write_lr_find(result, chosen, seconds, curve=curve, plot=plot, report=Path("reports/lr_find_unfrozen.json"))
+    write_lr_find(result, chosen, curve=curve, plot=plot, report=Path("reports/lr_find_unfrozen.json"))
     print(
         "lr_find_unfrozen: "
         + ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items())

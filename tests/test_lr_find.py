@@ -149,7 +149,7 @@ def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path, frozen: b
     assert all(p.grad is None for p in model.parameters())
     assert model.body[0].weight.requires_grad is not frozen  # the freeze state is untouched
     paths = {"curve": tmp_path / "lr_find.csv", "plot": tmp_path / "lr_find.png", "report": tmp_path / "lr_find.json"}
-    write_lr_find(result, "valley", 1.5, **paths)
+    write_lr_find(result, "valley", **paths)
     assert (tmp_path / "lr_find.png").stat().st_size > 0
     assert (tmp_path / "lr_find.csv").read_text().splitlines()[0] == "lr,loss"
     assert phase_lr("train_frozen", None, paths["report"], "steep") == result.suggestions["steep"]

@@ -69,6 +69,13 @@ def assert_history_matches_csv(repo: Path, run_id: str, stage: str, exp_name: st
 def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo: Path) -> None:
     own_store = ROOT / "mlflow.db"
     own_before = own_store.stat().st_mtime if own_store.exists() else None
+    # the finder run again: the same suggestions, so train_frozen, which depends on its report, stays up to date
+    lr_find_report = (repo / "reports/lr_find.json").read_bytes()
+    assert stages_run(run(repo, DVC, "repro", "-f", "-s", "lr_find")) == ["lr_find"]
+    assert (repo / "reports/lr_find.json").read_bytes() == lr_find_report
+    assert "up to date" in run(repo, DVC, "status", "train_frozen")
+    run(repo, *COMMIT_RESULTS)  # its new run_info (times) is the committed baseline's
+    commit(repo, "lr_find again")
     # the committed baseline reproduced: nothing to run but mlflow_log, and its run takes the commit's name
     head = run(repo, "git", "rev-parse", "--short=7", "HEAD").strip()
     assert stages_run(run(repo, DVC, "repro")) == ["mlflow_log"]

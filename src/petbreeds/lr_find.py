@@ -2,7 +2,7 @@
 
     result = lr_find(model, data, params.lr_find, wd=0.01)
     result.suggestions["valley"]
-    write_lr_find(result, "valley", seconds, curve=..., plot=..., report=Path("reports/lr_find.json"))
+    write_lr_find(result, "valley", curve=..., plot=..., report=Path("reports/lr_find.json"))
     phase_lr("train_frozen", params.train_frozen.lr, Path("reports/lr_find.json"), "valley")  # null -> suggestion
 
 Training batch i runs at start·(end/start)^(i/num_it) on every group; the recorded loss is the smoothed training
@@ -205,17 +205,19 @@ def save_lr_find_plot(result: LrFindResult, chosen: str, path: Path) -> None:
         fig.savefig(tmp)
 
 
-def write_lr_find(result: LrFindResult, chosen: str, seconds: float, *, curve: Path, plot: Path, report: Path) -> None:
+def write_lr_find(result: LrFindResult, chosen: str, *, curve: Path, plot: Path, report: Path) -> None:
     """A finder's outputs: ``curve`` (CSV ``lr,loss``), its ``plot`` (PNG), and ``report`` (JSON: every
-    suggestion, ``chosen`` = the one ``lr_find.suggestion`` names, ``seconds``, ``iterations``), which a phase whose
-    lr is null reads (:func:`phase_lr`)."""
+    suggestion, ``chosen`` = the one ``lr_find.suggestion`` names, ``iterations``), which a phase whose lr is null
+    reads (:func:`phase_lr`). The report is a DVC dep of that phase, so it holds only what the sweep computed: the
+    same sweep run again leaves it byte for byte the same, and the phase up to date (the sweep's seconds go to
+    ``reports/run_info/``, ``StageContext.record``)."""
     with atomic_output(curve) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["lr", "loss"])
         writer.writerows(zip(result.lrs, result.losses, strict=True))
     save_lr_find_plot(result, chosen, plot)
-    numbers = {**result.suggestions, "chosen": result.suggestions[chosen], "seconds": seconds}
-    atomic_write_json(report, {**numbers, "iterations": len(result.lrs)})
+    numbers = {**result.suggestions, "chosen": result.suggestions[chosen], "iterations": len(result.lrs)}
+    atomic_write_json(report, numbers)
 
 
 def phase_lr(phase: str, lr: float | list[float] | None, report: Path, suggestion: str) -> float | list[float]:
