@@ -10,7 +10,7 @@ PIP_ENV := PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-avx2 lint ui bench gpu-wheels clean-venv
+.PHONY: install repro test test-avx2 lint ui bench bench-cpu gpu-wheels clean-venv
 
 install: $(STAMP)
 
@@ -49,6 +49,15 @@ ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py
+
+# Issue 17's measurements on this CPU, in one go (~40 min on 2 quiet cores; README § Speed): the step's profile in
+# both phases, fastai on our malloc setting, then the comparison with its spread. Each prints its machine header.
+bench-cpu: $(STAMP)
+	lscpu | grep -E 'Model name|^CPU\(s\)' ; date -u
+	$(BIN)/python bench/profile_step.py --steps 6 --phase frozen
+	$(BIN)/python bench/profile_step.py --steps 6 --phase unfrozen
+	$(BIN)/python bench/vs_fastai.py --repeats 1 --fastai-reuse-freed-memory
+	$(BIN)/python bench/vs_fastai.py --repeats 2
 
 # Wheels for bench/gpu_check.py on a lent GPU machine (Python 3.12, torch, no network; README § Development): the
 # runtime dependencies it lacks, at the versions in .venv. ruamel.yaml.clib is not needed (pure-Python ruamel works);
