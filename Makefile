@@ -50,7 +50,7 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py
 
-# Issue 17's measurements on this CPU, in one go (~40 min on 2 quiet cores; README § Speed): the step's profile in
+# Issue 17's measurements on this CPU, in one go (30 min on 2 quiet AMD EPYC cores; README § Speed): the step's profile in
 # both phases, fastai on our malloc setting, then the comparison with its spread. Each prints its machine header.
 bench-cpu: $(STAMP)
 	lscpu | grep -E 'Model name|^CPU\(s\)' ; date -u
