@@ -53,7 +53,6 @@ bench: $(STAMP)
 # Issue 17's measurements on this CPU, in one go (30 min on 2 quiet AMD EPYC cores; README § Speed): the step's profile in
 # both phases, fastai on our malloc setting, then the comparison with its spread. Each prints its machine header.
 bench-cpu: $(STAMP)
-	lscpu | grep -E 'Model name|^CPU\(s\)' ; date -u
 	$(BIN)/python bench/profile_step.py --steps 6 --phase frozen
 	$(BIN)/python bench/profile_step.py --steps 6 --phase unfrozen
 	$(BIN)/python bench/vs_fastai.py --repeats 1 --fastai-reuse-freed-memory
