@@ -17,7 +17,18 @@ from pathlib import Path
 
 import dvc.api
 import pytest
-from dvc_project import COMMIT_RESULTS, DVC, ROOT, STAGES, commit, exp_run, make_project, run, stages_run
+from dvc_project import (
+    COMMIT_RESULTS,
+    DVC,
+    ROOT,
+    STAGES,
+    commit,
+    exp_run,
+    make_project,
+    run,
+    run_command,
+    stages_run,
+)
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
@@ -74,7 +85,15 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     assert stages_run(run(repo, DVC, "repro", "-f", "-s", "lr_find")) == ["lr_find"]
     assert (repo / "reports/lr_find.json").read_bytes() == lr_find_report
     assert "up to date" in run(repo, DVC, "status", "train_frozen")
-    run(repo, *COMMIT_RESULTS)  # its new run_info (times) is the committed baseline's
+    # a stage that fails under DVC: DVC removed its outputs before running it, and the error says how to restore them
+    frozen = (repo / "models/frozen.pt").read_bytes()
+    failed = run_command(repo, DVC, "exp", "run", "-S", "train_frozen.lr=1e30", "train_frozen")
+    assert failed.returncode != 0 and "error: stage train_frozen: train_frozen diverged" in failed.stderr, failed.stderr
+    assert "`dvc checkout train_frozen` restores them" in failed.stderr and not (repo / "models/frozen.pt").exists()
+    run(repo, "git", "checkout", "params.yaml")
+    run(repo, DVC, "checkout", "train_frozen")
+    assert (repo / "models/frozen.pt").read_bytes() == frozen
+    run(repo, *COMMIT_RESULTS)  # lr_find's new run_info (times) is the committed baseline's
     commit(repo, "lr_find again")
     # the committed baseline reproduced: nothing to run but mlflow_log, and its run takes the commit's name
     head = run(repo, "git", "rev-parse", "--short=7", "HEAD").strip()

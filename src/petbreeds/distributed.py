@@ -206,8 +206,8 @@ def failure_message(failures: Mapping[int, object]) -> str:
     others = sorted(rank for rank in failures if rank != first[0])
     also = f"; rank(s) {', '.join(map(str, others))} stopped too" if others else ""
     return (
-        f"{_failure_text(*first)}{also}. The outputs of the previous run are untouched; fix the cause and "
-        "re-run (`dvc repro`)"
+        f"{_failure_text(*first)}{also}. No rank wrote an output (rank 0 writes only after the last collective); "
+        "fix the cause and re-run (`dvc repro`)"
     )
 
 

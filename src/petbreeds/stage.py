@@ -33,7 +33,7 @@ from typing import Protocol
 from petbreeds.atomic import atomic_write_json
 from petbreeds.config import Params, load_params
 from petbreeds.errors import PetbreedsError
-from petbreeds.provenance import run_info, run_info_path
+from petbreeds.provenance import dvc_invocation, run_info, run_info_path
 from petbreeds.runtime import quiet_by_default, use_project_cache
 from petbreeds.world import SINGLE_PROCESS, World, under_torchrun, world_size_of
 
@@ -142,6 +142,13 @@ def run_stage(
         # a rank under torchrun hands its message to the launcher, which reports it with the rank
         if not (ranked and ddp.record_error(message)):
             print(f"error: stage {name}: {message}", file=sys.stderr)
+            if dvc_invocation() is not None:
+                # DVC deletes a stage's cached outputs before running it; its cache still holds the previous ones
+                print(
+                    f"  DVC removed the stage's previous outputs before running it: `dvc checkout {name}` restores "
+                    "them",
+                    file=sys.stderr,
+                )
         sys.exit(1)
     finally:
         if world.world_size > 1:
