@@ -142,8 +142,8 @@ def run_stage(
         # a rank under torchrun hands its message to the launcher, which reports it with the rank
         if not (ranked and ddp.record_error(message)):
             print(f"error: stage {name}: {message}", file=sys.stderr)
-            if dvc_invocation() is not None:
-                # DVC deletes a stage's cached outputs before running it; its cache still holds the previous ones
+            if write_run_info and dvc_invocation() is not None:
+                # DVC deletes a stage's outputs (run_info among them) before running it; its cache keeps the previous
                 print(
                     f"  DVC removed the stage's previous outputs before running it: `dvc checkout {name}` restores "
                     "them",
