@@ -231,7 +231,8 @@ def test_lr_find_after_unfreezing_sets_one_lr_on_every_group_and_keeps_the_fits_
         learn.fit_one_cycle(3, 3e-3)
         learn.unfreeze()
         learn.add_cb(record)
-        learn.lr_find(start_lr=1e-6, num_it=6, show_plot=False)
+        # no suggestions: on 6 steps that stop_div may cut short, fastai's valley() indexes an empty curve
+        learn.lr_find(start_lr=1e-6, num_it=6, show_plot=False, suggest_funcs=None)
     first = record.rows[0]
     assert [lr for lr, _ in first] == pytest.approx([1e-6] * 3)  # one lr on every group, not a slice
     assert [mom for _, mom in first] == pytest.approx([last_beta1(0.25, 3 * 5)] * 3, rel=1e-6)
