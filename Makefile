@@ -50,13 +50,16 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py
 
-# Issue 17's measurements on this CPU, in one go (30 min on 2 quiet AMD EPYC cores; README § Speed): the step's profile in
-# both phases, fastai on our malloc setting, then the comparison with its spread. Each prints its machine header.
+# Issue 17's measurements on this CPU, in one go (about 60 min on 2 quiet AMD EPYC cores; README § Speed): the step's
+# profile in both phases, fastai on our malloc setting, the comparison with its spread, then both again with the
+# book's resnet34 (speed only: random weights). Each prints its machine header.
 bench-cpu: $(STAMP)
 	$(BIN)/python bench/profile_step.py --steps 6 --phase frozen
 	$(BIN)/python bench/profile_step.py --steps 6 --phase unfrozen
 	$(BIN)/python bench/vs_fastai.py --repeats 1 --fastai-reuse-freed-memory
 	$(BIN)/python bench/vs_fastai.py --repeats 2
+	$(BIN)/python bench/vs_fastai.py --repeats 1 --arch resnet34 --fastai-reuse-freed-memory
+	$(BIN)/python bench/vs_fastai.py --repeats 1 --arch resnet34
 
 # Wheels for bench/gpu_check.py on a lent GPU machine (Python 3.12, torch, no network; README § Development): the
 # runtime dependencies it lacks, at the versions in .venv. ruamel.yaml.clib is not needed (pure-Python ruamel works);

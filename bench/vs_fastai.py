@@ -2,11 +2,19 @@
 
     make install                     # the dev extra holds fastai 2.8.12
     .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR] [--fastai-reuse-freed-memory]
+                                        [--arch resnet34] [--precision fp32]
 
 Recipe (docs/fastai.md §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32,
 efficientnet_lite0 with ImageNet weights (offline, converted by petbreeds.pretrained, so both sides start from the
 same tensors), lr_find(100 iterations),
 then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e-3), div 5, pct 0.3.
+``--arch resnet34``: the book's network, for speed only. No resnet weights are reachable offline, so both sides start
+from one seeded random body (the same tensors again): the steps cost what they cost with ImageNet weights, but the
+error rates say nothing about the book's.
+
+Both sides compute as their library does by default on a CPU: fastai in fp32 (its MixedPrecision callback autocasts
+on CUDA only), petbreeds with params.yaml's ``train.precision`` (``auto``: what a calibration measured faster on this
+CPU for this network; ``--precision`` sets it) in channels_last.
 
 Each side runs in its own subprocess of .venv's python (the dev extra holds fastai) so that peak RSS is per
 side; the sides alternate (A B, B A, ...) so that load from other processes hits both alike. Each side loads
@@ -28,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the parent process imports neither: each side imports its library in its own child
     import torch
@@ -40,7 +48,7 @@ SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 SIDES = ("fastai", "petbreeds")
 LABEL_REGEX = r"(.+)_\d+.jpg$"
-ARCH = "efficientnet_lite0"
+ARCHES = ("efficientnet_lite0", "resnet34")  # lite0: ImageNet weights offline; resnet34: the book's, random weights
 # fine_tune(2) with its defaults (docs/fastai.md §5).
 BASE_LR = 2e-3
 FROZEN_PCT = 0.99
@@ -57,18 +65,20 @@ class Recipe:
     num_it: int
     unfrozen_epochs: int
     workers: int | None  # DataLoader workers; None: each library's default
+    arch: str
+    precision: str  # petbreeds' train.precision (fastai trains in fp32 on a CPU)
     seed: int = 42
 
 
-def full_recipe(workers: int | None) -> Recipe:
-    return Recipe(
-        item_size=460, size=224, min_scale=0.75, batch_size=32, num_it=100, unfrozen_epochs=2, workers=workers
+def make_recipe(args: argparse.Namespace) -> Recipe:
+    """The full recipe, or with ``--quick`` one of minutes, not an hour: small images, few lr_find steps
+    (suggestions need >= 2 points after trimming)."""
+    sizes = (
+        {"item_size": 160, "size": 128, "batch_size": 16, "num_it": 10, "unfrozen_epochs": 1}
+        if args.quick
+        else {"item_size": 460, "size": 224, "batch_size": 32, "num_it": 100, "unfrozen_epochs": 2}
     )
-
-
-def quick_recipe(workers: int | None) -> Recipe:
-    """Minutes, not an hour: small images, few lr_find steps (suggestions need >= 2 points after trimming)."""
-    return Recipe(item_size=160, size=128, min_scale=0.75, batch_size=16, num_it=10, unfrozen_epochs=1, workers=workers)
+    return Recipe(min_scale=0.75, workers=args.workers, arch=args.arch, precision=args.precision, **sizes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +107,7 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
     )
 
     from petbreeds.device import reuse_freed_cpu_memory
-    from petbreeds.model import body_of, create_imagenet_net
+    from petbreeds.model import BODY_CUT, body_of, create_imagenet_net
 
     if reuse_freed_memory:  # petbreeds' malloc setting, to see how much of the difference it is
         reuse_freed_cpu_memory()
@@ -105,15 +115,17 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
     root = Path((work / "root.txt").read_text().strip())
     items = sorted(root / p for p in table["path"])
 
+    arch = recipe.arch
+
     def imagenet_net(pretrained: bool = True) -> torch.nn.Module:
-        net = create_imagenet_net(ARCH)
+        net = create_imagenet_net(arch)
         if pretrained:
-            body_of(ARCH, net).load_state_dict(torch.load(work / "weights.pt", weights_only=True))
+            body_of(arch, net).load_state_dict(torch.load(work / "weights.pt", weights_only=True))
         return net
 
     def splitter(model: torch.nn.Module) -> list:
-        body, head = model[0], model[1]
-        return L(body[:5], body[5:], head).map(params)  # petbreeds.model's cut for efficientnet_lite0
+        body, head, cut = model[0], model[1], BODY_CUT[arch]  # fastai's _resnet_split for the resnets
+        return L(body[:cut], body[cut:], head).map(params)
 
     block = DataBlock(
         blocks=(ImageBlock, CategoryBlock),
@@ -133,7 +145,7 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
     if {str(p) for p in dls.valid_ds.items} != ours:
         raise SystemExit("fastai's RandomSplitter did not reproduce petbreeds' validation set")
     # a callable arch + cut: vision_learner builds body + fastai head with its init, and freezes the body
-    learn = vision_learner(dls, imagenet_net, cut=lambda net: body_of(ARCH, net), splitter=splitter, metrics=error_rate)
+    learn = vision_learner(dls, imagenet_net, cut=lambda net: body_of(arch, net), splitter=splitter, metrics=error_rate)
 
     class TrainTimer(Callback):
         """Training seconds and images of each epoch (validation excluded), as petbreeds' history reports."""
@@ -170,7 +182,7 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
 # The petbreeds side
 
 
-def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
+def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, Any]:
     import json as _json
 
     import pandas as pd
@@ -199,13 +211,14 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
                 }
             ),
             "augment": params.augment.model_copy(update={"min_scale": recipe.min_scale}),
-            "train": params.train.model_copy(update={"precision": "fp32", "channels_last": True}),
+            "model": params.model.model_copy(update={"arch": recipe.arch}),  # auto's calibration times this network
+            "train": params.train.model_copy(update={"precision": recipe.precision, "channels_last": True}),
         }
     )
     torch.manual_seed(recipe.seed)
     # on CPU, also petbreeds' malloc setting (petbreeds.device.reuse_freed_cpu_memory)
     data = training_data(params, table, vocab, root, seed=recipe.seed, world=SINGLE_PROCESS)
-    model = create_model(ARCH, len(vocab), work)
+    model = create_model(recipe.arch, len(vocab), work)
     freeze(model)
     started = time.perf_counter()
     sweep = LrFindParams(start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, suggestion="valley")
@@ -227,7 +240,7 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, float]:
     seconds = sum(n / rates["frozen" if i == 0 else "unfrozen"] for i, (_, n) in enumerate(epochs))
     result["model_only_images_per_s"] = sum(n for _, n in epochs) / seconds
     result["pipeline_share"] = result["images_per_s"] / result["model_only_images_per_s"]
-    return result
+    return {**result, "precision": data.compute.precision, "precision_choice": data.compute.precision_choice}
 
 
 def model_only_images_per_s(model: torch.nn.Module, data: TrainingData, steps: int = 5) -> dict[str, float]:
@@ -288,11 +301,14 @@ COLUMNS = (
 )
 
 
-def prepare(work: Path, data_root: Path, quick: bool, seed: int) -> int:
+def prepare(work: Path, data_root: Path, quick: bool, seed: int, arch: str) -> int:
     """Index (petbreeds' labeller), split, weights into ``work``; returns the number of images."""
+    import torch
+
     from petbreeds.atomic import atomic_write_json, atomic_write_text
     from petbreeds.config import IndexParams, ModelParams, SplitParams
     from petbreeds.labelling import index_images
+    from petbreeds.model import body_of, create_imagenet_net
     from petbreeds.pretrained import prepare_pretrained
     from petbreeds.splitting import split_items
 
@@ -304,16 +320,21 @@ def prepare(work: Path, data_root: Path, quick: bool, seed: int) -> int:
     vocab = sorted(set(table.loc[table["split"] == "train", "label"]))
     atomic_write_json(work / "vocab.json", {"vocab": vocab})
     atomic_write_text(work / "root.txt", str(data_root.resolve()))
+    if arch != "efficientnet_lite0":  # no ImageNet weights offline: one seeded random body for both sides
+        torch.manual_seed(seed)
+        torch.save(body_of(arch, create_imagenet_net(arch)).state_dict(), work / "weights.pt")
+        atomic_write_json(work / "weights.json", {"arch": arch, "weights": f"random, seed {seed}"})
+        return len(table)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         prepare_pretrained(
-            ModelParams(arch=ARCH, weights="imagenet", resnet50_weights="IMAGENET1K_V1"), Path(tmp) / "pretrained"
+            ModelParams(arch=arch, weights="imagenet", resnet50_weights="IMAGENET1K_V1"), Path(tmp) / "pretrained"
         )
         for name in ("weights.pt", "weights.json"):
             os.replace(Path(tmp) / "pretrained" / name, work / name)
     return len(table)
 
 
-def run_side(side: str, work: Path, extra_args: list[str], workers: int | None) -> dict[str, float]:
+def run_side(side: str, work: Path, extra_args: list[str], workers: int | None) -> dict[str, Any]:
     """One side in its own process; adds its peak RSS (the largest of the process and its DataLoader workers)."""
     out = work / f"{side}.json"
     cmd = [str(PYTHON), __file__, "--side", side, "--work", str(work), *extra_args]
@@ -328,7 +349,7 @@ def run_side(side: str, work: Path, extra_args: list[str], workers: int | None) 
     return result
 
 
-def table_text(results: dict[str, list[dict[str, float]]]) -> str:
+def table_text(results: dict[str, list[dict[str, Any]]]) -> str:
     """Medians per side, petbreeds/fastai ratio (>1 = petbreeds better), and each side's run-to-run spread."""
     lines = [
         "| metric | fastai | petbreeds | ratio (>1: petbreeds better) | spread fastai / petbreeds |",
@@ -367,6 +388,14 @@ def main() -> None:
         action="store_true",
         help="give fastai petbreeds' malloc setting too (petbreeds.device.reuse_freed_cpu_memory)",
     )
+    parser.add_argument("--arch", choices=ARCHES, default=ARCHES[0], help="the network (resnet34: speed only, "
+                        "from random weights; see above)")  # fmt: skip
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="petbreeds' train.precision (default auto, params.yaml's: calibrated per CPU)",
+    )
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -377,8 +406,8 @@ def main() -> None:
         "data.num_workers -1; README § Speed)",
     )
     args = parser.parse_args()
+    recipe = make_recipe(args)
     if args.side:  # a child: run one side, write its numbers
-        recipe = (quick_recipe if args.quick else full_recipe)(args.workers)
         if args.side == "fastai":
             result = run_fastai(args.work, recipe, args.fastai_reuse_freed_memory)
         else:
@@ -394,20 +423,23 @@ def main() -> None:
     workers = args.workers
     extra_args = [flag for flag, on in (("--quick", args.quick),
                   ("--fastai-reuse-freed-memory", args.fastai_reuse_freed_memory)) if on]  # fmt: skip
-    results: dict[str, list[dict[str, float]]] = {"fastai": [], "petbreeds": []}
+    extra_args += ["--arch", args.arch, "--precision", args.precision]
+    results: dict[str, list[dict[str, Any]]] = {"fastai": [], "petbreeds": []}
     with tempfile.TemporaryDirectory(prefix="vs_fastai.") as tmp:
         work = Path(tmp)
-        n = prepare(work, data_root, args.quick, 42)
+        n = prepare(work, data_root, args.quick, recipe.seed, args.arch)
         for repeat in range(args.repeats):
             order = ("fastai", "petbreeds") if repeat % 2 == 0 else ("petbreeds", "fastai")
             for side in order:
                 print(f"== repeat {repeat + 1}/{args.repeats}: {side}", flush=True)
                 results[side].append(run_side(side, work, extra_args, workers))
                 print(json.dumps(results[side][-1]), flush=True)
-    recipe = (quick_recipe if args.quick else full_recipe)(workers)
     fastai_malloc = "petbreeds' malloc setting" if args.fastai_reuse_freed_memory else "glibc's malloc defaults"
+    ours = results["petbreeds"][0]
+    compute = f"fastai in fp32 NCHW, petbreeds in {ours['precision']} channels_last ({ours['precision_choice']})"
     print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {n} images from {data_root}, {recipe}, "
-          f"{args.repeats} runs per side (medians; spread = max - min), fastai with {fastai_malloc}\n")  # fmt: skip
+          f"{args.repeats} runs per side (medians; spread = max - min), fastai with {fastai_malloc};\n"
+          f"{compute}\n")  # fmt: skip
     print(table_text(results))
 
 

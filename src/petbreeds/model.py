@@ -201,7 +201,7 @@ class ParamGroup:
 # Where the body splits into groups 0 and 1. resnets: conv1, bn1, layer1, layer2 | layer3, layer4 (fastai's
 # _resnet_split). efficientnet_lite0, cut at the same place (stride 8 -> 16): stem + stages 0-2 (16, 24, 40
 # channels) | stages 3-6 (80, 112, 192, 320 channels) + conv_head.
-_BODY_CUT = {**dict.fromkeys(RESNETS, 6), "efficientnet_lite0": 5}
+BODY_CUT = {**dict.fromkeys(RESNETS, 6), "efficientnet_lite0": 5}
 
 
 def _split(modules: list[nn.Module]) -> ParamGroup:
@@ -216,7 +216,7 @@ def _split(modules: list[nn.Module]) -> ParamGroup:
 
 def param_groups(model: PetModel) -> list[ParamGroup]:
     """The 3 groups of docs/fastai.md §3.4 (early body | late body | head), each split into decay / no-decay params."""
-    cut = _BODY_CUT[model.arch]
+    cut = BODY_CUT[model.arch]
     body = list(model.body)
     return [_split(body[:cut]), _split(body[cut:]), _split([model.head])]
 
