@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -171,13 +173,25 @@ def _descendant_with_rank(parent: psutil.Process, rank: str, timeout: float = 12
     raise AssertionError(f"no rank {rank} process appeared")
 
 
+def _wait_for_the_first_epoch(stage: subprocess.Popen[str], timeout: float = 180) -> None:
+    """Return once rank 0 has printed epoch 0's row: the ranks are past start-up and training together, however slow
+    the machine. Reads the raw pipe, so that ``communicate`` later gets the rest."""
+    assert stage.stdout is not None
+    fd, seen, deadline = stage.stdout.fileno(), b"", time.monotonic() + timeout
+    while re.search(rb"^0 +[0-9]", seen, re.MULTILINE) is None:
+        assert stage.poll() is None, f"the stage ended before its first epoch: {seen.decode()}"
+        assert time.monotonic() < deadline, f"no epoch row within {timeout} s: {seen.decode()}"
+        if select.select([fd], [], [], 1.0)[0]:
+            seen += os.read(fd, 65536)
+
+
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_stage_and_leaves_the_previous_outputs(ddp_project: Path) -> None:
     before = _digests(ddp_project)
     _set(ddp_project, train_frozen__epochs=200)  # long enough to be killed in the middle
     started = _stage(ddp_project, "train_frozen")
     victim = _descendant_with_rank(psutil.Process(started.pid), "1")
-    time.sleep(8)  # past start-up, into training
+    _wait_for_the_first_epoch(started)
     victim.send_signal(signal.SIGKILL)
     _, err = started.communicate(timeout=120)
     assert started.returncode == 1, err
@@ -231,7 +245,7 @@ def test_a_hung_rank_becomes_an_error_after_the_timeout_not_a_stuck_stage(ddp_pr
     _set(ddp_project, train_frozen__epochs=200, distributed__timeout_s=15.0)
     started = _stage(ddp_project, "train_frozen")
     victim = _descendant_with_rank(psutil.Process(started.pid), "1")
-    time.sleep(8)
+    _wait_for_the_first_epoch(started)
     victim.send_signal(signal.SIGSTOP)  # alive but silent: rank 0 waits for it in the next all-reduce
     try:
         _, err = started.communicate(timeout=180)
