@@ -3,10 +3,11 @@ two steps? Decides what ``data.num_workers: -1`` means when training on the CPU.
 
     .venv/bin/python bench/cpu_workers.py [--data DIR] [--rounds 2] [--item-size 460] [--size 224] [--bs 32]
 
-Each configuration trains one real unfrozen epoch of efficientnet_lite0 (``fit_one_cycle``, fp32 channels_last as
-the pipeline trains) on the real images, in its own process; the configurations alternate round by round, so that
-load from other processes hits them alike. Prints each one's training images/s (median over rounds) and its ratio
-to the worker processes' rate.
+Three configurations: one worker per core (fastai's default), none, and one worker with a core of its own (the
+step's threads on the other cores). Each trains one real unfrozen epoch of efficientnet_lite0 (``fit_one_cycle``,
+fp32 channels_last as the pipeline trains) on the real images, in its own process; the configurations alternate
+round by round, so that load from other processes hits them alike. Prints each one's training images/s (median over
+rounds) and its ratio to the worker processes' rate.
 """
 
 from __future__ import annotations
@@ -22,16 +23,23 @@ from machine import machine_header
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
-# name -> data.num_workers
+# name -> (data.num_workers, the step's threads: 0 = torch's default, one per core)
 CONFIGS = {
-    "workers (one per core, fastai's default)": -2,  # -2: one per core, whatever -1 means here
-    "no workers (petbreeds' default on a CPU)": 0,
+    "workers (one per core, fastai's default)": (-2, 0),  # -2: one per core, whatever -1 means here
+    "no workers (petbreeds' default on a CPU)": (0, 0),
+    # a core of its own for one worker: no preemption, one core fewer for the step (the rule a many-core CPU may want)
+    "one worker, the step on the other cores": (1, -1),  # -1: the cores less one
 }
 
 
-def one_epoch(data_root: Path, workers: int, args: argparse.Namespace) -> float:
+def one_epoch(data_root: Path, workers: int, threads: int, args: argparse.Namespace) -> float:
     """Training images/s of one unfrozen epoch (validation excluded)."""
     import torch
+
+    from petbreeds.machine import usable_cores
+
+    if threads:
+        torch.set_num_threads(max(1, usable_cores() - 1) if threads == -1 else threads)
 
     from petbreeds.config import IndexParams, OneCycleParams, SplitParams, load_params
     from petbreeds.dataloaders import default_num_workers
@@ -69,7 +77,7 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)  # a child: one epoch
     args = parser.parse_args()
     if args.config:
-        print(json.dumps({"images_per_s": one_epoch(args.data, CONFIGS[args.config], args)}))
+        print(json.dumps({"images_per_s": one_epoch(args.data, *CONFIGS[args.config], args)}))
         return
     print(machine_header(), flush=True)
     rates: dict[str, list[float]] = {name: [] for name in CONFIGS}
