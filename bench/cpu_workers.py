@@ -21,25 +21,22 @@ from pathlib import Path
 
 from machine import machine_header
 
+from petbreeds.machine import usable_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
-# name -> (data.num_workers, the step's threads: 0 = torch's default, one per core)
+# name -> (data.num_workers, the step's threads; None: torch's default, one per core)
 CONFIGS = {
-    "workers (one per core, fastai's default)": (-2, 0),  # -2: one per core, whatever -1 means here
-    "no workers (petbreeds' default on a CPU)": (0, 0),
+    "workers (one per core, fastai's default)": (-2, None),  # -2: one per core, whatever -1 means here
+    "no workers (petbreeds' default on a CPU)": (0, None),
     # a core of its own for one worker: no preemption, one core fewer for the step (the rule a many-core CPU may want)
-    "one worker, the step on the other cores": (1, -1),  # -1: the cores less one
+    "one worker, the step on the other cores": (1, max(1, usable_cores() - 1)),
 }
 
 
-def one_epoch(data_root: Path, workers: int, threads: int, args: argparse.Namespace) -> float:
+def one_epoch(data_root: Path, workers: int, threads: int | None, args: argparse.Namespace) -> float:
     """Training images/s of one unfrozen epoch (validation excluded)."""
     import torch
-
-    from petbreeds.machine import usable_cores
-
-    if threads:
-        torch.set_num_threads(max(1, usable_cores() - 1) if threads == -1 else threads)
 
     from petbreeds.config import IndexParams, OneCycleParams, SplitParams, load_params
     from petbreeds.dataloaders import default_num_workers
@@ -58,6 +55,8 @@ def one_epoch(data_root: Path, workers: int, threads: int, args: argparse.Namesp
     data_params = {"item_size": args.item_size, "size": args.size, "batch_size": args.bs, "num_workers": n_workers}
     train = params.train.model_copy(update={"precision": "fp32", "channels_last": True})  # no calibration here
     params = params.model_copy(update={"data": params.data.model_copy(update=data_params), "train": train})
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(42)
     data = training_data(params, table, vocab, data_root, seed=42, world=SINGLE_PROCESS)
     model = create_model("efficientnet_lite0", len(vocab), None)
