@@ -51,11 +51,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py
 
 # Issue 17's measurements on this CPU, in one go (about 60 min on 2 quiet AMD EPYC cores; README § Speed): the step's
-# profile in both phases, fastai on our malloc setting, the comparison with its spread, then both again with the
-# book's resnet34 (speed only: random weights). Each prints its machine header.
+# profile in both phases, its depthwise convolutions' weight gradients against a fused one, fastai on our malloc
+# setting, the comparison with its spread, then both again with the book's resnet34 (speed only: random weights).
+# Each prints its machine header.
 bench-cpu: $(STAMP)
 	$(BIN)/python bench/profile_step.py --steps 6 --phase frozen
 	$(BIN)/python bench/profile_step.py --steps 6 --phase unfrozen
+	$(BIN)/python bench/depthwise_cpu.py
 	$(BIN)/python bench/vs_fastai.py --repeats 1 --fastai-reuse-freed-memory
 	$(BIN)/python bench/vs_fastai.py --repeats 2
 	$(BIN)/python bench/vs_fastai.py --repeats 1 --arch resnet34 --fastai-reuse-freed-memory
