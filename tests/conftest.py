@@ -129,6 +129,7 @@ def free_port() -> Callable[[], int]:
 NUMERIC_MODULES = frozenset(
     {
         "test_augment.py",
+        "test_bench_depthwise.py",
         "test_device.py",
         "test_evaluate.py",
         "test_interpret.py",
