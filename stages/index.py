@@ -16,10 +16,12 @@ def main(params: Params, ctx: StageContext) -> None:
     with atomic_output("data/index.csv") as tmp:
         result.table.to_csv(tmp, index=False)
     atomic_write_json("data/vocab.json", {"vocab": result.vocab})
-    with atomic_output("reports/index_excluded.csv") as tmp:
+    excluded_report = "reports/index_excluded.csv"
+    with atomic_output(excluded_report) as tmp:
         result.excluded.to_csv(tmp, index=False)
     atomic_write_json("reports/index.json", result.metrics())
-    print(result.summary())
+    # Name where the excluded files are: a count alone leaves the user to guess which images were dropped and why.
+    print(result.summary() + (f"; each file and why: {excluded_report}" if len(result.excluded) else ""))
     warning = result.warning()
     if warning:
         print(warning, file=sys.stderr)

@@ -240,13 +240,17 @@ def test_index_stage_reports_stray_files(stray_raw: Path, tmp_path: Path) -> Non
     metrics = json.loads((tmp_path / "warned" / "reports" / "index.json").read_text())
     assert metrics["small_classes"] == 1 and metrics["per_class"]["IMG"] == 1 and metrics["excluded_total"] == 0
     assert all(isinstance(v, int) for v in metrics["excluded"].values())  # numbers only: MLflow logs them as metrics
+    assert "index_excluded.csv" not in done.stdout  # nothing excluded: no report to point at
 
     write_list_txt(stray_raw, [f"{breed}_{n}" for breed in ("Bengal", "pug") for n in range(1, 4)])
     (tmp_path / "listed").mkdir()
     done = run_index_stage(stray_raw, tmp_path / "listed")
     assert done.returncode == 0, done.stderr
     assert "warning" not in done.stderr
-    assert "index: 6 images, 2 classes, 1 excluded (1 unknown_class)" in done.stdout
+    assert (
+        "index: 6 images, 2 classes, 1 excluded (1 unknown_class); each file and why: reports/index_excluded.csv"
+        in (done.stdout)
+    )
     excluded = pd.read_csv(tmp_path / "listed" / "reports" / "index_excluded.csv")
     assert excluded[["path", "reason"]].values.tolist() == [["images/IMG_0001.jpg", "unknown_class"]]
     assert "data/raw/annotations/list.txt" in excluded["detail"][0]
