@@ -2,7 +2,7 @@
 
     make install                     # the dev extra holds fastai 2.8.12
     .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR] [--fastai-reuse-freed-memory]
-                                        [--arch resnet34] [--precision fp32]
+                                        [--arch resnet34] [--precision fp32] [--out FILE.json]
 
 Recipe (docs/fastai.md §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32,
 efficientnet_lite0 with ImageNet weights (offline, converted by petbreeds.pretrained, so both sides start from the
@@ -21,7 +21,11 @@ side; the sides alternate (A B, B A, ...) so that load from other processes hits
 with its library's default DataLoader workers (``--workers N`` gives both N). Our side also times its training step
 alone on a loaded batch (model-only images/s): the pipeline's rate against what the model allows. The fastai
 child checks that its RandomSplitter(0.2, seed=42) over the sorted file list gives exactly our validation set.
-Prints one table of medians with the ratios and the run-to-run spread.
+Both sides use the same split (seed 42) every run. Run r of petbreeds trains with seed 42 + r (head init, shuffling,
+crops, augmentation draws): petbreeds is deterministic on one machine, so repeats with one seed would measure nothing
+(fastai, as a user runs it, draws its own each run). Prints one table of medians with the ratios and the run-to-run
+spread; ``--out`` also writes every run's numbers and the machine header as JSON (docs/fastai.md quotes such files
+from bench/results/).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class Recipe:
     workers: int | None  # DataLoader workers; None: each library's default
     arch: str
     precision: str  # petbreeds' train.precision (fastai trains in fp32 on a CPU)
-    seed: int = 42
+    seed: int = 42  # the split's (both sides)
 
 
 def make_recipe(args: argparse.Namespace) -> Recipe:
@@ -182,7 +186,7 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
 # The petbreeds side
 
 
-def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, Any]:
+def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]:
     import json as _json
 
     import pandas as pd
@@ -215,9 +219,9 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, Any]:
             "train": params.train.model_copy(update={"precision": recipe.precision, "channels_last": True}),
         }
     )
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(train_seed)
     # on CPU, also petbreeds' malloc setting (petbreeds.device.reuse_freed_cpu_memory)
-    data = training_data(params, table, vocab, root, seed=recipe.seed, world=SINGLE_PROCESS)
+    data = training_data(params, table, vocab, root, seed=train_seed, world=SINGLE_PROCESS)
     model = create_model(recipe.arch, len(vocab), work)
     freeze(model)
     started = time.perf_counter()
@@ -240,7 +244,8 @@ def run_petbreeds(work: Path, recipe: Recipe) -> dict[str, Any]:
     seconds = sum(n / rates["frozen" if i == 0 else "unfrozen"] for i, (_, n) in enumerate(epochs))
     result["model_only_images_per_s"] = sum(n for _, n in epochs) / seconds
     result["pipeline_share"] = result["images_per_s"] / result["model_only_images_per_s"]
-    return {**result, "precision": data.compute.precision, "precision_choice": data.compute.precision_choice}
+    return {**result, "precision": data.compute.precision, "precision_choice": data.compute.precision_choice,
+            "seed": train_seed}  # fmt: skip
 
 
 def model_only_images_per_s(model: torch.nn.Module, data: TrainingData, steps: int = 5) -> dict[str, float]:
@@ -396,7 +401,9 @@ def main() -> None:
         default="auto",
         help="petbreeds' train.precision (default auto, params.yaml's: calibrated per CPU)",
     )
+    parser.add_argument("--out", type=Path, default=None, help="also write the runs and the machine as JSON here")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--train-seed", type=int, default=42, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--workers",
@@ -411,14 +418,15 @@ def main() -> None:
         if args.side == "fastai":
             result = run_fastai(args.work, recipe, args.fastai_reuse_freed_memory)
         else:
-            result = run_petbreeds(args.work, recipe)
+            result = run_petbreeds(args.work, recipe, args.train_seed)
         (args.work / f"{args.side}.json").write_text(json.dumps(result))
         return
     if not PYTHON.is_file():
         raise SystemExit(f"{PYTHON}: missing; run `make install` first")
     from machine import machine_header  # bench/ is this script's folder, so on sys.path
 
-    print(machine_header(), flush=True)
+    header = machine_header()
+    print(header, flush=True)
     data_root = args.data or (SHARED_SUBSET if SHARED_SUBSET.is_dir() else ROOT / "data" / "raw")
     workers = args.workers
     extra_args = [flag for flag, on in (("--quick", args.quick),
@@ -432,15 +440,21 @@ def main() -> None:
             order = ("fastai", "petbreeds") if repeat % 2 == 0 else ("petbreeds", "fastai")
             for side in order:
                 print(f"== repeat {repeat + 1}/{args.repeats}: {side}", flush=True)
-                results[side].append(run_side(side, work, extra_args, workers))
+                seed = ["--train-seed", str(recipe.seed + repeat)] if side == "petbreeds" else []
+                results[side].append(run_side(side, work, extra_args + seed, workers))
                 print(json.dumps(results[side][-1]), flush=True)
     fastai_malloc = "petbreeds' malloc setting" if args.fastai_reuse_freed_memory else "glibc's malloc defaults"
     ours = results["petbreeds"][0]
     compute = f"fastai in fp32 NCHW, petbreeds in {ours['precision']} channels_last ({ours['precision_choice']})"
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {n} images from {data_root}, {recipe}, "
-          f"{args.repeats} runs per side (medians; spread = max - min), fastai with {fastai_malloc};\n"
-          f"{compute}\n")  # fmt: skip
+    setting = (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {n} images from {data_root}, {recipe}, "
+               f"{args.repeats} runs per side (medians; spread = max - min), fastai with {fastai_malloc};\n"
+               f"{compute}")  # fmt: skip
+    print(f"\n{setting}\n")
     print(table_text(results))
+    if args.out:
+        record = {"machine": header, "setting": setting, "runs": results, "table": table_text(results)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from petbreeds.augment import BatchAugment, Draws, affine_matrices, warp_matrices
+from petbreeds.augment import BatchAugment, Draws, affine_matrices, sampling_grid, warp_matrices
 from petbreeds.config import AugmentParams
 from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
@@ -81,11 +81,12 @@ def test_forced_rotation_moves_a_marked_pixel_where_the_maths_says() -> None:
     degrees = 30.0
     aug = BatchAugment(BOOK, 64, seed=0, device=CPU)
     out = pixels(aug, aug.train(x, dataclasses.replace(Draws.identity(1), angle=torch.tensor([degrees]))))[0, 0]
-    # output point p samples input R·p, R = [[cos, sin], [-sin, cos]]; so the mark lands at p = Rᵀ·q.
-    qx, qy = (2 * col + 1) / 64 - 1, (2 * row + 1) / 64 - 1
+    # output point p samples input R·p, R = [[cos, sin], [-sin, cos]]; so the mark lands at p = Rᵀ·q, in fastai's
+    # align_corners=True coordinates (pixel i of 64 at -1 + 2i/63)
+    qx, qy = 2 * col / 63 - 1, 2 * row / 63 - 1
     t = math.radians(degrees)
     px, py = math.cos(t) * qx - math.sin(t) * qy, math.sin(t) * qx + math.cos(t) * qy
-    expected_col, expected_row = (px + 1) * 32 - 0.5, (py + 1) * 32 - 0.5
+    expected_col, expected_row = (px + 1) * 63 / 2, (py + 1) * 63 / 2
     weights = out.clamp(min=0)
     rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     got_row, got_col = (weights * rows).sum() / weights.sum(), (weights * cols).sum() / weights.sum()
@@ -95,15 +96,17 @@ def test_forced_rotation_moves_a_marked_pixel_where_the_maths_says() -> None:
 
 def test_forced_crop_and_zoom_pick_the_expected_region() -> None:
     x = smooth_images(1, 64)
-    aug = BatchAugment(BOOK, 16, seed=0, device=CPU)
+    aug = BatchAugment(BOOK, 32, seed=0, device=CPU)
+    # fastai's crop of the top-left 32 x 32 pixels: its corner pixels' centres span 31/63 of the item's
+    side = 31 / 63
     top_left = dataclasses.replace(
-        Draws.identity(1), crop_side=torch.tensor([0.5]), crop_x=torch.tensor([0.0]), crop_y=torch.tensor([0.0])
+        Draws.identity(1), crop_side=torch.tensor([side]), crop_x=torch.tensor([0.0]), crop_y=torch.tensor([0.0])
     )
-    expected = F.interpolate(x[..., :32, :32].float(), size=(16, 16), mode="bilinear", antialias=True)
-    assert (pixels(aug, aug.train(x, top_left)) - expected).abs().max() < 3.0
-    # fastai's zoom 2 around the top-left centre fraction is the same region
+    # 32 outputs from 32 pixels: every output pixel reads one pixel's centre (no prefilter: nothing shrinks)
+    assert (pixels(aug, aug.train(x, top_left)) - x[..., :32, :32]).abs().max() < 1e-3
+    # fastai's zoom around the top-left centre fraction is the same region
     zoomed = dataclasses.replace(
-        Draws.identity(1), zoom=torch.tensor([2.0]), zoom_x=torch.tensor([0.0]), zoom_y=torch.tensor([0.0])
+        Draws.identity(1), zoom=torch.tensor([1 / side]), zoom_x=torch.tensor([0.0]), zoom_y=torch.tensor([0.0])
     )
     assert torch.allclose(aug.train(x, zoomed), aug.train(x, top_left), atol=1e-4)
 
@@ -181,7 +184,7 @@ def test_lighting_brightens_and_adds_contrast_per_image() -> None:
     assert out[2].std() > plain.std() * 1.1
 
 
-@pytest.mark.parametrize("item", [48, 160])  # 160 → 32 triggers the anti-alias prefilter, 48 → 32 does not
+@pytest.mark.parametrize("item", [32, 160])  # 160 → 32 runs the anti-alias prefilter, 32 → 32 never shrinks
 def test_exactly_one_grid_sample_per_training_batch(monkeypatch: pytest.MonkeyPatch, item: int) -> None:
     calls = []
     real = F.grid_sample
@@ -207,9 +210,12 @@ def test_large_downscale_prefilter_removes_aliasing_without_moving_anything() ->
     identity = F.affine_grid(torch.eye(3)[None, :2], [1, 3, 32, 32], align_corners=False)
     bare = F.grid_sample(checker.float(), identity, mode="bilinear", align_corners=False)
     assert (bare - 127.5).abs().max() > 100
-    # geometry is unchanged by the prefilter: a rotated, cropped 160 image matches the same picture at 64
-    # (where no prefilter runs) through the same draws
-    d = dataclasses.replace(Draws.identity(1), angle=torch.tensor([25.0]), crop_side=torch.tensor([0.9]))
-    large = pixels(aug, aug.train(smooth_images(1, 160), d))
-    small = pixels(aug, aug.train(smooth_images(1, 64), d))
-    assert (large - small).abs().mean() < 1.5
+    # the prefilter moves nothing: a linear ramp, which a symmetric low-pass filter leaves as it is, reads the same
+    # through the prefilter as straight from the full-size item (same grid, no filter)
+    d = dataclasses.replace(Draws.identity(1), angle=torch.tensor([8.0]), crop_side=torch.tensor([0.77]))
+    k = torch.arange(160.0)
+    ramp = (k[None, :] * 0.8 + k[:, None] * 0.4 + 20).expand(1, 3, 160, 160)
+    filtered = pixels(aug, aug.train(ramp, d))
+    grid = sampling_grid(warp_matrices(d) @ affine_matrices(d), 32, 160)
+    unfiltered = F.grid_sample(ramp, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert (filtered - unfiltered).abs().max() < 0.1  # an area reduction by 160/42 moves content by 0.39

@@ -243,7 +243,7 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_the_served_champion_names_the_breed_of_a_jpeg_and_refuses_a_non_image_with_400(
-    project: Path, tmp_path: Path, champion: int, free_port, write_breed_images
+    project: Path, tmp_path: Path, champion: int, free_port, write_breed_images, tiny_model: Path
 ) -> None:
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
@@ -275,6 +275,12 @@ def test_the_served_champion_names_the_breed_of_a_jpeg_and_refuses_a_non_image_w
         assert status == 200, answer
         (prediction,) = answer["predictions"]
         assert prediction["breed"] == "blue_dog" and prediction["probability"] > 0.5
+        # the server's probabilities are petbreeds predict's (which are evaluate's: tests/test_predict.py), one path
+        (expected,) = predict(tmp_path / "new/blue_dog_800.jpg", tiny_model, top_k=3, device=torch.device("cpu"))
+        assert prediction["probability"] == pytest.approx(expected.probability, abs=1e-5)
+        assert [t["probability"] for t in prediction["top_k"]] == pytest.approx(
+            [p for _, p in expected.top_k], abs=1e-5
+        )
 
         hello = base64.b64encode(b"hello").decode()
         status, answer = post(f"{base}/invocations", json.dumps({"dataframe_records": [{"image": hello}]}).encode())

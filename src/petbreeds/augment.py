@@ -5,10 +5,11 @@ resized crop to ``size``; docs/fastai.md §2.4) and draws one crop per batch. He
 per-image random resized crop are composed into one projective map per image, so one ``F.grid_sample`` call
 produces the ``size`` output directly.
 
-Coordinates are torch's normalised ones with ``align_corners=False``: (-1, -1) and (1, 1) are the outer edges of
-the image, whatever its resolution. The same map therefore samples the same content from the item-size batch
-or from an area-reduced copy of it, which is what makes the anti-alias prefilter (see :meth:`BatchAugment.train`)
-a filter, not a second geometric resample.
+Geometry is fastai's: each output pixel reads the point of the item that fastai's ``align_corners=True`` grids
+name, reflected as its ``reflection`` padding reflects (about the edge pixels' centres). That point is then
+expressed in torch's ``align_corners=False`` frame, where (-1, -1) and (1, 1) are the image's outer edges whatever
+its resolution, so the same grid reads the same content from the item or from a reduced copy of it: the
+anti-alias prefilter (see :meth:`BatchAugment.train`) is a filter, not a second geometric resample.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ import torchvision.transforms.functional as TF
 
 from petbreeds.config import AugmentParams
 from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
-
-# Bilinear sampling reads 2x2 neighbours: once an output pixel spans more than this many input pixels, it aliases.
-_MAX_BILINEAR_STEP = 2.0
 
 
 @dataclass(frozen=True)
@@ -128,13 +126,37 @@ def warp_matrices(d: Draws) -> torch.Tensor:
     return torch.cat([h, one[:, None]], -1).view(-1, 3, 3)
 
 
-def sampling_grid(transform: torch.Tensor, size: int) -> torch.Tensor:
-    """Input coordinates ``[B, size, size, 2]`` (x, y) for each output pixel centre under projective ``[B, 3, 3]``."""
-    centres = (torch.arange(size, device=transform.device, dtype=transform.dtype) * 2 + 1) / size - 1
-    y, x = torch.meshgrid(centres, centres, indexing="ij")
+def reflect(u: torch.Tensor) -> torch.Tensor:
+    """Coordinates folded into [-1, 1] by mirroring at ±1, as ``grid_sample``'s reflection padding does with
+    ``align_corners=True`` (fastai's): the mirror passes through the edge pixels' centres."""
+    return 1 - ((u + 1).remainder(4) - 2).abs()
+
+
+def sampling_grid(transform: torch.Tensor, size: int, item: int) -> torch.Tensor:
+    """Where each output pixel reads ``[B, size, size, 2]`` (x, y) under projective ``[B, 3, 3]``, for
+    ``F.grid_sample(..., align_corners=False)`` on an item of side ``item`` or any antialiased reduced copy of it.
+
+    fastai (docs/fastai.md §2.3, §2.4): output pixel i sits at -1 + 2i/(size - 1) and the map's result u is in the
+    item's ``align_corners=True`` frame (±1 = the edge pixels' centres), reflected there. The same point of the
+    item's content is ``u · (item - 1) / item`` in the ``align_corners=False`` frame.
+    """
+    steps = torch.linspace(-1, 1, size, device=transform.device, dtype=transform.dtype)
+    y, x = torch.meshgrid(steps, steps, indexing="ij")
     points = torch.stack([x, y, torch.ones_like(x)], -1).view(-1, 3)  # [size*size, 3]
     mapped = torch.einsum("nk,bjk->bnj", points, transform)  # [B, size*size, 3]; 2x faster than a broadcast @
-    return (mapped[..., :2] / mapped[..., 2:]).view(-1, size, size, 2)
+    read = reflect(mapped[..., :2] / mapped[..., 2:])
+    return read.mul_((item - 1) / item).view(-1, size, size, 2)
+
+
+def antialiased_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``[B, 3, H, W]`` → ``[B, 3, size, size]`` by a bilinear resize, antialiased when it shrinks (Pillow's filter).
+
+    On CPU a uint8 batch stays uint8 (torch's vectorised path, 5x faster than float, rounding like Pillow); CUDA
+    has no uint8 antialiased kernel, so there it runs on float.
+    """
+    if x.device.type != "cpu":
+        x = x.float()
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def lighting_(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
@@ -214,23 +236,27 @@ class BatchAugment:
     def train(self, x: torch.Tensor, d: Draws, finest: float | None = None) -> torch.Tensor:
         """Apply draws ``d`` to uint8 ``[B, 3, H, H]``: exactly one ``F.grid_sample`` per batch.
 
-        Anti-aliasing: an output pixel covers ``H · crop_side / (zoom · size)`` input pixels. When that exceeds 2
-        for every image of the batch, the un-augmented input is first area-reduced (a box low-pass filter) to the
-        resolution where the most zoomed-in image reads one input pixel per output pixel. This happens before
-        any geometry, on the same normalised coordinate frame, so it removes frequencies the output cannot hold
-        without moving anything: the geometric resample is still the single grid_sample. ``finest``: that
-        image's region when ``d`` is a share of a global batch (:meth:`Draws.finest` of the whole batch).
+        Anti-aliasing: an output pixel covers about ``H · crop_side / (zoom · size)`` input pixels; bilinear
+        sampling reads 2 x 2 of them, so whenever that exceeds 1 the output would alias (keep frequencies it
+        cannot hold, as sharp, shimmering edges). So the un-augmented input is first reduced by
+        :func:`antialiased_resize` (a low-pass filter) to the resolution where the batch's most zoomed-in image
+        reads one input pixel per output pixel.
+        This happens before any geometry, in the content frame of :func:`sampling_grid`, so it removes
+        frequencies without moving anything: the geometric resample is still the single grid_sample. fastai gets
+        a similar softening from its two bilinear passes; measured against it and against no prefilter in
+        docs/fastai.md §2.7. ``finest``: that image's region when ``d`` is a share of a global batch
+        (:meth:`Draws.finest` of the whole batch).
         """
         h, w = x.shape[-2:]
         if h != w:
             raise ValueError(f"BatchAugment.train needs square items (the item stage makes them), got {h}x{w}")
-        img = x.float()
         needed = math.ceil(self.size / (d.finest() if finest is None else finest))
-        if h > _MAX_BILINEAR_STEP * needed:
-            img = F.interpolate(img, size=(needed, needed), mode="area")
+        img = antialiased_resize(x, needed).float() if h > needed else x.float()
         transform = warp_matrices(d) @ affine_matrices(d)
-        grid = sampling_grid(transform, self.size)
-        out = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False).div_(255)
+        grid = sampling_grid(transform, self.size, h)
+        # the grid is reflected already and stays within the edge pixels' centres of the item: "border" only
+        # clamps the last half pixel of a reduced copy
+        out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False).div_(255)
         if self.aug.max_lighting * self.aug.mult > 0 and self.aug.p_lighting > 0:
             out = lighting_(out, d.brightness, d.contrast)
         return self.normalize_(out)
@@ -238,14 +264,11 @@ class BatchAugment:
     def valid(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, H, W]`` → centre square, one antialiased bilinear resize to ``size``, normalised.
 
-        On CPU the resize runs on uint8 (torch's vectorised path, 5x faster than float) and rounds like Pillow;
-        CUDA has no uint8 antialiased kernel, so there it runs on float.
+        See :func:`antialiased_resize` for its dtype on CPU and CUDA.
         """
         img = TF.center_crop(x, [min(x.shape[-2:])])
         if img.shape[-1] != self.size:
-            if img.device.type != "cpu":
-                img = img.float()
-            img = F.interpolate(img, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            img = antialiased_resize(img, self.size)
         return self.normalize_(img.float() / 255)  # a new tensor: never write into the caller's batch
 
     def normalize_(self, x: torch.Tensor) -> torch.Tensor:
