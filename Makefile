@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # MLflow 3.17's UI opens experiments in its GenAI view (traces, no runs) unless the link asks for the training view:
-# open the printed link (petbreeds.tracking.ui_url). MLFLOW_TRACKING_URI is emptied: this serves the project's store.
+# open the printed link (petbreeds.track.tracking.ui_url). MLFLOW_TRACKING_URI is emptied: this serves the project's store.
 ui: $(STAMP)
 	@MLFLOW_TRACKING_URI= $(BIN)/python -c 'from petbreeds import runtime, tracking; runtime.quiet_by_default(); \
 		print("petbreeds runs:", tracking.ui_url(runtime.project_root(), "http://127.0.0.1:5000"))'
@@ -51,13 +51,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py
 
 # Issue 17's measurements on this CPU, in one go (about 60 min on 2 quiet AMD EPYC cores; README § Speed): the step's
-# profile in both phases, its depthwise convolutions' weight gradients against a fused one, fastai on our malloc
-# setting, the comparison with its spread, then both again with the book's resnet34 (speed only: random weights).
+# profile in both phases, fastai on our malloc setting, the comparison with its spread, then both again with the book's resnet34 (speed only: random weights).
 # Each prints its machine header.
 bench-cpu: $(STAMP)
 	$(BIN)/python bench/profile_step.py --steps 6 --phase frozen
 	$(BIN)/python bench/profile_step.py --steps 6 --phase unfrozen
-	$(BIN)/python bench/depthwise_cpu.py
 	$(BIN)/python bench/vs_fastai.py --repeats 1 --fastai-reuse-freed-memory
 	$(BIN)/python bench/vs_fastai.py --repeats 2
 	$(BIN)/python bench/vs_fastai.py --repeats 1 --arch resnet34 --fastai-reuse-freed-memory

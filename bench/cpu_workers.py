@@ -39,12 +39,12 @@ def one_epoch(data_root: Path, workers: int, threads: int | None, args: argparse
     import torch
 
     from petbreeds.config import IndexParams, OneCycleParams, SplitParams, load_params
-    from petbreeds.dataloaders import default_num_workers
-    from petbreeds.labelling import index_images
-    from petbreeds.model import create_model, unfreeze
-    from petbreeds.schedule import group_lrs
-    from petbreeds.splitting import split_items
-    from petbreeds.training import fit_one_cycle, training_data
+    from petbreeds.data.dataloaders import default_num_workers
+    from petbreeds.data.labelling import index_images
+    from petbreeds.data.splitting import split_items
+    from petbreeds.learn.model import create_model, unfreeze
+    from petbreeds.learn.schedule import group_lrs
+    from petbreeds.learn.training import fit_one_cycle, training_data
     from petbreeds.world import SINGLE_PROCESS
 
     table = index_images(data_root, IndexParams(label_regex=r"(.+)_\d+.jpg$", min_class_images=2, workers=0)).table

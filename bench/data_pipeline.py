@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from machine import machine_header
 from PIL import Image
 
-from petbreeds.augment import BatchAugment, affine_matrices, lighting_, warp_matrices
 from petbreeds.config import AugmentParams, DataParams, load_params
-from petbreeds.dataloaders import default_num_workers, make_loader
-from petbreeds.presizing import PresizedImages
+from petbreeds.data.augment import BatchAugment, affine_matrices, lighting_, warp_matrices
+from petbreeds.data.dataloaders import default_num_workers, make_loader
+from petbreeds.data.presizing import PresizedImages
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = [ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset" / "images", ROOT / "data" / "raw" / "images"]

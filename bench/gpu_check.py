@@ -26,7 +26,7 @@ collective) is stopped, the table printed and the process ends with exit code 3:
    of a discarded partial epoch warm up first (workers, cudnn autotune, the allocator). Then ``fit_one_cycle``
    itself, one epoch with validation, on path (a): the library's own numbers.
 4. DDP: a process group of one (NCCL on CUDA, gloo on CPU) and the model under ``DistributedDataParallel``
-   directly (``petbreeds.distributed.wrap`` returns the bare model for one process), on pre-augmented batches
+   directly (``petbreeds.learn.distributed.wrap`` returns the bare model for one process), on pre-augmented batches
    held on the device, against the bare model on the same batches: the model-only speed and DDP's overhead. Then
    the bare model as ``train.compile: true`` trains it (torch.compile, cold cache): the compile time of the first
    forward + backward and the steady speed against the bare model's.
@@ -397,7 +397,7 @@ class Check:
         self.header = ""
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check."))
         self.sample: dict[str, Any] | None = None  # table, vocab, raw, params
-        self.data_a: Any = None  # petbreeds.training.TrainingData of path (a), shared by the sections
+        self.data_a: Any = None  # petbreeds.learn.training.TrainingData of path (a), shared by the sections
         self.held: tuple[Any, list[Any]] | None = None  # section 4: the model and the batches on the device
         self.current = ""  # the section running now
         self.child: subprocess.Popen[str] | None = None  # pytest, while it runs
@@ -494,9 +494,9 @@ class Check:
 
     def make_sample(self, row: Row) -> None:
         from petbreeds.config import IndexParams, SampleParams, SplitParams
-        from petbreeds.labelling import index_images
-        from petbreeds.sample_data import generate_sample
-        from petbreeds.splitting import split_items
+        from petbreeds.data.labelling import index_images
+        from petbreeds.data.sample_data import generate_sample
+        from petbreeds.data.splitting import split_items
 
         s = self.scale
         raw = self.work / "raw"
@@ -526,7 +526,7 @@ class Check:
     def training_data_a(self) -> Any:
         """The library's loaders and augmentation (path a), built once: the data do not depend on the arch."""
         if self.data_a is None:
-            from petbreeds.training import training_data
+            from petbreeds.learn.training import training_data
             from petbreeds.world import SINGLE_PROCESS
 
             assert self.sample is not None
@@ -542,7 +542,7 @@ class Check:
     def new_model(self, arch: str) -> Any:
         import torch
 
-        from petbreeds.model import create_model, unfreeze
+        from petbreeds.learn.model import create_model, unfreeze
 
         torch.manual_seed(42)
         model = create_model(arch, N_CLASSES, None)
@@ -550,9 +550,9 @@ class Check:
         return model
 
     def epoch(self, row: Row, arch: str, path: str) -> None:
-        from petbreeds.model import param_groups
-        from petbreeds.schedule import group_lrs, make_one_cycle, make_optimizer
-        from petbreeds.training import batch_inputs, train_step
+        from petbreeds.learn.model import param_groups
+        from petbreeds.learn.schedule import group_lrs, make_one_cycle, make_optimizer
+        from petbreeds.learn.training import batch_inputs, train_step
 
         data = self.training_data_a()
         compute, s = data.compute, self.scale
@@ -607,8 +607,8 @@ class Check:
         del loader
 
     def fit(self, row: Row, arch: str) -> None:
-        from petbreeds.schedule import group_lrs
-        from petbreeds.training import fit_one_cycle
+        from petbreeds.learn.schedule import group_lrs
+        from petbreeds.learn.training import fit_one_cycle
 
         data = self.training_data_a()
         phase = self.params(arch).train_unfrozen
@@ -632,7 +632,7 @@ class Check:
 
     def model_bare(self, row: Row) -> None:
         """resnet34 alone on pre-augmented batches held on the device: the model's own speed, no data path."""
-        from petbreeds.training import batch_inputs
+        from petbreeds.learn.training import batch_inputs
 
         data = self.training_data_a()
         compute = data.compute
@@ -702,9 +702,9 @@ class Check:
         )
 
     def model_steps(self, row: Row, net: Any, model: Any, batches: list[Any]) -> None:
-        from petbreeds.model import param_groups
-        from petbreeds.schedule import make_optimizer
-        from petbreeds.training import train_step
+        from petbreeds.learn.model import param_groups
+        from petbreeds.learn.schedule import make_optimizer
+        from petbreeds.learn.training import train_step
 
         compute, s = self.training_data_a().compute, self.scale
         opt = make_optimizer(param_groups(model), [1e-4] * 3, 0.01)

@@ -6,7 +6,7 @@ backward vs optimizer.
 
 Loads in the main process (num_workers 0), so the load term is the full decode + resize cost that DataLoader
 workers have to hide behind compute; prints each term's median seconds per batch, share of the step and page
-faults (memory the OS had to map and zero: what gave away glibc's malloc, see bench/cpu_allocator.py).
+faults (memory the OS had to map and zero: what gave away glibc's malloc, README § Speed).
 The model is efficientnet_lite0, fp32, channels_last, as the pipeline trains it: unfrozen (the expensive phase) or
 ``--phase frozen`` (lr_find's and train_frozen's step: the body's BatchNorm layers still train, so the backward still
 runs through the whole body, without the convolutions' weight gradients). The CPU is set up as training sets it
@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from machine import machine_header
 
-from petbreeds.augment import BatchAugment
 from petbreeds.config import DataParams, IndexParams, load_params
-from petbreeds.dataloaders import make_loader
-from petbreeds.device import pick_device
-from petbreeds.labelling import index_images
-from petbreeds.model import create_model, freeze, param_groups, unfreeze
-from petbreeds.schedule import make_optimizer
+from petbreeds.data.augment import BatchAugment
+from petbreeds.data.dataloaders import make_loader
+from petbreeds.data.labelling import index_images
+from petbreeds.learn.device import pick_device
+from petbreeds.learn.model import create_model, freeze, param_groups, unfreeze
+from petbreeds.learn.schedule import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_header())
     if not args.glibc_malloc:
-        pick_device()  # on CPU: petbreeds.device.reuse_freed_cpu_memory, as in training
+        pick_device()  # on CPU: petbreeds.learn.device.reuse_freed_cpu_memory, as in training
 
     index = index_images(args.data, IndexParams(label_regex=r"(.+)_\d+.jpg$", min_class_images=2, workers=0))
     data = DataParams(

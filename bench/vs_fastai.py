@@ -5,7 +5,7 @@
                                         [--arch resnet34] [--precision fp32] [--out FILE.json]
 
 Recipe (docs/fastai.md §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32,
-efficientnet_lite0 with ImageNet weights (offline, converted by petbreeds.pretrained, so both sides start from the
+efficientnet_lite0 with ImageNet weights (offline, converted by petbreeds.learn.pretrained, so both sides start from the
 same tensors), lr_find(100 iterations),
 then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e-3), div 5, pct 0.3.
 ``--arch resnet34``: the book's network, for speed only. No resnet weights are reachable offline, so both sides start
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the parent process imports neither: each side imports its library in its own child
     import torch
 
-    from petbreeds.training import TrainingData
+    from petbreeds.learn.training import TrainingData
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
@@ -110,8 +110,8 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
         vision_learner,
     )
 
-    from petbreeds.device import reuse_freed_cpu_memory
-    from petbreeds.model import BODY_CUT, body_of, create_imagenet_net
+    from petbreeds.learn.device import reuse_freed_cpu_memory
+    from petbreeds.learn.model import BODY_CUT, body_of, create_imagenet_net
 
     if reuse_freed_memory:  # petbreeds' malloc setting, to see how much of the difference it is
         reuse_freed_cpu_memory()
@@ -193,10 +193,10 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
     import torch
 
     from petbreeds.config import LrFindParams, OneCycleParams, load_params
-    from petbreeds.lr_find import lr_find
-    from petbreeds.model import create_model, freeze, unfreeze
-    from petbreeds.schedule import group_lrs
-    from petbreeds.training import fit_one_cycle, training_data
+    from petbreeds.learn.lr_find import lr_find
+    from petbreeds.learn.model import create_model, freeze, unfreeze
+    from petbreeds.learn.schedule import group_lrs
+    from petbreeds.learn.training import fit_one_cycle, training_data
     from petbreeds.world import SINGLE_PROCESS
 
     table = pd.read_csv(work / "split.csv", keep_default_na=False)
@@ -220,7 +220,7 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
         }
     )
     torch.manual_seed(train_seed)
-    # on CPU, also petbreeds' malloc setting (petbreeds.device.reuse_freed_cpu_memory)
+    # on CPU, also petbreeds' malloc setting (petbreeds.learn.device.reuse_freed_cpu_memory)
     data = training_data(params, table, vocab, root, seed=train_seed, world=SINGLE_PROCESS)
     model = create_model(recipe.arch, len(vocab), work)
     freeze(model)
@@ -255,9 +255,9 @@ def model_only_images_per_s(model: torch.nn.Module, data: TrainingData, steps: i
     import copy
     import statistics
 
-    from petbreeds.model import freeze, param_groups, unfreeze
-    from petbreeds.schedule import make_optimizer
-    from petbreeds.training import batch_inputs, train_step
+    from petbreeds.learn.model import freeze, param_groups, unfreeze
+    from petbreeds.learn.schedule import make_optimizer
+    from petbreeds.learn.training import batch_inputs, train_step
 
     compute = data.compute
     x, y = batch_inputs(next(iter(data.train_loader)), data.augment, compute, train=True)
@@ -312,10 +312,10 @@ def prepare(work: Path, data_root: Path, quick: bool, seed: int, arch: str) -> i
 
     from petbreeds.atomic import atomic_write_json, atomic_write_text
     from petbreeds.config import IndexParams, ModelParams, SplitParams
-    from petbreeds.labelling import index_images
-    from petbreeds.model import body_of, create_imagenet_net
-    from petbreeds.pretrained import prepare_pretrained
-    from petbreeds.splitting import split_items
+    from petbreeds.data.labelling import index_images
+    from petbreeds.data.splitting import split_items
+    from petbreeds.learn.model import body_of, create_imagenet_net
+    from petbreeds.learn.pretrained import prepare_pretrained
 
     table = index_images(data_root, IndexParams(label_regex=LABEL_REGEX, min_class_images=2, workers=0)).table
     if quick:  # the first 7 images of each breed (sorted): every breed keeps training images, ~a quarter of the time
@@ -391,7 +391,7 @@ def main() -> None:
     parser.add_argument(
         "--fastai-reuse-freed-memory",
         action="store_true",
-        help="give fastai petbreeds' malloc setting too (petbreeds.device.reuse_freed_cpu_memory)",
+        help="give fastai petbreeds' malloc setting too (petbreeds.learn.device.reuse_freed_cpu_memory)",
     )
     parser.add_argument("--arch", choices=ARCHES, default=ARCHES[0], help="the network (resnet34: speed only, "
                         "from random weights; see above)")  # fmt: skip

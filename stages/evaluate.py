@@ -12,12 +12,13 @@ from typing import Any
 import pandas as pd
 
 from petbreeds.atomic import atomic_write_json
-from petbreeds.checkpoint import load_checkpoint
 from petbreeds.config import Params
-from petbreeds.dataloaders import make_loader
-from petbreeds.device import pick_device
+from petbreeds.data.dataloaders import make_loader
+from petbreeds.data.splitting import read_split_table
 from petbreeds.errors import PetbreedsError
-from petbreeds.interpret import (
+from petbreeds.learn.checkpoint import load_checkpoint
+from petbreeds.learn.device import pick_device
+from petbreeds.learn.interpret import (
     classification_metrics,
     confusion_matrix,
     most_confused,
@@ -30,9 +31,8 @@ from petbreeds.interpret import (
     write_confusion_json,
     write_csv,
 )
-from petbreeds.splitting import read_split_table
+from petbreeds.learn.training import get_preds, training_compute
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import get_preds, training_compute
 
 RAW = Path("data/raw")
 # The numbers of metrics/evaluate.json, by their name in classification_metrics -> their name for the validation

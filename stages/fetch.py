@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from petbreeds.config import Params
-from petbreeds.fetch import fetch
+from petbreeds.data.fetch import fetch
 from petbreeds.stage import StageContext, run_stage
 
 

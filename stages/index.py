@@ -7,7 +7,7 @@ from pathlib import Path
 
 from petbreeds.atomic import atomic_output, atomic_write_json
 from petbreeds.config import Params
-from petbreeds.labelling import index_images
+from petbreeds.data.labelling import index_images
 from petbreeds.stage import StageContext, run_stage
 
 

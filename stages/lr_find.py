@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 from petbreeds.config import Params
-from petbreeds.lr_find import lr_find, write_lr_find
-from petbreeds.show import save_show_batch
-from petbreeds.splitting import read_split_table, read_vocab
+from petbreeds.data.show import save_show_batch
+from petbreeds.data.splitting import read_split_table, read_vocab
+from petbreeds.learn.lr_find import lr_find, write_lr_find
+from petbreeds.learn.training import new_frozen_model, training_data
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import new_frozen_model, training_data
 
 
 def main(params: Params, ctx: StageContext) -> None:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from petbreeds.checkpoint import load_checkpoint
 from petbreeds.config import Params
-from petbreeds.lr_find import LR_FIND_BETA1, lr_find, write_lr_find
-from petbreeds.model import unfreeze
-from petbreeds.schedule import last_beta1
-from petbreeds.splitting import read_split_table, read_vocab
+from petbreeds.data.splitting import read_split_table, read_vocab
+from petbreeds.learn.checkpoint import load_checkpoint
+from petbreeds.learn.lr_find import LR_FIND_BETA1, lr_find, write_lr_find
+from petbreeds.learn.model import unfreeze
+from petbreeds.learn.schedule import last_beta1
+from petbreeds.learn.training import training_data
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import training_data
 
 
 def main(params: Params, ctx: StageContext) -> None:

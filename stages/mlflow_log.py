@@ -1,5 +1,5 @@
 """Stage mlflow_log: the experiment's one MLflow run, built from the files the other stages wrote, with
-models/model.pt as its MLflow model (petbreeds.mlflow_model).
+models/model.pt as its MLflow model (petbreeds.serve.mlflow_model).
 
 Always changed and last in the DAG, so the run is complete even when DVC restored the training stages from its
 run cache. A tracking problem is a warning (re-log later with `petbreeds mlflow-relog`), never a failed pipeline.
@@ -7,7 +7,7 @@ run cache. A tracking problem is a warning (re-log later with `petbreeds mlflow-
 
 from petbreeds.config import Params
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.tracking import log_pipeline_or_warn
+from petbreeds.track.tracking import log_pipeline_or_warn
 
 
 def main(params: Params, ctx: StageContext) -> None:

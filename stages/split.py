@@ -9,7 +9,7 @@ import pandas as pd
 
 from petbreeds.atomic import atomic_output, atomic_write_json
 from petbreeds.config import Params
-from petbreeds.splitting import split_items, split_metrics
+from petbreeds.data.splitting import split_items, split_metrics
 from petbreeds.stage import StageContext, run_stage
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from petbreeds.atomic import atomic_write_json
-from petbreeds.checkpoint import save_checkpoint
 from petbreeds.config import Params
-from petbreeds.lr_find import phase_lr
-from petbreeds.model import param_groups
-from petbreeds.schedule import group_lrs
-from petbreeds.splitting import read_split_table, read_vocab
-from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import (
+from petbreeds.data.splitting import read_split_table, read_vocab
+from petbreeds.learn.checkpoint import save_checkpoint
+from petbreeds.learn.lr_find import phase_lr
+from petbreeds.learn.model import param_groups
+from petbreeds.learn.schedule import group_lrs
+from petbreeds.learn.training import (
     fit_one_cycle,
     new_frozen_model,
     phase_metrics,
@@ -24,6 +23,7 @@ from petbreeds.training import (
     write_batches,
     write_history,
 )
+from petbreeds.stage import StageContext, run_stage
 
 
 def main(params: Params, ctx: StageContext) -> None:

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from petbreeds.atomic import atomic_write_json
-from petbreeds.checkpoint import load_checkpoint, save_checkpoint
 from petbreeds.config import Params
-from petbreeds.lr_find import phase_lr
-from petbreeds.model import param_groups, unfreeze
-from petbreeds.schedule import group_lrs
-from petbreeds.splitting import read_split_table, read_vocab
+from petbreeds.data.splitting import read_split_table, read_vocab
+from petbreeds.learn.checkpoint import load_checkpoint, save_checkpoint
+from petbreeds.learn.lr_find import phase_lr
+from petbreeds.learn.model import param_groups, unfreeze
+from petbreeds.learn.schedule import group_lrs
+from petbreeds.learn.training import fit_one_cycle, phase_metrics, training_data, write_batches, write_history
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.training import fit_one_cycle, phase_metrics, training_data, write_batches, write_history
 
 LR_FIND_REPORT = Path("reports/lr_find_unfrozen.json")
 

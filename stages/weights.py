@@ -1,7 +1,7 @@
-"""weights stage: ImageNet weights for the body into models/pretrained (see petbreeds.pretrained)."""
+"""weights stage: ImageNet weights for the body into models/pretrained (see petbreeds.learn.pretrained)."""
 
 from petbreeds.config import Params
-from petbreeds.pretrained import prepare_pretrained
+from petbreeds.learn.pretrained import prepare_pretrained
 from petbreeds.stage import StageContext, run_stage
 
 

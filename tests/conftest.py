@@ -100,7 +100,7 @@ def write_fake_outputs() -> Callable[..., None]:
 @pytest.fixture
 def exp_identity() -> Callable[..., Any]:
     """``exp_identity(name="exp-a")``: the ``RunIdentity`` of a DVC experiment on the fake baseline."""
-    from petbreeds.tracking import RunIdentity  # imports mlflow: only the tests that use it pay for it
+    from petbreeds.track.tracking import RunIdentity  # imports mlflow: only the tests that use it pay for it
 
     def identity(name: str = "exp-a") -> RunIdentity:
         return RunIdentity(name=name, exp_name=name, baseline_rev=FAKE_BASELINE, git_commit=FAKE_BASELINE)
@@ -129,7 +129,6 @@ def free_port() -> Callable[[], int]:
 NUMERIC_MODULES = frozenset(
     {
         "test_augment.py",
-        "test_bench_depthwise.py",
         "test_device.py",
         "test_evaluate.py",
         "test_interpret.py",
@@ -186,14 +185,14 @@ def _as_predicted(root: Path, table: pd.DataFrame, data: DataParams) -> tuple[to
     """(model inputs, class indices) of the table's images, through predict's and evaluate's transforms."""
     import torch
 
-    from petbreeds.augment import BatchAugment
-    from petbreeds.presizing import PresizedImages
+    from petbreeds.data.augment import BatchAugment
+    from petbreeds.data.presizing import PresizedImages
 
     items = PresizedImages(
         [root / p for p in table["path"]], [BREEDS.index(b) for b in table["label"]], data, train=False, seed=0
     )
     x = torch.stack([items[i][0] for i in range(len(items))])
-    # The valid path reads no augmentation params (as petbreeds.predict.valid_augment).
+    # The valid path reads no augmentation params (as petbreeds.serve.predict.valid_augment).
     augment = BatchAugment(None, data.size, seed=0, device=torch.device("cpu"))  # type: ignore[arg-type]
     return augment(x, train=False), torch.tensor(items.targets)
 
@@ -214,9 +213,9 @@ def _train_tiny_model(raw: Path, out: Path) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from petbreeds.checkpoint import save_checkpoint
     from petbreeds.config import DataParams
-    from petbreeds.model import create_model
+    from petbreeds.learn.checkpoint import save_checkpoint
+    from petbreeds.learn.model import create_model
 
     data = DataParams(item_size=40, size=32, resize_method="crop", pad_mode="reflection", batch_size=8, num_workers=0)
     torch.manual_seed(0)

@@ -18,10 +18,10 @@ import torch
 from tiny import ROOT, VOCAB, tiny_net
 
 from petbreeds.config import load_params
-from petbreeds.distributed import gather, join, leave, mean, wrap
-from petbreeds.model import param_groups
-from petbreeds.schedule import make_optimizer
-from petbreeds.training import batch_inputs, train_step, training_data
+from petbreeds.learn.distributed import gather, join, leave, mean, wrap
+from petbreeds.learn.model import param_groups
+from petbreeds.learn.schedule import make_optimizer
+from petbreeds.learn.training import batch_inputs, train_step, training_data
 
 
 def main(project: Path, out: Path) -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from petbreeds.augment import BatchAugment, Draws, affine_matrices, sampling_grid, warp_matrices
 from petbreeds.config import AugmentParams
-from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from petbreeds.data.augment import BatchAugment, Draws, affine_matrices, sampling_grid, warp_matrices
+from petbreeds.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 BOOK = AugmentParams(
     mult=1.0,

@@ -13,16 +13,16 @@ import pytest
 import torch
 from tiny import ROOT
 
-from petbreeds.calibration import (
+from petbreeds.config import Params, load_params
+from petbreeds.learn.calibration import (
     CACHE_FORMAT,
     MIN_SPEEDUP,
     cache_key,
     cpu_autocast_dtype,
     has_native_bf16,
 )
-from petbreeds.config import Params, load_params
+from petbreeds.learn.training import training_compute
 from petbreeds.machine import cpu_model
-from petbreeds.training import training_compute
 from petbreeds.world import SINGLE_PROCESS
 
 CPU = torch.device("cpu")
@@ -113,8 +113,8 @@ from pathlib import Path
 import torch
 sys.path.insert(0, sys.argv[1])
 from test_calibration import _params
-from petbreeds.distributed import join, leave
-from petbreeds.training import training_compute
+from petbreeds.learn.distributed import join, leave
+from petbreeds.learn.training import training_compute
 params = _params()
 world = join(params.distributed)
 out = Path(sys.argv[2])

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from petbreeds.device import Compute, autocast, make_grad_scaler, pick_device, resolve_precision
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.device import Compute, autocast, make_grad_scaler, pick_device, resolve_precision
 from petbreeds.runtime import cache_dir, use_project_cache
 
 CPU = torch.device("cpu")
@@ -26,7 +26,7 @@ def test_pick_device_prefers_cuda():
 # steps after 5 warm-up steps (which let the heap grow to its working size).
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from petbreeds.device import reuse_freed_cpu_memory
+from petbreeds.learn.device import reuse_freed_cpu_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_cpu_memory()
 def step():
@@ -59,7 +59,7 @@ def test_freed_cpu_memory_is_reused_instead_of_faulted_in_again():
 # how much of the parent's memory the child shares copy-on-write (dirty pages), in MiB.
 _SHARED_AFTER_FORK_SCRIPT = """
 import os, sys, time, torch
-from petbreeds.device import reuse_freed_cpu_memory
+from petbreeds.learn.device import reuse_freed_cpu_memory
 assert reuse_freed_cpu_memory()
 blocks = [torch.empty(64 << 20).fill_(1.0) for _ in range(4)]
 del blocks

@@ -20,9 +20,9 @@ import pytest
 import torch
 from tiny import ROOT, VOCAB, tiny_net, tiny_project, write_pets
 
-from petbreeds.augment import BatchAugment
 from petbreeds.config import load_params
-from petbreeds.dataloaders import EpochShuffle
+from petbreeds.data.augment import BatchAugment
+from petbreeds.data.dataloaders import EpochShuffle
 from petbreeds.world import World
 
 TESTS = Path(__file__).resolve().parent
@@ -269,7 +269,7 @@ def test_a_hung_rank_becomes_an_error_after_the_timeout_not_a_stuck_stage(ddp_pr
     ],
 )
 def test_a_timed_out_collective_is_worded_as_a_hung_rank_whichever_collective_waited(text: str) -> None:
-    from petbreeds.distributed import collective_failure
+    from petbreeds.learn.distributed import collective_failure
 
     params = load_params(ROOT / "params.yaml").distributed.model_copy(update={"timeout_s": 15.0})
     words = collective_failure(RuntimeError(text), params)
@@ -281,7 +281,7 @@ def _failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, exitcod
     """What torchrun's agent hands back for a rank: its exit code and the error file the rank wrote (or not)."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from petbreeds.distributed import record_error
+    from petbreeds.learn.distributed import record_error
 
     error_file = tmp_path / f"error_{rank}.json"
     if message:
@@ -301,7 +301,7 @@ def test_of_two_ranks_with_the_same_error_the_one_that_exited_by_itself_is_named
 ) -> None:
     """Both ranks diverge; rank 1 exits first, and the agent's SIGTERM reaches rank 0 while it is still exiting,
     its error file already written (seen in CI, 2026-11-30). The line names rank 1's exit, not rank 0's SIGTERM."""
-    from petbreeds.distributed import failure_message
+    from petbreeds.learn.distributed import failure_message
 
     t = 1_800_000_000
     failures = {
@@ -315,7 +315,7 @@ def test_of_two_ranks_with_the_same_error_the_one_that_exited_by_itself_is_named
 def test_a_ranks_own_error_is_named_before_a_killed_rank_and_the_ranks_that_lost_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from petbreeds.distributed import LOST_PEER, failure_message
+    from petbreeds.learn.distributed import LOST_PEER, failure_message
 
     t = 1_800_000_000
     failures = {

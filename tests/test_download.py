@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petbreeds.download import download, safe_extract
+from petbreeds.data.download import download, safe_extract
 from petbreeds.errors import PetbreedsError
 
 

@@ -19,14 +19,20 @@ from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "petbreeds"
-PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "tracking", "live", "runtime"}
+PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "track.tracking", "track.live", "runtime"}
 # A stage whose work is a plumbing module depends on it, and on what it runs: the MLflow run (and its model), the
 # validation of params.yaml.
-OWN_PLUMBING = {"mlflow_log": frozenset({"tracking"}), "check_params": frozenset({"config"})}
+OWN_PLUMBING = {"mlflow_log": frozenset({"track.tracking"}), "check_params": frozenset({"config"})}
+
+
+def module_file(module: str) -> Path:
+    """``learn.training`` → ``src/petbreeds/learn/training.py``."""
+    return PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
 
 
 def imported_modules(path: Path) -> set[str]:
-    """petbreeds modules imported by one file (``from petbreeds.x import`` / ``import petbreeds.x``)."""
+    """petbreeds modules imported by one file (``from petbreeds.x.y import`` / ``import petbreeds.x.y``), dotted
+    below the package (``learn.training``)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
@@ -36,8 +42,12 @@ def imported_modules(path: Path) -> set[str]:
             names = [a.name for a in node.names]
         for name in names:
             parts = name.split(".")
-            if parts[0] == "petbreeds" and len(parts) > 1 and (PACKAGE / f"{parts[1]}.py").exists():
-                found.add(parts[1])
+            if parts[0] != "petbreeds":
+                continue
+            for end in range(len(parts), 1, -1):  # the longest prefix that is a module file
+                if module_file(module := ".".join(parts[1:end])).exists():
+                    found.add(module)
+                    break
     return found
 
 
@@ -48,7 +58,7 @@ def reachable(script: Path, own_plumbing: frozenset[str] = frozenset()) -> set[s
         if module in seen or (module in PLUMBING and module not in own_plumbing):
             continue
         seen.add(module)
-        todo.extend(imported_modules(PACKAGE / f"{module}.py"))
+        todo.extend(imported_modules(module_file(module)))
     return seen
 
 
@@ -63,7 +73,11 @@ def test_stage_deps_match_imports(name):
     assert script.exists(), f"{script} missing"
     deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
     assert f"stages/{name}.py" in deps
-    listed = {Path(d).stem for d in deps if d.startswith("src/petbreeds/")}
+    listed = {
+        ".".join(Path(d).relative_to("src/petbreeds").with_suffix("").parts)
+        for d in deps
+        if d.startswith("src/petbreeds/")
+    }
     expected = reachable(script, OWN_PLUMBING.get(name, frozenset()))
     assert listed == expected, f"stage {name}: deps list {sorted(listed)} but the script runs {sorted(expected)}"
 

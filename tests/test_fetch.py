@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from petbreeds.config import FetchParams, OxfordParams, load_params
+from petbreeds.data.fetch import fetch
 from petbreeds.errors import PetbreedsError
-from petbreeds.fetch import fetch
 
 ROOT = Path(__file__).resolve().parents[1]
 

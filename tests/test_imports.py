@@ -1,8 +1,13 @@
-"""The modules of src/petbreeds import each other without a cycle.
+"""The modules of src/petbreeds import each other without a cycle, and the subpackages in one direction only.
 
 A cycle between two modules makes one of them half-initialised while the other runs, and it usually means two
 jobs are tangled in one module. Imports inside functions count too: a lazy import only hides a cycle until the
 function runs.
+
+The subpackages are layers, in pipeline order: ``data`` < ``learn`` < ``serve`` < ``track``. A module may import
+its own subpackage and the ones below it, never one above; the top-level plumbing splits in two: the base
+(``config``, ``errors``, ``atomic``, ``runtime``, ``machine``, ``world``) imports no subpackage, and the entry points
+(``stage``, ``cli``, the package's ``__init__``) may import any.
 """
 
 from __future__ import annotations
@@ -13,12 +18,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "petbreeds"
-MODULES = {p.stem for p in PACKAGE.glob("*.py")}
+LAYERS = ("data", "learn", "serve", "track")  # bottom to top
+ENTRY_POINTS = {"stage", "cli", "__init__"}
 
 
-def petbreeds_imports(path: Path) -> set[str]:
+def module_name(path: Path) -> str:
+    """``src/petbreeds/learn/training.py`` → ``learn.training``; a package's ``__init__.py`` → its name."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+MODULES = {module_name(p) for p in PACKAGE.rglob("*.py")}
+
+
+def petbreeds_imports(path: Path, package: tuple[str, ...] = ()) -> set[str]:
     """The petbreeds modules one file imports, anywhere in it (``import petbreeds.x``, ``from petbreeds.x import``,
-    ``from petbreeds import x``, relative forms); ``__init__`` when it names the package itself."""
+    ``from petbreeds import x``, relative forms from a file in subpackage ``package``); a subpackage's or the
+    package's name (``__init__``) when the import names the package itself."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         targets: list[str] = []
@@ -26,21 +42,51 @@ def petbreeds_imports(path: Path) -> set[str]:
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:  # relative: in src/petbreeds, `.` is the package
-                base = f"petbreeds.{base}".rstrip(".")
-            # `from petbreeds import x`: x may be a module (else a name of the package's __init__)
-            targets = [f"{base}.{a.name}" for a in node.names] if base == "petbreeds" else [base]
+            if node.level:  # relative: `.` is the file's own (sub)package
+                here = package[: len(package) - (node.level - 1)]
+                base = ".".join(["petbreeds", *here, *([base] if base else [])])
+            # `from petbreeds.sub import x`: x may be a module (else a name of the package's __init__)
+            targets = [f"{base}.{a.name}" for a in node.names]
         for target in targets:
             parts = target.split(".")
             if parts[0] != "petbreeds":
                 continue
-            module = parts[1] if len(parts) > 1 and parts[1] in MODULES else "__init__"
-            found.add(module)
+            # the longest prefix that names a module: petbreeds.learn.training.fit_one_cycle -> learn.training
+            for end in range(len(parts), 1, -1):
+                if (name := ".".join(parts[1:end])) in MODULES:
+                    found.add(name)
+                    break
+            else:
+                found.add("__init__")
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {m: petbreeds_imports(PACKAGE / f"{m}.py") - {m} for m in sorted(MODULES)}
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        package = path.relative_to(PACKAGE).parent.parts
+        graph[name] = petbreeds_imports(path, package) - {name}
+    return dict(sorted(graph.items()))
+
+
+def layer(module: str) -> int | None:
+    """The layer index of a subpackage's module; None for the top-level modules."""
+    top = module.split(".")[0]
+    return LAYERS.index(top) if top in LAYERS else None
+
+
+def layering_violations(graph: Mapping[str, set[str]]) -> list[str]:
+    """Every import that goes up: from a lower subpackage to a higher one, or from the base into any subpackage."""
+    found = []
+    for module, imports in graph.items():
+        if module in ENTRY_POINTS:
+            continue
+        for imported in sorted(imports):
+            mine, theirs = layer(module), layer(imported)
+            if theirs is not None and (mine is None or theirs > mine):
+                found.append(f"{module} imports {imported}")
+    return found
 
 
 def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
@@ -72,20 +118,39 @@ def test_petbreeds_import_graph_has_no_cycle() -> None:
     assert cycle is None, "import cycle in src/petbreeds: " + " -> ".join(cycle or [])
 
 
+def test_subpackages_import_only_their_own_layer_and_those_below() -> None:
+    assert set(LAYERS) <= MODULES, "a layer named in this test is not a subpackage of src/petbreeds"
+    assert layering_violations(import_graph()) == []
+
+
+def test_every_module_lives_in_a_layer_or_is_top_level_plumbing() -> None:
+    top_level = {m for m in MODULES if "." not in m} - set(LAYERS)
+    assert top_level == {"config", "errors", "atomic", "runtime", "machine", "world", *ENTRY_POINTS}
+
+
+def test_layering_names_an_import_that_goes_up() -> None:
+    graph = {"data.show": {"learn.model"}, "config": {"data.fetch"}, "learn.model": {"data.augment", "errors"}}
+    graph["stage"] = {"track.live"}  # an entry point may import any layer
+    assert sorted(layering_violations(graph)) == ["config imports data.fetch", "data.show imports learn.model"]
+
+
 def test_the_graph_sees_lazy_and_package_relative_imports(tmp_path: Path) -> None:
     source = (
         "import os\n"
         "from petbreeds.errors import PetbreedsError\n"
         "from petbreeds import config\n"
-        "from . import atomic\n"
+        "from petbreeds.learn import training\n"
+        "from . import augment\n"
+        "from .. import atomic\n"
         "def f():\n"
-        "    from petbreeds.live import LiveRun\n"
-        "    import petbreeds.relog\n"
+        "    from petbreeds.track.live import LiveRun\n"
+        "    import petbreeds.track.relog\n"
     )
     (tmp_path / "m.py").write_text(source)
-    assert petbreeds_imports(tmp_path / "m.py") == {"errors", "config", "atomic", "live", "relog"}
+    found = petbreeds_imports(tmp_path / "m.py", package=("data",))
+    assert found == {"errors", "config", "learn.training", "data.augment", "atomic", "track.live", "track.relog"}
     # the real lazy import in stage.py is an edge of the graph
-    assert "live" in import_graph()["stage"]
+    assert "track.live" in import_graph()["stage"]
 
 
 def test_find_cycle_names_the_cycle() -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from petbreeds.interpret import (
+from petbreeds.learn.interpret import (
     TopLoss,
     classification_metrics,
     confusion_matrix,

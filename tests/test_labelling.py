@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from petbreeds.config import IndexParams
+from petbreeds.data.labelling import find_image_files, index_images
 from petbreeds.errors import PetbreedsError
-from petbreeds.labelling import find_image_files, index_images
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = IndexParams(label_regex=r"(.+)_\d+.jpg$", min_class_images=2, workers=1)

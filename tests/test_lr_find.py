@@ -10,11 +10,11 @@ import torch
 from tiny import ROOT, VOCAB, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
-from petbreeds.augment import BatchAugment
 from petbreeds.config import load_params
-from petbreeds.device import Compute
+from petbreeds.data.augment import BatchAugment
 from petbreeds.errors import PetbreedsError
-from petbreeds.lr_find import (
+from petbreeds.learn.device import Compute
+from petbreeds.learn.lr_find import (
     lr_find,
     minimum,
     phase_lr,
@@ -24,8 +24,8 @@ from petbreeds.lr_find import (
     valley,
     write_lr_find,
 )
-from petbreeds.model import freeze, unfreeze
-from petbreeds.training import TrainingData
+from petbreeds.learn.model import freeze, unfreeze
+from petbreeds.learn.training import TrainingData
 from petbreeds.world import SINGLE_PROCESS
 
 # Index i carries lr 10^i, so an answer reads as the index it came from.

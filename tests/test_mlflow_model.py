@@ -1,7 +1,8 @@
-"""The trained model as an MLflow model (petbreeds.mlflow_model), registered (petbreeds.registry) and served.
+"""The trained model as an MLflow model (petbreeds.serve.mlflow_model), registered (petbreeds.track.registry) and
+served.
 
 One pipeline result (the tiny model of tests/conftest.py, real breed JPEGs, params.yaml, dvc.lock) is logged once by
-petbreeds.tracking into a real sqlite store; the model is loaded in fresh processes and served by a real
+petbreeds.track.tracking into a real sqlite store; the model is loaded in fresh processes and served by a real
 `mlflow models serve` on a free localhost port.
 """
 
@@ -29,9 +30,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from petbreeds import cli, registry, tracking
+from petbreeds import cli
 from petbreeds.errors import PetbreedsError
-from petbreeds.predict import predict
+from petbreeds.serve.predict import predict
+from petbreeds.track import registry, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -122,7 +124,7 @@ def test_the_run_logs_its_model_with_metrics_signature_and_input_example(
     assert base64.b64decode(example["image"][0]) == (project / "data/raw/images/green_cat_600.jpg").read_bytes()
     requirements = (Path(path) / "requirements.txt").read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements and "mlflow==3.17.2" in requirements
-    assert (Path(path) / "code/petbreeds/predict.py").is_file()  # the package travels with the model
+    assert (Path(path) / "code/petbreeds/serve/predict.py").is_file()  # the package travels with the model
 
     # nothing outside the petbreeds experiment: no fluent run, no model in MLflow's Default experiment
     experiments = [e.experiment_id for e in store.search_experiments()]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from petbreeds import tracking
+from petbreeds.track import tracking
 
 CHROMIUM_FLAGS = [
     "--headless",

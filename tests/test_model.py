@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from petbreeds.checkpoint import load_checkpoint, save_checkpoint
 from petbreeds.config import DataParams
+from petbreeds.data.imagenet import IMAGENET_MEAN
 from petbreeds.errors import PetbreedsError
-from petbreeds.imagenet import IMAGENET_MEAN
-from petbreeds.model import (
+from petbreeds.learn.checkpoint import load_checkpoint, save_checkpoint
+from petbreeds.learn.model import (
     NORM_TYPES,
     AdaptiveConcatPool2d,
     ReLU6,

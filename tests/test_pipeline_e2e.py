@@ -32,7 +32,7 @@ from dvc_project import (
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
-from petbreeds.relog import experiment_refs
+from petbreeds.track.relog import experiment_refs
 
 # The README's comparison of experiments
 COMPARE = (

@@ -14,12 +14,12 @@ import torch
 
 import petbreeds
 from petbreeds import cli
-from petbreeds.checkpoint import load_checkpoint
-from petbreeds.dataloaders import make_loader
-from petbreeds.device import Compute
+from petbreeds.data.dataloaders import make_loader
 from petbreeds.errors import PetbreedsError
-from petbreeds.predict import Prediction, predict
-from petbreeds.training import get_preds
+from petbreeds.learn.checkpoint import load_checkpoint
+from petbreeds.learn.device import Compute
+from petbreeds.learn.training import get_preds
+from petbreeds.serve.predict import Prediction, predict
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from petbreeds.config import DataParams
-from petbreeds.dataloaders import default_num_workers, make_loader, to_device
+from petbreeds.data.dataloaders import default_num_workers, make_loader, to_device
+from petbreeds.data.presizing import PresizedImages, load_rgb, presize
 from petbreeds.errors import PetbreedsError
-from petbreeds.presizing import PresizedImages, load_rgb, presize
 
 DATA = DataParams(item_size=32, size=24, resize_method="crop", pad_mode="reflection", batch_size=4, num_workers=0)
 RED, BLUE = (255, 0, 0), (0, 0, 255)

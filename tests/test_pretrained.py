@@ -18,10 +18,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from petbreeds.config import ModelParams
+from petbreeds.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from petbreeds.errors import PetbreedsError
-from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from petbreeds.model import create_imagenet_net, create_model
-from petbreeds.pretrained import (
+from petbreeds.learn.model import create_imagenet_net, create_model
+from petbreeds.learn.pretrained import (
     efficientnet_lite0_file,
     efficientnet_lite0_imagenet,
     prepare_pretrained,

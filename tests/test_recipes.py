@@ -17,8 +17,8 @@ from dvc.utils.hydra import apply_overrides
 from petbreeds import cli
 from petbreeds.config import Params, load_params
 from petbreeds.errors import PetbreedsError
-from petbreeds.recipes import find_recipe, recipes
-from petbreeds.schedule import group_lrs
+from petbreeds.learn.schedule import group_lrs
+from petbreeds.track.recipes import find_recipe, recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 PETBREEDS = ROOT / ".venv" / "bin" / "petbreeds"

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from petbreeds.config import SampleParams
-from petbreeds.sample_data import BREEDS, CATS, DOGS, generate_sample
+from petbreeds.data.sample_data import BREEDS, CATS, DOGS, generate_sample
 
 SMALL = SampleParams(per_breed=2, seed=0, min_side=64, max_side=96)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from petbreeds.model import ParamGroup, create_model, freeze, param_groups
-from petbreeds.schedule import even_mults, group_lrs, make_one_cycle, make_optimizer
+from petbreeds.learn.model import ParamGroup, create_model, freeze, param_groups
+from petbreeds.learn.schedule import even_mults, group_lrs, make_one_cycle, make_optimizer
 
 
 def test_even_mults_is_geometric() -> None:

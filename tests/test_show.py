@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from ruamel.yaml import YAML
 
-from petbreeds.augment import BatchAugment
 from petbreeds.cli import main as cli_main
 from petbreeds.config import load_params
+from petbreeds.data.augment import BatchAugment
+from petbreeds.data.show import collate_items, save_show_batch
 from petbreeds.errors import PetbreedsError
-from petbreeds.show import collate_items, save_show_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Bengal", "beagle", "pug"]

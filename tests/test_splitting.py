@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from petbreeds.config import SplitParams
+from petbreeds.data.splitting import random_permutation, random_split, split_items, split_metrics
 from petbreeds.errors import PetbreedsError
-from petbreeds.splitting import random_permutation, random_split, split_items, split_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM = SplitParams(method="random", valid_pct=0.2, seed=42)

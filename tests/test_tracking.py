@@ -1,5 +1,5 @@
-"""petbreeds.tracking, petbreeds.relog, petbreeds.live and the run_info/live-run side of petbreeds.stage, on real
-temporary sqlite stores.
+"""petbreeds.track.tracking, petbreeds.track.relog, petbreeds.track.live and the run_info/live-run side of
+petbreeds.stage, on real temporary sqlite stores.
 
 The DVC outputs here are written by hand (the ``write_fake_outputs`` fixture, tests/conftest.py) in the layout of
 docs/architecture.md; tests/test_pipeline_e2e.py checks the same against a real `dvc exp run`.
@@ -19,9 +19,9 @@ import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from petbreeds import relog, tracking
 from petbreeds.errors import PetbreedsError
 from petbreeds.stage import run_stage
+from petbreeds.track import relog, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(
 def test_one_name_per_quantity_and_the_run_shows_the_final_numbers(project: Path, exp_identity) -> None:
     """plots/train_frozen.csv, plots/train_frozen_batches.csv and reports/train_frozen.json as the training code
     writes them, logged together."""
-    from petbreeds.training import phase_metrics, write_batches, write_history
+    from petbreeds.learn.training import phase_metrics, write_batches, write_history
 
     history = [
         {"epoch": 0, "train_loss": 3.1, "valid_loss": 2.5, "error_rate": 0.8, "lr": 2e-3, "seconds": 4.0},
@@ -334,7 +334,7 @@ def test_stages_print_no_mlflow_info_lines_unless_verbose(project: Path) -> None
 
 @pytest.mark.slow
 def test_two_processes_on_a_fresh_database_both_succeed(tmp_path: Path) -> None:
-    script = "import pathlib, petbreeds.tracking as t; print(t.open_experiment(pathlib.Path.cwd())[1])"
+    script = "import pathlib, petbreeds.track.tracking as t; print(t.open_experiment(pathlib.Path.cwd())[1])"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     procs = [
         subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)

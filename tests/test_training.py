@@ -18,8 +18,8 @@ from tiny import COLOURS, ROOT, VOCAB, tiny_net, tiny_project, write_pets
 
 from petbreeds.config import load_params
 from petbreeds.errors import PetbreedsError
-from petbreeds.schedule import combined_cos
-from petbreeds.training import SmoothLoss, TrainingData, fit_one_cycle, get_preds, training_data, validate
+from petbreeds.learn.schedule import combined_cos
+from petbreeds.learn.training import SmoothLoss, TrainingData, fit_one_cycle, get_preds, training_data, validate
 from petbreeds.world import SINGLE_PROCESS
 
 CPU = torch.device("cpu")

@@ -39,9 +39,11 @@ fa_data_block = pytest.importorskip("fastai.data.block")
 fa_vision_learner = pytest.importorskip("fastai.vision.learner")
 
 from petbreeds import sample_data  # noqa: E402  (after the skip)
-from petbreeds.augment import BatchAugment, Draws, affine_matrices, warp_matrices  # noqa: E402
 from petbreeds.config import AugmentParams, SampleParams, load_params  # noqa: E402
-from petbreeds.interpret import (  # noqa: E402
+from petbreeds.data.augment import BatchAugment, Draws, affine_matrices, warp_matrices  # noqa: E402
+from petbreeds.data.presizing import crop_position, load_rgb, presize  # noqa: E402
+from petbreeds.data.splitting import random_split  # noqa: E402
+from petbreeds.learn.interpret import (  # noqa: E402
     TopLoss,
     confusion_matrix,
     item_losses,
@@ -50,12 +52,10 @@ from petbreeds.interpret import (  # noqa: E402
     top_loss_title,
     top_losses,
 )
-from petbreeds.lr_find import suggest  # noqa: E402
-from petbreeds.model import ParamGroup, create_head  # noqa: E402
-from petbreeds.presizing import crop_position, load_rgb, presize  # noqa: E402
-from petbreeds.schedule import group_lrs, last_beta1, make_one_cycle, make_optimizer  # noqa: E402
-from petbreeds.splitting import random_split  # noqa: E402
-from petbreeds.training import SmoothLoss  # noqa: E402
+from petbreeds.learn.lr_find import suggest  # noqa: E402
+from petbreeds.learn.model import ParamGroup, create_head  # noqa: E402
+from petbreeds.learn.schedule import group_lrs, last_beta1, make_one_cycle, make_optimizer  # noqa: E402
+from petbreeds.learn.training import SmoothLoss  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # lr_find's suggestions (docs/fastai.md §6)
@@ -560,7 +560,7 @@ def _our_batches(files: list[Path], epochs: int, bs: int) -> BatchStats:
 
 
 def _generated_jpegs(folder: Path, n: int) -> list[Path]:
-    """``n`` drawn animals (petbreeds.sample_data) saved as JPEGs of the Oxford photos' sizes (about 500 x 375)."""
+    """``n`` drawn animals (petbreeds.data.sample_data) saved as JPEGs of the Oxford photos' sizes (about 500 x 375)."""
     folder.mkdir()
     params = SampleParams(per_breed=1, seed=0, min_side=300, max_side=520)
     files = []

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from petbreeds.model import PetModel, create_head
+from petbreeds.learn.model import PetModel, create_head
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 50, 40)}

@@ -27,14 +27,22 @@ from petbreeds.runtime import VERBOSE_ENV, quiet_by_default
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "predict": ("petbreeds.predict", "cli", "breed and probability for an image or a folder of images"),
-    "show-batch": ("petbreeds.show", "show_batch_cli", "PNG grids of a training and a validation batch"),
-    "summary": ("petbreeds.show", "summary_cli", "walk one sample and one batch through every data step"),
-    "mlflow-relog": ("petbreeds.relog", "relog_cli", "log the current DVC outputs to MLflow again"),
-    "register": ("petbreeds.registry", "register_cli", "an experiment's model into MLflow's Model Registry, aliased"),
-    "recipe": ("petbreeds.recipes", "recipe_cli", "the book's runs: list them, or print one's -S args for dvc exp run"),
-    "push": ("petbreeds.sharing", "push_cli", "share experiments with the team (dvc exp push, run cache too)"),
-    "pull": ("petbreeds.sharing", "pull_cli", "a teammate's experiment into the workspace (dvc exp pull, apply)"),
+    "predict": ("petbreeds.serve.predict", "cli", "breed and probability for an image or a folder of images"),
+    "show-batch": ("petbreeds.data.show", "show_batch_cli", "PNG grids of a training and a validation batch"),
+    "summary": ("petbreeds.data.show", "summary_cli", "walk one sample and one batch through every data step"),
+    "mlflow-relog": ("petbreeds.track.relog", "relog_cli", "log the current DVC outputs to MLflow again"),
+    "register": (
+        "petbreeds.track.registry",
+        "register_cli",
+        "an experiment's model into MLflow's Model Registry, aliased",
+    ),
+    "recipe": (
+        "petbreeds.track.recipes",
+        "recipe_cli",
+        "the book's runs: list them, or print one's -S args for dvc exp run",
+    ),
+    "push": ("petbreeds.track.sharing", "push_cli", "share experiments with the team (dvc exp push, run cache too)"),
+    "pull": ("petbreeds.track.sharing", "pull_cli", "a teammate's experiment into the workspace (dvc exp pull, apply)"),
 }
 
 

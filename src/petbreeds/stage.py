@@ -11,7 +11,7 @@ A stage script is a ``main`` and one call::
         run_stage("train_frozen", main)
 
 After ``main`` succeeds, ``run_stage`` writes ``reports/run_info/<stage>.json``, a DVC out of every stage
-(see ``petbreeds.provenance``). Stages that ask for it (``live_run=True``: the training stages) also stream
+(see ``petbreeds.track.provenance``). Stages that ask for it (``live_run=True``: the training stages) also stream
 live metrics into an MLflow child run.
 
 Stages that train (``distributed=True``) run as several processes when ``distributed.nproc_per_node`` or
@@ -33,8 +33,8 @@ from typing import Protocol
 from petbreeds.atomic import atomic_write_json
 from petbreeds.config import Params, load_params
 from petbreeds.errors import PetbreedsError
-from petbreeds.provenance import dvc_invocation, run_info, run_info_path
 from petbreeds.runtime import quiet_by_default, use_project_cache
+from petbreeds.track.provenance import dvc_invocation, run_info, run_info_path
 from petbreeds.world import SINGLE_PROCESS, World, under_torchrun, world_size_of
 
 # Tracking switches are env vars, not params: a param change would invalidate the training stages.
@@ -42,7 +42,7 @@ LIVE_ENV = "PETBREEDS_MLFLOW_LIVE"
 
 
 class MetricsSink(Protocol):
-    """Where ``StageContext.log_metrics`` streams to (``petbreeds.live.LiveRun``)."""
+    """Where ``StageContext.log_metrics`` streams to (``petbreeds.track.live.LiveRun``)."""
 
     run_id: str
 
@@ -56,7 +56,7 @@ class StageContext:
     """Handed to a stage's ``main``: its name, the folder it runs in, a sink for live per-step metrics, and its
     place among the ranks (``world.is_main``: the process that writes the outputs).
 
-    ``log_metrics`` streams to the live tracking run when one is open (see petbreeds.live);
+    ``log_metrics`` streams to the live tracking run when one is open (see petbreeds.track.live);
     it never fails the stage. ``record`` keeps facts about how the stage ran for its sidecar.
     """
 
@@ -87,7 +87,7 @@ class StageContext:
 def _open_live_run(name: str, root: Path) -> MetricsSink | None:
     if os.environ.get(LIVE_ENV, "1") == "0":
         return None
-    from petbreeds.live import LiveRun  # imports mlflow (~3 s): only the training stages pay for it
+    from petbreeds.track.live import LiveRun  # imports mlflow (~3 s): only the training stages pay for it
 
     return LiveRun.start(name, root)
 
@@ -119,7 +119,7 @@ def run_stage(
         params = load_params(params_path)
         if distributed:
             # imported here: torch.distributed costs seconds at start-up, which the other stages need not pay
-            from petbreeds import distributed as ddp
+            from petbreeds.learn import distributed as ddp
 
             if world_size_of(params.distributed) > 1 and not under_torchrun():
                 ddp.launch(Path(sys.argv[0]).resolve(), params.distributed, name)  # rank 0 writes the outputs

@@ -1,6 +1,6 @@
 """Who this process is among the ranks of one training run: plain data, no torch (every stage script reads it).
 
-The torch side (DDP, reductions, the launcher) is ``petbreeds.distributed``.
+The torch side (DDP, reductions, the launcher) is ``petbreeds.learn.distributed``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ SINGLE_PROCESS = World()
 
 
 def under_torchrun() -> bool:
-    """True inside a worker that torchrun (or ``petbreeds.distributed.launch``) started."""
+    """True inside a worker that torchrun (or ``petbreeds.learn.distributed.launch``) started."""
     return all(name in os.environ for name in _ENV)
 
 

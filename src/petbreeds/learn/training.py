@@ -7,8 +7,9 @@
 Each training batch: augment on the device -> forward under autocast -> cross-entropy in fp32 -> backward (scaled
 for fp16; gradients averaged over the ranks by DDP) -> AdamW step -> one-cycle step (docs/fastai.md §10.2). Every
 fit gets a new optimizer and schedule, which is what fastai's freeze()/unfreeze() give (they clear the optimizer
-state) in the book's recipes. With several processes (``petbreeds.distributed``) each rank trains on its share of every
-global batch; losses are averaged and validation predictions gathered, so every rank reports the global numbers.
+state) in the book's recipes. With several processes (``petbreeds.learn.distributed``) each rank trains on its
+share of every global batch; losses are averaged and validation predictions gathered, so every rank reports the
+global numbers.
 """
 
 from __future__ import annotations
@@ -29,16 +30,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from petbreeds.atomic import atomic_output
-from petbreeds.augment import BatchAugment
-from petbreeds.calibration import CACHE_NAME, cpu_autocast_dtype
 from petbreeds.config import OneCycleParams, Params
-from petbreeds.dataloaders import make_loader, to_device
-from petbreeds.device import Compute, pick_device, resolve_precision
-from petbreeds.distributed import from_rank_0, gather, mean, sync_buffers, wrap
+from petbreeds.data.augment import BatchAugment
+from petbreeds.data.dataloaders import make_loader, to_device
 from petbreeds.errors import PetbreedsError
-from petbreeds.model import PetModel, create_model, freeze, param_groups
+from petbreeds.learn.calibration import CACHE_NAME, cpu_autocast_dtype
+from petbreeds.learn.device import Compute, pick_device, resolve_precision
+from petbreeds.learn.distributed import from_rank_0, gather, mean, sync_buffers, wrap
+from petbreeds.learn.model import PetModel, create_model, freeze, param_groups
+from petbreeds.learn.schedule import make_one_cycle, make_optimizer
 from petbreeds.runtime import cache_dir
-from petbreeds.schedule import make_one_cycle, make_optimizer
 from petbreeds.world import World, world_size_of
 
 # The augment stage: uint8 [B, 3, item, item] on the device -> float32 normalised [B, 3, size, size].
@@ -111,7 +112,7 @@ def training_compute(params: Params, device: torch.device, world: World, cache_f
     """How the training stages and evaluate compute: ``train.precision``, ``train.channels_last``, ``train.compile``.
 
     ``auto`` on a CPU is what a calibration measured faster on this CPU model for ``model.arch`` at ``data.size``
-    with a rank's share of ``data.batch_size`` (:func:`petbreeds.calibration.cpu_autocast_dtype`, cached in
+    with a rank's share of ``data.batch_size`` (:func:`petbreeds.learn.calibration.cpu_autocast_dtype`, cached in
     ``cache_file``, by default the project's ``.cache/cpu_precision.json``). The share comes from
     ``distributed:``, not from ``world``: evaluate, one process, then reads the entry the training ranks used and
     evaluates in their precision. With several ranks, rank 0's choice holds for all of them (``auto`` only: the

@@ -106,7 +106,7 @@ class PresizedImages(Dataset):
     """Images and class indices: ``dataset[i]`` → (uint8 ``[3, item_size, item_size]``, int).
 
     On train the crop position is random (:func:`crop_position`); on valid it is centred. An index may also be
-    an ``(index, epoch)`` pair, which is what :func:`petbreeds.dataloaders.make_loader`'s train sampler yields
+    an ``(index, epoch)`` pair, which is what :func:`petbreeds.data.dataloaders.make_loader`'s train sampler yields
     so that every epoch gets fresh crop positions even in persistent workers. ``paths`` are files, or image files'
     bytes (:data:`ImageSource`).
     """

@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 from petbreeds.atomic import atomic_directory
 from petbreeds.config import FetchParams
-from petbreeds.download import download, md5sum, safe_extract
+from petbreeds.data.download import download, md5sum, safe_extract
+from petbreeds.data.sample_data import generate_sample
 from petbreeds.errors import PetbreedsError
-from petbreeds.sample_data import generate_sample
 
 
 def fetch(params: FetchParams, out_dir: str | os.PathLike[str], downloads_dir: Path | None = None) -> None:

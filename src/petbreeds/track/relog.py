@@ -3,7 +3,7 @@
 For when the store was unreachable while ``mlflow_log`` ran. Without arguments it logs the workspace's outputs
 (named after the experiment whose committed dvc.lock they are, else as ``dvc repro`` names them); with experiment
 names it reads each one's outputs from its git commit (``refs/exps/...``) and ``plots/``, ``reports/`` from DVC's
-cache. The run is built by ``petbreeds.tracking.log_pipeline``, so a result already logged is left as it is.
+cache. The run is built by ``petbreeds.track.tracking.log_pipeline``, so a result already logged is left as it is.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from petbreeds.errors import PetbreedsError
-from petbreeds.provenance import git_commit
 from petbreeds.runtime import project_root
-from petbreeds.tracking import (
+from petbreeds.track.provenance import git_commit
+from petbreeds.track.tracking import (
     MODEL_FILE,
     PARENT_STAGE,
     SPLIT_TABLE,

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from petbreeds.atomic import atomic_output
-from petbreeds.augment import BatchAugment
 from petbreeds.config import DataParams
+from petbreeds.data.augment import BatchAugment
+from petbreeds.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from petbreeds.errors import PetbreedsError
-from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from petbreeds.model import PetModel, create_model
+from petbreeds.learn.model import PetModel, create_model
 
 CHECKPOINT_FORMAT = "petbreeds-model/1"
 

@@ -4,7 +4,7 @@
     groups = param_groups(model)          # [ParamGroup(decay, no_decay)] * 3, as fastai's splitter
     freeze(model)                         # head + every norm layer train (fastai's train_bn=True)
 
-Checkpoints of it: ``petbreeds.checkpoint``.
+Checkpoints of it: ``petbreeds.learn.checkpoint``.
 
 Behaviour follows docs/fastai.md §3 (body cut, head layout and init, splitter, freeze).
 """

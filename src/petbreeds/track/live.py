@@ -2,7 +2,8 @@
 
 ``run_stage`` opens one for the stages that ask for it (``live_run=True``) unless ``PETBREEDS_MLFLOW_LIVE=0``;
 its id goes into the stage's ``reports/run_info/<stage>.json`` sidecar, through which the parent run built by
-``mlflow_log`` (``petbreeds.tracking``) adopts it. The store and the run's name come from ``petbreeds.tracking``.
+``mlflow_log`` (``petbreeds.track.tracking``) adopts it. The store and the run's name come from
+``petbreeds.track.tracking``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from petbreeds.runtime import project_root
-from petbreeds.tracking import current_identity, open_experiment
+from petbreeds.track.tracking import current_identity, open_experiment
 
 
 class LiveRun:

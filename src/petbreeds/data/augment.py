@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from petbreeds.config import AugmentParams
-from petbreeds.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from petbreeds.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from petbreeds.model import ParamGroup
+from petbreeds.learn.model import ParamGroup
 
 # fastai's Adam (docs/fastai.md §4): beta2 = sqr_mom 0.99 and eps 1e-5 (not torch's defaults).
 ADAM_BETA2 = 0.99

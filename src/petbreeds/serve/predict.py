@@ -1,6 +1,6 @@
 """Breeds for new images: fastai's ``learn.predict``, from Python and from the command line.
 
-    from petbreeds.predict import predict
+    from petbreeds.serve.predict import predict
     for p in predict(Path("my_pets"), top_k=3):
         print(p.path, p.top_k)            # [("beagle", 0.93), ("basset_hound", 0.04), ("harrier", 0.01)]
 
@@ -11,10 +11,10 @@ The model is ``models/model.pt`` of the current folder, else of the project (the
 dvc.yaml), unless one is named (``--model``, ``model_path``).
 
 Images go through exactly the evaluate stage's validation transforms: the valid item stage
-(:class:`~petbreeds.presizing.PresizedImages`, centred, with the checkpoint's item_size and resize method),
+(:class:`~petbreeds.data.presizing.PresizedImages`, centred, with the checkpoint's item_size and resize method),
 then the batch stage's valid path (``BatchAugment(train=False)``: resize to the checkpoint's size, normalise).
 :class:`Predictor` is that one path, from files or in-memory image bytes to breeds; ``predict`` and the MLflow
-model (:mod:`petbreeds.mlflow_model`) both go through it.
+model (:mod:`petbreeds.serve.mlflow_model`) both go through it.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import torch
 from PIL import UnidentifiedImageError
 
 from petbreeds.atomic import atomic_write_text
-from petbreeds.checkpoint import load_checkpoint
-from petbreeds.device import Compute, pick_device, resolve_precision
+from petbreeds.data.presizing import ImageSource, PresizedImages
 from petbreeds.errors import PetbreedsError
-from petbreeds.presizing import ImageSource, PresizedImages
+from petbreeds.learn.checkpoint import load_checkpoint
+from petbreeds.learn.device import Compute, pick_device, resolve_precision
+from petbreeds.learn.training import get_preds
 from petbreeds.runtime import project_root
-from petbreeds.training import get_preds
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def predict(
     """The ``top_k`` breeds of each image, in input order (a folder's files sorted); CUDA when present.
 
     ``paths``: image files and/or folders; ``model_path``: a checkpoint, by default :func:`default_model`. Files
-    in a folder that are not images are skipped and logged (logger ``petbreeds.predict``); an explicitly named
+    in a folder that are not images are skipped and logged (logger ``petbreeds.serve.predict``); an explicitly named
     file that is not an image is a :class:`PetbreedsError`, as are a missing model and one from another checkpoint
     format.
     """

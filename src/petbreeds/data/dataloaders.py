@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from petbreeds.config import DataParams
+from petbreeds.data.presizing import PresizedImages
 from petbreeds.errors import PetbreedsError
 from petbreeds.machine import usable_cores
-from petbreeds.presizing import PresizedImages
 from petbreeds.world import SINGLE_PROCESS, World
 
 # fastai's num_workers = min(16, cpu_count)
@@ -32,7 +32,7 @@ def default_num_workers(requested: int, processes: int = 1, cuda: bool | None = 
     On a CPU every core already runs the training step's threads. A worker decoding at the same time preempts one of
     them, and the whole step waits for it at its next parallel region; decoding in the training process between two
     steps costs only the decoding (bench/cpu_workers.py: 1.05-1.14x the images/s of one worker per core on 2 cores).
-    ``cuda``: whether training runs on a GPU (default: whether one is available, as petbreeds.device.pick_device
+    ``cuda``: whether training runs on a GPU (default: whether one is available, as petbreeds.learn.device.pick_device
     decides).
     """
     if requested >= 0:

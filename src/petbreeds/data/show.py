@@ -19,12 +19,12 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from petbreeds.atomic import atomic_output
-from petbreeds.augment import BatchAugment
 from petbreeds.config import Params, load_params
-from petbreeds.dataloaders import make_loader
+from petbreeds.data.augment import BatchAugment
+from petbreeds.data.dataloaders import make_loader
+from petbreeds.data.presizing import PresizedImages, load_rgb, presize
+from petbreeds.data.splitting import read_split_table, read_vocab
 from petbreeds.errors import PetbreedsError
-from petbreeds.presizing import PresizedImages, load_rgb, presize
-from petbreeds.splitting import read_split_table, read_vocab
 
 _CELL_INCHES = 2.0
 _DPI = 100

@@ -9,8 +9,8 @@
     loss = loss_fn(logits.float(), y)                            # the loss always in fp32
 
 Weights stay fp32 in every mode; only autocast regions compute in the lower precision. The training stages and
-evaluate build their Compute with ``petbreeds.training.training_compute``, where ``auto`` on a CPU is timed per CPU
-model (``petbreeds.calibration``); here ``auto`` on a CPU is fp32, what serving uses.
+evaluate build their Compute with ``petbreeds.learn.training.training_compute``, where ``auto`` on a CPU is timed
+per CPU model (``petbreeds.learn.calibration``); here ``auto`` on a CPU is fp32, what serving uses.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def reuse_freed_cpu_memory() -> bool:
     By default glibc serves every block over 32 MiB with its own mmap and unmaps it on free. A CPU training step
     allocates activations that large dozens of times (efficientnet_lite0, batch 32 at 224 px: 51 MiB for the stem's
     output alone), so every step page-faults and zeroes gigabytes afresh: half of the step's time on our 2-core
-    machines (bench/cpu_allocator.py). Serving them from the heap, and trimming it only past 1 GiB free, lets
+    machines (README § Speed). Serving them from the heap, and trimming it only past 1 GiB free, lets
     each step reuse the previous step's pages. What jemalloc or tcmalloc would give, without an LD_PRELOAD.
 
     The kept pages must not be there when a DataLoader forks its workers: the child would share them copy-on-write,
@@ -73,9 +73,10 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """``train.precision`` -> the autocast dtype, or None for fp32.
 
     auto: the fastest, not the book's (fp32; run (h) fp16): bf16 on a CUDA device that supports it, else fp16 on
-    CUDA (with a grad scaler), and fp32 on CPU. That CPU answer is serving's (petbreeds.predict); training on a CPU
-    asks :func:`petbreeds.calibration.cpu_autocast_dtype` instead (via ``petbreeds.training.training_compute``),
-    which times fp32 against bf16 on the CPU model at hand: no one rule fits every CPU (bench/precision_cpu.py).
+    CUDA (with a grad scaler), and fp32 on CPU. That CPU answer is serving's (petbreeds.serve.predict); training on
+    a CPU asks :func:`petbreeds.learn.calibration.cpu_autocast_dtype` instead (via
+    ``petbreeds.learn.training.training_compute``), which times fp32 against bf16 on the CPU model at hand: no one
+    rule fits every CPU (README § Speed, "Tried, and left out").
     The stages record what it became (``Compute.precision``) and why (``Compute.precision_choice``).
     """
     if name == "fp32":

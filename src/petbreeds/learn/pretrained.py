@@ -1,7 +1,7 @@
 """The ``weights`` stage's work: ImageNet weights for the body, into ``models/pretrained/``.
 
     prepare_pretrained(params.model, Path("models/pretrained"))
-    # -> weights.pt   the body's state_dict, in petbreeds.model's key names
+    # -> weights.pt   the body's state_dict, in petbreeds.learn.model's key names
     #    weights.json {"arch", "weights", "source", "sha256"}   (weights.pt absent when weights is "none")
 
 Where the weights come from:
@@ -24,7 +24,7 @@ from torch import nn
 from petbreeds.atomic import atomic_directory, atomic_write_json
 from petbreeds.config import ModelParams
 from petbreeds.errors import PetbreedsError
-from petbreeds.model import body_of, create_imagenet_net
+from petbreeds.learn.model import body_of, create_imagenet_net
 
 
 def sha256_of(path: Path) -> str:

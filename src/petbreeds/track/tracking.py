@@ -4,9 +4,9 @@ Why the parent is built by a final stage (``mlflow_log``, always changed) instea
 DVC restores stages from its run cache without running them, so logging done while training would leave holes
 in every experiment that reused a stage. ``mlflow_log`` reads what the stages wrote (``metrics/``, ``plots/``,
 ``reports/``, ``dvc.lock``, ``params.yaml``) and is complete however they were produced. The training stages
-also stream live curves and system metrics into a child run (``petbreeds.live.LiveRun``) that the parent adopts
+also stream live curves and system metrics into a child run (``petbreeds.track.live.LiveRun``) that the parent adopts
 through the ``reports/run_info/<stage>.json`` sidecars (see ``petbreeds.stage``). ``petbreeds mlflow-relog``
-(``petbreeds.relog``) logs results again when the store was unreachable.
+(``petbreeds.track.relog``) logs results again when the store was unreachable.
 
 Store: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project root>/mlflow.db`` with artifacts in
 ``<project root>/mlartifacts``. The project root is ``DVC_ROOT``, which DVC points at the real repo even for
@@ -41,9 +41,9 @@ from ruamel.yaml import YAML
 
 from petbreeds.config import flatten
 from petbreeds.errors import PetbreedsError
-from petbreeds.mlflow_model import log_model
-from petbreeds.provenance import RUN_INFO_DIR, dvc_invocation, git_commit
 from petbreeds.runtime import project_root
+from petbreeds.serve.mlflow_model import log_model
+from petbreeds.track.provenance import RUN_INFO_DIR, dvc_invocation, git_commit
 
 EXPERIMENT = "petbreeds"
 PARENT_STAGE = "mlflow_log"  # excluded from the result key: its dvc.lock entry is written after it runs
@@ -67,8 +67,8 @@ _AXES = ("epoch", "global_epoch", "iteration", "global_iteration")
 # The folders and files logged as artifacts, as they are in the project.
 ARTIFACT_DIRS = ("metrics", "plots", "reports")
 ARTIFACT_FILES = ("params.yaml", "dvc.lock")
-# The result's model, logged as the run's MLflow model (petbreeds.mlflow_model) with a validation image as its input
-# example; the evaluate stage's numbers are linked to it as its metrics.
+# The result's model, logged as the run's MLflow model (petbreeds.serve.mlflow_model) with a validation image as its
+# input example; the evaluate stage's numbers are linked to it as its metrics.
 MODEL_FILE = "models/model.pt"
 SPLIT_TABLE = "data/split.csv"
 RAW_DIR = "data/raw"
@@ -311,7 +311,7 @@ class RunIdentity:
     exp_name: str | None
     baseline_rev: str | None
     git_commit: str | None
-    invocation: str | None = None  # the running dvc process (see petbreeds.provenance.dvc_invocation)
+    invocation: str | None = None  # the running dvc process (see petbreeds.track.provenance.dvc_invocation)
 
 
 def repro_name(commit: str | None, uncommitted: str | None = None) -> str:
@@ -460,7 +460,7 @@ def has_model(lock: Mapping[str, Any]) -> bool:
 
 def example_image(root: Path) -> str:
     """The model's input example, relative to ``root``: the first validation image of ``data/split.csv``."""
-    from petbreeds.splitting import read_split_table  # here only: it imports torch, which most logging never needs
+    from petbreeds.data.splitting import read_split_table  # here only: it imports torch, which most logging never needs
 
     valid = read_split_table(root / SPLIT_TABLE).query("split == 'valid'")
     if valid.empty:

@@ -6,9 +6,10 @@
 
 Input: a DataFrame column ``image``, one image per row: a file path (read where the model runs), an image file's
 bytes as base64 text (what a JSON request to ``mlflow models serve`` carries), or the bytes themselves. Predictions
-go through :class:`petbreeds.predict.Predictor`, the code of ``petbreeds predict``: the checkpoint's own validation
-transforms. An input that is no image raises an ``MlflowException`` with INVALID_PARAMETER_VALUE, which the scoring
-server answers with HTTP 400 and its message (any other exception would be a 400 carrying a traceback).
+go through :class:`petbreeds.serve.predict.Predictor`, the code of ``petbreeds predict``: the checkpoint's own
+validation transforms. An input that is no image raises an ``MlflowException`` with INVALID_PARAMETER_VALUE, which
+the scoring server answers with HTTP 400 and its message (any other exception would be a 400 carrying a
+traceback).
 
 The logged model holds the checkpoint (artifact ``checkpoint``) and this package (``code_paths``), so it loads
 where only the packages of :func:`requirements` are installed; its requirements are given, not inferred (inference
@@ -37,15 +38,15 @@ from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, 
 from petbreeds.errors import PetbreedsError
 
 if TYPE_CHECKING:
-    from petbreeds.predict import Predictor
-    from petbreeds.presizing import ImageSource
+    from petbreeds.data.presizing import ImageSource
+    from petbreeds.serve.predict import Predictor
 
 MODEL_NAME = "petbreeds"  # the LoggedModel's name in its run (the registry's name is the user's choice)
 CHECKPOINT = "checkpoint"  # the artifact holding models/model.pt
 IMAGE = "image"  # the input column
 DEFAULT_TOP_K = 3
-PACKAGE = Path(__file__).resolve().parent  # travels with the model (code_paths)
-MODEL_CODE = PACKAGE / "mlflow_model_code.py"  # builds the pyfunc (MLflow's models from code)
+PACKAGE = Path(__file__).resolve().parents[1]  # src/petbreeds, all of it: travels with the model (code_paths)
+MODEL_CODE = Path(__file__).with_name("mlflow_model_code.py")  # builds the pyfunc (MLflow's models from code)
 # Where the model is loaded, the predict path needs these (torch, the model zoo, decoding, params' types, the table).
 RUNTIME_PACKAGES = ("torch", "torchvision", "timm", "pillow", "numpy", "pandas", "pydantic", "ruamel.yaml", "tqdm")
 
@@ -67,7 +68,7 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         # Imported here: the process that logs the model needs no torch.
-        from petbreeds.predict import Predictor
+        from petbreeds.serve.predict import Predictor
 
         self._predictor: Predictor = Predictor(Path(context.artifacts[CHECKPOINT]))
 

@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader
 
 from petbreeds.atomic import atomic_output, atomic_write_json
 from petbreeds.config import LrFindParams
-from petbreeds.distributed import mean, wrap
 from petbreeds.errors import PetbreedsError
-from petbreeds.model import PetModel, param_groups
-from petbreeds.schedule import make_optimizer
-from petbreeds.training import SmoothLoss, TrainingData, batch_inputs, train_step
+from petbreeds.learn.distributed import mean, wrap
+from petbreeds.learn.model import PetModel, param_groups
+from petbreeds.learn.schedule import make_optimizer
+from petbreeds.learn.training import SmoothLoss, TrainingData, batch_inputs, train_step
 
 # fastai's Adam default mom: lr_find does not schedule momentum, so a fresh learner's 0.9 applies (after a fit, the
 # beta1 that fit's schedule ended on).
@@ -149,7 +149,7 @@ def lr_find(
     it was given.
 
     ``wd`` and ``beta1``: the weight decay and momentum of fastai's optimizer at this point (``beta1``: a fresh
-    learner's 0.9, or what the fit before left, :func:`petbreeds.schedule.last_beta1`). ``on_step(i, lr,
+    learner's 0.9, or what the fit before left, :func:`petbreeds.learn.schedule.last_beta1`). ``on_step(i, lr,
     smoothed_loss)`` is called after every batch (on rank 0).
     """
     compute, world = data.compute, data.world

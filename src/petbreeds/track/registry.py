@@ -3,8 +3,8 @@ Model Registry, to be served.
 
 EXPERIMENT is a DVC experiment's name (its pipeline run is tagged ``dvc.exp_name``; runs superseded by a rerun are
 left out) or a run's name (``repro@abc1234``). The new version's source is the run's logged model
-(``models:/<model_id>``, :mod:`petbreeds.mlflow_model`); it is tagged with the run's DVC experiment, git commit and
-data md5, and the alias points at it. The store is the project's (``MLFLOW_TRACKING_URI`` or its sqlite file), as
+(``models:/<model_id>``, :mod:`petbreeds.serve.mlflow_model`); it is tagged with the run's DVC experiment, git commit
+and data md5, and the alias points at it. The store is the project's (``MLFLOW_TRACKING_URI`` or its sqlite file), as
 for every petbreeds command; serve the alias with ``mlflow models serve -m models:/NAME@ALIAS --env-manager local``.
 """
 
@@ -19,10 +19,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from petbreeds.errors import PetbreedsError
-from petbreeds.mlflow_model import fluent_tracking_uri
-from petbreeds.provenance import git_commit
 from petbreeds.runtime import project_root
-from petbreeds.tracking import MODEL_TAGS, open_experiment, tracking_uri
+from petbreeds.serve.mlflow_model import fluent_tracking_uri
+from petbreeds.track.provenance import git_commit
+from petbreeds.track.tracking import MODEL_TAGS, open_experiment, tracking_uri
 
 
 def find_run(client: MlflowClient, experiment_id: str, name: str, head: str | None) -> Run:

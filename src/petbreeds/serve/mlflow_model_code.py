@@ -4,6 +4,6 @@ petbreeds never imports it."""
 
 from mlflow.models import set_model
 
-from petbreeds.mlflow_model import BreedClassifier
+from petbreeds.serve.mlflow_model import BreedClassifier
 
 set_model(BreedClassifier())

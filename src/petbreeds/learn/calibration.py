@@ -5,7 +5,7 @@ faster on this CPU model, cached per CPU model (README § Model).
     calibration.dtype             # None (fp32) or torch.bfloat16
     calibration.describe()        # "calibrated on AMD EPYC: fp32 0.41 s/step, bf16 0.66 s/step (cached)"
 
-No one rule fits every CPU (bench/precision_cpu.py): on an AMD EPYC with AVX512-BF16 efficientnet_lite0 trains
+No one rule fits every CPU (README § Speed): on an AMD EPYC with AVX512-BF16 efficientnet_lite0 trains
 1.4-1.7x slower in bf16 and resnet34 1.8x faster; with Sapphire Rapids' AMX resnet34 is 3x faster in bf16 while
 lite0 is still faster in fp32. So the model itself is timed, forward + backward as training runs it, on the CPU that
 will train it. The result is cached per CPU model, core count, torch build and model shape: every later stage and
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from petbreeds.atomic import atomic_write_json
-from petbreeds.device import autocast, reuse_freed_cpu_memory
+from petbreeds.learn.device import autocast, reuse_freed_cpu_memory
+from petbreeds.learn.model import create_model
 from petbreeds.machine import CPUINFO, cpu_flags, cpu_model, usable_cores
-from petbreeds.model import create_model
 
 CACHE_NAME = "cpu_precision.json"  # in the project's .cache/ (petbreeds.runtime.CACHE_DIR)
 CACHE_FORMAT = "petbreeds-cpu-precision/1"
@@ -98,7 +98,8 @@ def cache_key(arch: str, size: int, batch: int, channels_last: bool, *, cpu: str
 
 
 def _step_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> float:
-    """One forward + backward as training runs it: autocast, then the loss in fp32 (petbreeds.training.train_step)."""
+    """One forward + backward as training runs it: autocast, then the loss in fp32
+    (petbreeds.learn.training.train_step)."""
     start = time.perf_counter()
     with autocast(x.device, dtype):
         logits = model(x)
