@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from petbreeds import cli
 from petbreeds.errors import PetbreedsError
@@ -157,20 +159,29 @@ from mlflow.exceptions import MlflowException
 model = mlflow.pyfunc.load_model(sys.argv[1])
 import petbreeds
 image = Path(sys.argv[2])
-frame = pd.DataFrame({"image": [str(image), base64.b64encode(image.read_bytes()).decode(), image.read_bytes()]})
+frame = pd.DataFrame({"image": [base64.b64encode(image.read_bytes()).decode(), image.read_bytes()]})
 out = {"package": petbreeds.__file__, "top3": model.predict(frame).to_dict("records")}
 out["top1"] = model.predict(frame, params={"top_k": 1}).to_dict("records")
+# a local caller that opts in at load time may name files
+local = mlflow.pyfunc.load_model(sys.argv[1], model_config={"read_paths": True})
+out["path"] = local.predict(pd.DataFrame({"image": [str(image)]})).to_dict("records")
+few = mlflow.pyfunc.load_model(sys.argv[1], model_config={"max_images": 1})
 out["errors"] = []
-for bad in ("hello", base64.b64encode(b"hello").decode()):
+for m, bad in [(model, ["hello"]), (model, [base64.b64encode(b"hello").decode()]), (model, [str(image)]),
+               (model, [str(image) + "_missing"]), (local, ["hello"]), (few, [image.read_bytes()] * 2)]:
     try:
-        model.predict(pd.DataFrame({"image": [bad]}))
+        m.predict(pd.DataFrame({"image": bad}))
     except MlflowException as e:
         out["errors"].append([e.error_code, e.message])
+try:
+    mlflow.pyfunc.load_model(sys.argv[1], model_config={"max_imgs": 4})
+except MlflowException as e:
+    out["errors"].append([e.error_code, e.message])
 print(json.dumps(out))
 """
 
 
-def test_a_fresh_process_predicts_paths_base64_and_bytes_as_petbreeds_predict(
+def test_a_fresh_process_predicts_base64_and_bytes_as_petbreeds_predict_and_paths_only_when_asked(
     project: Path, tmp_path: Path, model_id: str, tiny_model: Path, write_breed_images
 ) -> None:
     write_breed_images(tmp_path / "new", 1, 700)
@@ -184,16 +195,21 @@ def test_a_fresh_process_predicts_paths_base64_and_bytes_as_petbreeds_predict(
 
     (expected,) = predict(image, tiny_model, top_k=3, device=torch.device("cpu"))
     assert expected.breed == "red_dog"
-    for row in out["top3"]:  # a path, base64 text, bytes: one answer, petbreeds predict's
+    for row in [*out["top3"], *out["path"]]:  # base64 text, bytes, a path opted in: one answer, petbreeds predict's
         assert row["breed"] == expected.breed and row["probability"] == pytest.approx(expected.probability, abs=1e-5)
         assert [t["breed"] for t in row["top_k"]] == [breed for breed, _ in expected.top_k]
         assert [t["probability"] for t in row["top_k"]] == pytest.approx([p for _, p in expected.top_k], abs=1e-5)
-    assert [len(row["top_k"]) for row in out["top1"]] == [1, 1, 1]
+    assert [len(row["top_k"]) for row in out["top1"]] == [1, 1]
 
-    (code, text), (code_b64, text_b64) = out["errors"]
-    assert code == code_b64 == "INVALID_PARAMETER_VALUE"
-    assert text.startswith("image row 0: 'hello' is neither an image file's path nor its bytes in base64"), text
-    assert text_b64.startswith("image row 0: not an image Pillow can read"), text_b64
+    codes, texts = zip(*out["errors"], strict=True)
+    assert set(codes) == {"INVALID_PARAMETER_VALUE"}
+    hello, hello_b64, path, missing, local_hello, too_many, unknown_key = texts
+    assert hello == "image row 0: not base64; send each image file's bytes base64-encoded"
+    assert hello_b64.startswith("image row 0: not an image Pillow can read"), hello_b64
+    assert path == missing == hello  # a file that exists and one that does not: the same answer, nothing read
+    assert local_hello.startswith("image row 0: neither base64 nor a file's path"), local_hello
+    assert too_many.startswith("2 images in one request, more than max_images = 1; send fewer"), too_many
+    assert "unknown key(s) ['max_imgs']" in unknown_key and "'read_paths'" in unknown_key, unknown_key
 
 
 def test_register_names_aliases_and_tags_a_version(
@@ -244,7 +260,7 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_the_served_champion_names_the_breed_of_a_jpeg_and_refuses_a_non_image_with_400(
+def test_the_served_champion_names_the_breed_of_a_jpeg_reads_no_server_file_and_bounds_a_request(
     project: Path, tmp_path: Path, champion: int, free_port, write_breed_images, tiny_model: Path
 ) -> None:
     port = free_port()
@@ -284,12 +300,50 @@ def test_the_served_champion_names_the_breed_of_a_jpeg_and_refuses_a_non_image_w
             [p for _, p in expected.top_k], abs=1e-5
         )
 
-        hello = base64.b64encode(b"hello").decode()
-        status, answer = post(f"{base}/invocations", json.dumps({"dataframe_records": [{"image": hello}]}).encode())
-        assert status == 400, answer
-        assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
-        assert "image row 0: not an image Pillow can read" in answer["message"]
-        assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
+        def invoke(images: list[str]) -> tuple[int, dict]:
+            return post(
+                f"{base}/invocations", json.dumps({"dataframe_records": [{"image": i} for i in images]}).encode()
+            )
+
+        def refused(images: list[str]) -> str:
+            status, answer = invoke(images)
+            assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+            assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
+            return answer["message"]
+
+        jpeg_bytes = (tmp_path / "new/blue_dog_800.jpg").read_bytes()
+        assert refused([base64.b64encode(b"hello").decode()]).startswith("image row 0: not an image Pillow can read")
+        assert refused([base64.b64encode(jpeg_bytes[: len(jpeg_bytes) // 2]).decode()]).startswith(
+            "image row 0: not an image Pillow can read"
+        )  # a truncated JPEG
+        assert "not an image Pillow can read" in refused([base64.b64encode(os.urandom(4096)).decode()])
+
+        # Paths on the server: a readable JPEG (its access time set in the past, so that a read would move it under
+        # Linux's relatime), a text file, a missing file, the server's hostname file: one answer, nothing read.
+        sentinel = tmp_path / "server_side.jpg"
+        sentinel.write_bytes(jpeg_bytes)
+        os.utime(sentinel, (1_000_000_000, time.time()))
+        (tmp_path / "notes.txt").write_text("not an image")
+        answers = {refused([str(p)]) for p in (sentinel, tmp_path / "notes.txt", tmp_path / "missing.jpg")}
+        answers.add(refused(["/etc/hostname"]))
+        assert answers == {"image row 0: not base64; send each image file's bytes base64-encoded"}
+        control = tmp_path / "control.jpg"  # the same, read by this test: does this filesystem record reads?
+        control.write_bytes(jpeg_bytes)
+        os.utime(control, (1_000_000_000, time.time()))
+        control.read_bytes()
+        if control.stat().st_atime != 1_000_000_000:  # it does (not mounted noatime): the server read nothing
+            assert sentinel.stat().st_atime == 1_000_000_000
+
+        # What a request may cost: 33 images (one over max_images), a 12,000 x 12,000 PNG of a few hundred KB
+        too_many = refused([jpeg] * 33)
+        assert too_many.startswith("33 images in one request, more than max_images = 32"), too_many
+        assert "SERVING_MODEL_CONFIG" in too_many
+        bomb = io.BytesIO()
+        Image.new("RGB", (12_000, 12_000), (90, 120, 200)).save(bomb, format="PNG")
+        message = refused([jpeg, base64.b64encode(bomb.getvalue()).decode()])
+        assert message.startswith("image row 1: 12000 x 12000 = 144,000,000 pixels, more than max_pixels = 50,000,000")
+        status, answer = invoke([jpeg])  # and the server goes on answering
+        assert status == 200 and answer["predictions"][0]["breed"] == "blue_dog", answer
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -1,15 +1,21 @@
 """The trained model as an MLflow model: a pyfunc that names the breeds of images, logged with the pipeline's run.
 
     model = mlflow.pyfunc.load_model("models:/petbreeds@champion")  # or models:/<model_id>, from any process
-    model.predict(pd.DataFrame({"image": ["photo.jpg", jpeg_base64_text, jpeg_bytes]}), params={"top_k": 3})
+    model.predict(pd.DataFrame({"image": [jpeg_base64_text, jpeg_bytes]}), params={"top_k": 3})
     #    breed  probability  top_k ([{"breed": ..., "probability": ...}, ...], most probable first)
 
-Input: a DataFrame column ``image``, one image per row: a file path (read where the model runs), an image file's
-bytes as base64 text (what a JSON request to ``mlflow models serve`` carries), or the bytes themselves. Predictions
-go through :class:`petbreeds.serve.predict.Predictor`, the code of ``petbreeds predict``: the checkpoint's own
-validation transforms. An input that is no image raises an ``MlflowException`` with INVALID_PARAMETER_VALUE, which
-the scoring server answers with HTTP 400 and its message (any other exception would be a 400 carrying a
-traceback).
+Input: a DataFrame column ``image``, one image per row: an image file's bytes as base64 text (what a JSON request to
+``mlflow models serve`` carries), or the bytes themselves. Never a path: a model that opened the files its clients
+name would read the server's files for them. A local caller that wants paths opts in when loading,
+``mlflow.pyfunc.load_model(uri, model_config={"read_paths": True})``; the scoring server loads without it.
+Predictions go through :class:`petbreeds.serve.predict.Predictor`, the code of ``petbreeds predict``: the
+checkpoint's own validation transforms.
+
+What one request may cost is bounded (:data:`LIMITS`, model config keys: at most ``max_images`` rows, each image at
+most ``max_pixels`` pixels, checked from its header before it is decoded). An input that is no image, or over a
+limit, raises an ``MlflowException`` with INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and
+its message (any other exception would be a 400 carrying a traceback); the message never depends on the server's
+files.
 
 The logged model holds the checkpoint (artifact ``checkpoint``) and this package (``code_paths``), so it loads
 where only the packages of :func:`requirements` are installed; its requirements are given, not inferred (inference
@@ -21,7 +27,9 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.metadata
+import io
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +42,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+from PIL import Image
 
 from petbreeds.errors import PetbreedsError
 
@@ -45,6 +54,12 @@ MODEL_NAME = "petbreeds"  # the LoggedModel's name in its run (the registry's na
 CHECKPOINT = "checkpoint"  # the artifact holding models/model.pt
 IMAGE = "image"  # the input column
 DEFAULT_TOP_K = 3
+# What one request may cost the server: images per request, pixels per image (a 12,000 x 12,000 PNG of 445 KB
+# decodes to 432 MB). Model config keys, changed where the model is loaded: `load_model(uri, model_config={...})`,
+# or for `mlflow models serve` the environment, SERVING_MODEL_CONFIG='{"max_images": 64}'.
+LIMITS = {"max_images": 32, "max_pixels": 50_000_000}
+READ_PATHS = "read_paths"  # model config: text naming a file where the model runs is read (local use only)
+SERVING_CONFIG_HINT = "model_config at load time; SERVING_MODEL_CONFIG='{...}' for mlflow models serve"
 PACKAGE = Path(__file__).resolve().parents[1]  # src/petbreeds, all of it: travels with the model (code_paths)
 MODEL_CODE = Path(__file__).with_name("mlflow_model_code.py")  # builds the pyfunc (MLflow's models from code)
 # Where the model is loaded, the predict path needs these (torch, the model zoo, decoding, params' types, the table).
@@ -70,6 +85,14 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
         # Imported here: the process that logs the model needs no torch.
         from petbreeds.serve.predict import Predictor
 
+        config = dict(context.model_config or {})
+        unknown = sorted(set(config) - {*LIMITS, READ_PATHS})
+        if unknown:
+            raise MlflowException.invalid_parameter_value(
+                f"model config: unknown key(s) {unknown}; the petbreeds model knows {sorted({*LIMITS, READ_PATHS})}"
+            )
+        self._limits = {key: int(config.get(key, default)) for key, default in LIMITS.items()}
+        self._read_paths = bool(config.get(READ_PATHS, False))
         self._predictor: Predictor = Predictor(Path(context.artifacts[CHECKPOINT]))
 
     def predict(
@@ -79,7 +102,16 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
-        images = [_image_source(value, row) for row, value in enumerate(model_input[IMAGE])]
+        values = model_input[IMAGE]
+        if len(values) > self._limits["max_images"]:
+            raise MlflowException.invalid_parameter_value(
+                f"{len(values)} images in one request, more than max_images = {self._limits['max_images']}; send "
+                f"fewer per request, or raise max_images ({SERVING_CONFIG_HINT})"
+            )
+        images = [_image_source(value, row, self._read_paths) for row, value in enumerate(values)]
+        for row, image in enumerate(images):
+            if isinstance(image, bytes):
+                _check_pixels(image, row, self._limits["max_pixels"])
         names = [f"{IMAGE} row {row}" for row in range(len(images))]
         try:
             predictions = self._predictor(images, top_k, names=names)
@@ -96,25 +128,47 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["breed", "probability", "top_k"])
 
 
-def _image_source(value: object, row: int) -> ImageSource:
-    """An ``image`` cell as a file or bytes: bytes as they are; text naming an existing file; else base64 text."""
+def _image_source(value: object, row: int, read_paths: bool) -> ImageSource:
+    """An ``image`` cell as bytes: bytes as they are, text as base64; with ``read_paths``, text naming an existing
+    file is that file. Without it no text is ever looked up on disk, so the answer cannot tell which files exist."""
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
-        try:
-            if Path(value).is_file():
-                return Path(value)
-        except OSError:
-            pass  # base64 text far longer than a file name can be
+        if read_paths:
+            try:
+                if Path(value).is_file():
+                    return Path(value)
+            except OSError:
+                pass  # base64 text far longer than a file name can be
         try:
             return base64.b64decode(value, validate=True)
         except binascii.Error:
             pass
-    shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+    what = "neither base64 nor a file's path" if read_paths else "not base64"
     raise MlflowException.invalid_parameter_value(
-        f"{IMAGE} row {row}: {shown} is neither an image file's path nor its bytes in base64; send each image "
-        "file base64-encoded"
+        f"{IMAGE} row {row}: {what}; send each image file's bytes base64-encoded"
     )
+
+
+def _check_pixels(data: bytes, row: int, max_pixels: int) -> None:
+    """Refuse an image larger than ``max_pixels`` from its header, before anything decodes it. Pillow's own
+    decompression-bomb guard (a warning past 89 MP, an error past 179 MP) is stricter than nothing but looser than
+    a server wants, so it is silenced here and this limit applies instead."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        width = height = None
+    except (OSError, SyntaxError, ValueError):
+        return  # not an image: the predictor says so, in its own words
+    if width is None or height is None or width * height > max_pixels:
+        size = "over 179 million pixels" if width is None else f"{width} x {height} = {width * height:,} pixels"
+        raise MlflowException.invalid_parameter_value(
+            f"{IMAGE} row {row}: {size}, more than max_pixels = {max_pixels:,}; send a smaller image, or raise "
+            f"max_pixels ({SERVING_CONFIG_HINT})"
+        )
 
 
 @contextmanager
