@@ -38,8 +38,8 @@ fa_vision_data = pytest.importorskip("fastai.vision.data")
 fa_data_block = pytest.importorskip("fastai.data.block")
 fa_vision_learner = pytest.importorskip("fastai.vision.learner")
 
-from petbreeds import sample_data  # noqa: E402  (after the skip)
-from petbreeds.config import AugmentParams, SampleParams, load_params  # noqa: E402
+from petbreeds.config import AugmentParams, SampleParams, load_params  # noqa: E402  (after the skip)
+from petbreeds.data import sample_data  # noqa: E402
 from petbreeds.data.augment import BatchAugment, Draws, affine_matrices, warp_matrices  # noqa: E402
 from petbreeds.data.presizing import crop_position, load_rgb, presize  # noqa: E402
 from petbreeds.data.splitting import random_split  # noqa: E402
