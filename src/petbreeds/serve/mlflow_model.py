@@ -59,6 +59,9 @@ DEFAULT_TOP_K = 3
 # or for `mlflow models serve` the environment, SERVING_MODEL_CONFIG='{"max_images": 64}'.
 LIMITS = {"max_images": 32, "max_pixels": 50_000_000}
 READ_PATHS = "read_paths"  # model config: text naming a file where the model runs is read (local use only)
+# Logged with the model: MLflow lets a loader change only the keys a model was logged with (others are ignored
+# with a warning that lists these).
+MODEL_CONFIG = {**LIMITS, READ_PATHS: False}
 SERVING_CONFIG_HINT = "model_config at load time; SERVING_MODEL_CONFIG='{...}' for mlflow models serve"
 PACKAGE = Path(__file__).resolve().parents[1]  # src/petbreeds, all of it: travels with the model (code_paths)
 MODEL_CODE = Path(__file__).with_name("mlflow_model_code.py")  # builds the pyfunc (MLflow's models from code)
@@ -85,12 +88,8 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
         # Imported here: the process that logs the model needs no torch.
         from petbreeds.serve.predict import Predictor
 
+        # the logged MODEL_CONFIG with the loader's changes; empty for a model logged without one
         config = dict(context.model_config or {})
-        unknown = sorted(set(config) - {*LIMITS, READ_PATHS})
-        if unknown:
-            raise MlflowException.invalid_parameter_value(
-                f"model config: unknown key(s) {unknown}; the petbreeds model knows {sorted({*LIMITS, READ_PATHS})}"
-            )
         self._limits = {key: int(config.get(key, default)) for key, default in LIMITS.items()}
         self._read_paths = bool(config.get(READ_PATHS, False))
         self._predictor: Predictor = Predictor(Path(context.artifacts[CHECKPOINT]))
@@ -224,6 +223,7 @@ def log_model(
             artifacts={CHECKPOINT: str(checkpoint)},
             code_paths=[str(PACKAGE)],
             signature=SIGNATURE,
+            model_config=MODEL_CONFIG,
             input_example=example_frame,
             pip_requirements=requirements(),
         )
