@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -259,37 +260,66 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-@pytest.mark.slow
-def test_the_served_champion_names_the_breed_of_a_jpeg_reads_no_server_file_and_bounds_a_request(
-    project: Path, tmp_path: Path, champion: int, free_port, write_breed_images, tiny_model: Path
-) -> None:
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+@contextmanager
+def served(project: Path, folder: Path, port: int, **env_vars: str) -> Iterator[str]:
+    """The champion served by a real ``mlflow models serve`` on ``port`` (environment + ``env_vars``), answering
+    /ping; yields its base URL, stops it (and its uvicorn child) afterwards. Its log is ``folder/serve.log``."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **env_vars}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the server runs `uvicorn` from the venv
     command = [MLFLOW, "models", "serve", "-m", "models:/petbreeds@champion", "--env-manager", "local"]
-    log = (tmp_path / "serve.log").open("w")
+    log_path = folder / "serve.log"
+    log = log_path.open("w")
     # its own process group: the server runs uvicorn as a child, and both must go
     server = subprocess.Popen(
-        [*command, "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env, stdout=log, stderr=log,
+        [*command, "-h", "127.0.0.1", "-p", str(port)], cwd=folder, env=env, stdout=log, stderr=log,
         start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            assert server.poll() is None, log_path.read_text()
             try:
                 with urllib.request.urlopen(f"{base}/ping", timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "no answer on /ping in 180 s:\n" + (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "no answer on /ping in 180 s:\n" + log_path.read_text()
             time.sleep(1)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
 
+
+def invoke(base: str, images: list[str]) -> tuple[int, dict]:
+    records = [{"image": image} for image in images]
+    return post(f"{base}/invocations", json.dumps({"dataframe_records": records}).encode())
+
+
+def refused(base: str, images: list[str]) -> str:
+    """The model's message of a 400 (no traceback) to a request of ``images``."""
+    status, answer = invoke(base, images)
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
+    assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
+    # MLflow's scoring server puts the client's own input before the model's message: keep the model's
+    return answer["message"].split("\nError: ", 1)[-1]
+
+
+@pytest.mark.slow
+def test_the_served_champion_names_the_breed_of_a_jpeg_reads_no_server_file_and_bounds_a_request(
+    project: Path, tmp_path: Path, champion: int, free_port, write_breed_images, tiny_model: Path
+) -> None:
+    with served(project, tmp_path, free_port()) as base:
         write_breed_images(tmp_path / "new", 1, 800)
         jpeg = base64.b64encode((tmp_path / "new/blue_dog_800.jpg").read_bytes()).decode()
-        status, answer = post(f"{base}/invocations", json.dumps({"dataframe_records": [{"image": jpeg}]}).encode())
+        status, answer = invoke(base, [jpeg])
         assert status == 200, answer
         (prediction,) = answer["predictions"]
         assert prediction["breed"] == "blue_dog" and prediction["probability"] > 0.5
@@ -308,24 +338,14 @@ def test_the_served_champion_names_the_breed_of_a_jpeg_reads_no_server_file_and_
         evaluated = logits.softmax(dim=1)[0].sort(descending=True).values[:3].tolist()
         assert [t["probability"] for t in prediction["top_k"]] == pytest.approx(evaluated, abs=1e-5)
 
-        def invoke(images: list[str]) -> tuple[int, dict]:
-            return post(
-                f"{base}/invocations", json.dumps({"dataframe_records": [{"image": i} for i in images]}).encode()
-            )
-
-        def refused(images: list[str]) -> str:
-            status, answer = invoke(images)
-            assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", answer
-            assert "Traceback" not in json.dumps(answer) and "stack_trace" not in answer
-            # MLflow's scoring server puts the client's own input before the model's message: keep the model's
-            return answer["message"].split("\nError: ", 1)[-1]
-
         jpeg_bytes = (tmp_path / "new/blue_dog_800.jpg").read_bytes()
-        assert refused([base64.b64encode(b"hello").decode()]).startswith("image row 0: not an image Pillow can read")
-        assert refused([base64.b64encode(jpeg_bytes[: len(jpeg_bytes) // 2]).decode()]).startswith(
+        assert refused(base, [base64.b64encode(b"hello").decode()]).startswith(
+            "image row 0: not an image Pillow can read"
+        )
+        assert refused(base, [base64.b64encode(jpeg_bytes[: len(jpeg_bytes) // 2]).decode()]).startswith(
             "image row 0: not an image Pillow can read"
         )  # a truncated JPEG
-        assert "not an image Pillow can read" in refused([base64.b64encode(os.urandom(4096)).decode()])
+        assert "not an image Pillow can read" in refused(base, [base64.b64encode(os.urandom(4096)).decode()])
 
         # Paths on the server: a readable JPEG (its access time set in the past, so that a read would move it under
         # Linux's relatime), a text file, a missing file, the server's hostname file: one answer, nothing read.
@@ -333,8 +353,8 @@ def test_the_served_champion_names_the_breed_of_a_jpeg_reads_no_server_file_and_
         sentinel.write_bytes(jpeg_bytes)
         os.utime(sentinel, (1_000_000_000, time.time()))
         (tmp_path / "notes.txt").write_text("not an image")
-        answers = {refused([str(p)]) for p in (sentinel, tmp_path / "notes.txt", tmp_path / "missing.jpg")}
-        answers.add(refused(["/etc/hostname"]))
+        answers = {refused(base, [str(p)]) for p in (sentinel, tmp_path / "notes.txt", tmp_path / "missing.jpg")}
+        answers.add(refused(base, ["/etc/hostname"]))
         assert answers == {"image row 0: not base64; send each image file's bytes base64-encoded"}
         control = tmp_path / "control.jpg"  # the same, read by this test: does this filesystem record reads?
         control.write_bytes(jpeg_bytes)
@@ -344,20 +364,25 @@ def test_the_served_champion_names_the_breed_of_a_jpeg_reads_no_server_file_and_
             assert sentinel.stat().st_atime == 1_000_000_000
 
         # What a request may cost: 33 images (one over max_images), a 12,000 x 12,000 PNG of a few hundred KB
-        too_many = refused([jpeg] * 33)
+        too_many = refused(base, [jpeg] * 33)
         assert too_many.startswith("33 images in one request, more than max_images = 32"), too_many
         assert "SERVING_MODEL_CONFIG" in too_many
         bomb = io.BytesIO()
         Image.new("RGB", (12_000, 12_000), (90, 120, 200)).save(bomb, format="PNG")
-        message = refused([jpeg, base64.b64encode(bomb.getvalue()).decode()])
+        message = refused(base, [jpeg, base64.b64encode(bomb.getvalue()).decode()])
         assert message.startswith("image row 1: 12000 x 12000 = 144,000,000 pixels, more than max_pixels = 50,000,000")
-        status, answer = invoke([jpeg])  # and the server goes on answering
+        status, answer = invoke(base, [jpeg])  # and the server goes on answering
         assert status == 200 and answer["predictions"][0]["breed"] == "blue_dog", answer
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+
+
+@pytest.mark.slow
+def test_the_scoring_servers_environment_sets_the_limits(
+    project: Path, tmp_path: Path, champion: int, free_port, write_breed_images
+) -> None:
+    write_breed_images(tmp_path / "new", 1, 900)
+    jpeg = base64.b64encode((tmp_path / "new/green_cat_900.jpg").read_bytes()).decode()
+    with served(project, tmp_path, free_port(), SERVING_MODEL_CONFIG=json.dumps({"max_images": 1})) as base:
+        message = refused(base, [jpeg, jpeg])
+        assert message.startswith("2 images in one request, more than max_images = 1"), message
+        status, answer = invoke(base, [jpeg])
+        assert status == 200 and answer["predictions"][0]["breed"] == "green_cat", answer
