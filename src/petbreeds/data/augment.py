@@ -31,9 +31,9 @@ class Draws:
     """One batch's random parameters, each a float tensor ``[B]`` (``flip`` is bool).
 
     angle: rotation in degrees; zoom: fastai's zoom factor z >= 1 zooms in; zoom_x/zoom_y, crop_x/crop_y: centre
-    fractions in [0, 1]; warp_x/warp_y: corner offsets (docs/fastai.md §2.3); crop_side: side of the random resized crop
-    as a fraction of the image side (sqrt of the area fraction); brightness in (0, 1), 0.5 = unchanged; contrast
-    > 0, 1 = unchanged.
+    fractions in [0, 1]; warp_x/warp_y: corner offsets (docs/fastai.md §2.3); crop_side: side of the random resized
+    crop as a fraction of the image's (sqrt of the area fraction), measured as fastai does, between the edge pixels'
+    centres; brightness in (0, 1), 0.5 = unchanged; contrast > 0, 1 = unchanged.
     """
 
     flip: torch.Tensor
