@@ -88,10 +88,9 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
         # Imported here: the process that logs the model needs no torch.
         from petbreeds.serve.predict import Predictor
 
-        # the logged MODEL_CONFIG with the loader's changes; empty for a model logged without one
-        config = dict(context.model_config or {})
-        self._limits = {key: int(config.get(key, default)) for key, default in LIMITS.items()}
-        self._read_paths = bool(config.get(READ_PATHS, False))
+        config = {**MODEL_CONFIG, **(context.model_config or {})}  # the logged config with the loader's changes
+        self._limits = {key: int(config[key]) for key in LIMITS}
+        self._read_paths = bool(config[READ_PATHS])
         self._predictor: Predictor = Predictor(Path(context.artifacts[CHECKPOINT]))
 
     def predict(
@@ -158,12 +157,12 @@ def _check_pixels(data: bytes, row: int, max_pixels: int) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
+        size, too_large = f"{width} x {height} = {width * height:,} pixels", width * height > max_pixels
     except Image.DecompressionBombError:
-        width = height = None
+        size, too_large = "over 179 million pixels", True
     except (OSError, SyntaxError, ValueError):
         return  # not an image: the predictor says so, in its own words
-    if width is None or height is None or width * height > max_pixels:
-        size = "over 179 million pixels" if width is None else f"{width} x {height} = {width * height:,} pixels"
+    if too_large:
         raise MlflowException.invalid_parameter_value(
             f"{IMAGE} row {row}: {size}, more than max_pixels = {max_pixels:,}; send a smaller image, or raise "
             f"max_pixels ({SERVING_CONFIG_HINT})"
