@@ -14,6 +14,7 @@ from petbreeds.data.splitting import read_split_table, read_vocab
 from petbreeds.learn.checkpoint import save_checkpoint
 from petbreeds.learn.lr_find import phase_lr
 from petbreeds.learn.model import param_groups
+from petbreeds.learn.resume import Resume
 from petbreeds.learn.schedule import group_lrs
 from petbreeds.learn.training import (
     fit_one_cycle,
@@ -36,15 +37,25 @@ def main(params: Params, ctx: StageContext) -> None:
     if ctx.world.is_main:
         print("train_frozen: max lr per group " + ", ".join(f"{v:.3g}" for v in lrs))
     batches: list[dict[str, float]] = []
+    resume = Resume.open("train_frozen", params, ctx.world)
     history = fit_one_cycle(
-        model, data, params.train_frozen, lrs, stage="train_frozen", on_epoch=ctx.log_epoch, on_batch=batches.append
+        model,
+        data,
+        params.train_frozen,
+        lrs,
+        stage="train_frozen",
+        on_epoch=ctx.log_epoch,
+        on_batch=batches.append,
+        resume=resume,
     )
+    ctx.record(**resume.facts())
     metrics = phase_metrics(history, model, data)
     if ctx.world.is_main:
         save_checkpoint(Path("models/frozen.pt"), model, arch=params.model.arch, vocab=vocab, data=params.data)
         write_history(Path("plots/train_frozen.csv"), history)
         write_batches(Path("plots/train_frozen_batches.csv"), batches)
         atomic_write_json("reports/train_frozen.json", {**metrics, "lr": lrs[-1]})  # the head's: a number
+    resume.finish()  # after the outputs: a run killed while writing them resumes at its last epoch
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from petbreeds.data.splitting import read_split_table, read_vocab
 from petbreeds.learn.checkpoint import load_checkpoint, save_checkpoint
 from petbreeds.learn.lr_find import phase_lr
 from petbreeds.learn.model import param_groups, unfreeze
+from petbreeds.learn.resume import Resume
 from petbreeds.learn.schedule import group_lrs
 from petbreeds.learn.training import fit_one_cycle, phase_metrics, training_data, write_batches, write_history
 from petbreeds.stage import StageContext, run_stage
@@ -37,9 +38,18 @@ def main(params: Params, ctx: StageContext) -> None:
         print("train_unfrozen: max lr per group " + ", ".join(f"{v:.3g}" for v in lrs) + " (early, late body, head)")
     torch.manual_seed(seed)
     batches: list[dict[str, float]] = []
+    resume = Resume.open("train_unfrozen", params, ctx.world)
     history = fit_one_cycle(
-        model, data, params.train_unfrozen, lrs, stage="train_unfrozen", on_epoch=ctx.log_epoch, on_batch=batches.append
+        model,
+        data,
+        params.train_unfrozen,
+        lrs,
+        stage="train_unfrozen",
+        on_epoch=ctx.log_epoch,
+        on_batch=batches.append,
+        resume=resume,
     )
+    ctx.record(**resume.facts())
     metrics = phase_metrics(history, model, data)
     if ctx.world.is_main:
         save_checkpoint(Path("models/model.pt"), model, arch=params.model.arch, vocab=vocab, data=params.data)
@@ -49,6 +59,7 @@ def main(params: Params, ctx: StageContext) -> None:
         write_history(Path("plots/train_unfrozen.csv"), history, frozen_epochs, frozen_batches)
         write_batches(Path("plots/train_unfrozen_batches.csv"), batches, frozen_batches)
         atomic_write_json("reports/train_unfrozen.json", {**metrics, "lr_lo": lrs[0], "lr_hi": lrs[-1]})
+    resume.finish()  # after the outputs: a run killed while writing them resumes at its last epoch
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
     petbreeds recipe [NAME]   # the book's runs; NAME: its -S arguments for `dvc exp run`
     petbreeds push EXP...     # share experiments: dvc exp push, data and run cache included
     petbreeds pull EXP        # a teammate's experiment into the workspace: dvc exp pull, dvc exp apply
+    petbreeds resume [--clean [--all]]  # the resume states interrupted training stages left; remove stale ones
 
 Each subcommand lives in the module that does the work; this file only dispatches, so that
 ``petbreeds --help`` does not import torch.
@@ -43,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "push": ("petbreeds.track.sharing", "push_cli", "share experiments with the team (dvc exp push, run cache too)"),
     "pull": ("petbreeds.track.sharing", "pull_cli", "a teammate's experiment into the workspace (dvc exp pull, apply)"),
+    "resume": ("petbreeds.learn.resume", "resume_cli", "interrupted training's resume states: list, --clean the stale"),
 }
 
 

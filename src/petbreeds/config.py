@@ -197,6 +197,10 @@ class DistributedParams(_Model):
     timeout_s: Positive
 
 
+class ResumeParams(_Model):
+    every_epochs: NonNegativeInt
+
+
 class Params(_Model):
     seed: int
     fetch: FetchParams
@@ -211,6 +215,7 @@ class Params(_Model):
     train_unfrozen: PhaseParams
     evaluate: EvaluateParams
     distributed: DistributedParams
+    resume: ResumeParams
 
 
 def _cross_checks(p: Params) -> list[str]:

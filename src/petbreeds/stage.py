@@ -80,7 +80,7 @@ class StageContext:
         ``train.precision: auto`` became): printed by rank 0 and kept in ``reports/run_info/<stage>.json``
         under ``facts``, which MLflow shows as the tags ``stage.<name>.<fact>``."""
         self.facts.update(facts)
-        if self.world.is_main:
+        if facts and self.world.is_main:
             print(f"{self.name}: " + ", ".join(f"{key} {value}" for key, value in facts.items()), flush=True)
 
 

@@ -18,6 +18,7 @@ and metrics, because they are reduced or gathered over the global batch.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -111,6 +112,7 @@ def join(params: DistributedParams) -> World:
     world = world_from_env(sync_bn=params.sync_bn)
     if world.world_size == 1:
         return world
+    _end_with_launcher()
     backend = backend_for(params)
     if backend == "nccl" and not torch.cuda.is_available():
         raise PetbreedsError("params.yaml: distributed.backend nccl needs CUDA GPUs; use auto or gloo on CPUs")
@@ -128,6 +130,20 @@ def join(params: DistributedParams) -> World:
         torch.cuda.set_device(world.local_rank)
     dist.init_process_group(backend, timeout=timedelta(seconds=params.timeout_s))
     return world
+
+
+# prctl(2)'s option: the signal the kernel sends this process when its parent ends
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_launcher() -> None:
+    """This rank is killed when its launcher (torchrun's agent) ends, on Linux.
+
+    The agent starts each rank in a session of its own, so a launcher killed outright (SIGKILL, an OOM kill, a killed
+    `dvc repro`) would leave the ranks training on, writing outputs and resume states for a run nobody waits for.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # How a rank words the loss of a peer: a consequence of another rank's failure, never its cause (see launch).

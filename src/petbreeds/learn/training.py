@@ -32,12 +32,13 @@ from tqdm import tqdm
 from petbreeds.atomic import atomic_output
 from petbreeds.config import OneCycleParams, Params
 from petbreeds.data.augment import BatchAugment
-from petbreeds.data.dataloaders import make_loader, to_device
+from petbreeds.data.dataloaders import EpochShuffle, make_loader, to_device
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.calibration import CACHE_NAME, cpu_autocast_dtype
 from petbreeds.learn.device import Compute, pick_device, resolve_precision
 from petbreeds.learn.distributed import from_rank_0, gather, mean, sync_buffers, wrap
 from petbreeds.learn.model import PetModel, create_model, freeze, param_groups
+from petbreeds.learn.resume import Resume
 from petbreeds.learn.schedule import make_one_cycle, make_optimizer
 from petbreeds.runtime import cache_dir
 from petbreeds.world import World, world_size_of
@@ -217,6 +218,7 @@ def fit_one_cycle(
     stage: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_batch: Callable[[dict[str, float]], None] | None = None,
+    resume: Resume | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` (its current freeze state) for ``phase.epochs`` of one cycle; a history row per epoch.
 
@@ -227,6 +229,10 @@ def fit_one_cycle(
     after every training batch with fastai's Recorder record: ``iteration`` (1..n), the smoothed ``train_loss``,
     the batch's ``lr`` (the last group's). A non-finite loss stops every rank with a :class:`PetbreedsError`
     naming ``stage``, the epoch, the batch and the lr.
+
+    ``resume``: after every ``resume.every_epochs`` epochs (not the last) the loop's whole state is saved; a fit that
+    finds one continues after its epoch, its history and batch records first replayed through the table and the
+    callbacks, and trains on to the end exactly as the fit that saved it would have.
     """
     if phase.epochs == 0:
         return []
@@ -240,10 +246,26 @@ def fit_one_cycle(
     scaler = compute.grad_scaler()
     smooth = SmoothLoss()
     history: list[dict[str, float]] = []
-    iteration = 0
+    records: list[dict[str, float]] = []  # on_batch's, kept for the resume state
+    iteration = start = 0
+    generators = _loop_generators(data)
+    loop = _Loop(model, opt, sched, scaler, smooth, data.train_loader.sampler)
+    state = resume.load(phase.epochs) if resume is not None else None
+    if resume is not None and state is not None:
+        start, iteration, history, records = state["epoch"], state["iteration"], state["history"], state["records"]
+        loop.restore(state, resume, generators)
+        if show:
+            print(f"{stage}: resuming at {resume.resumed_at} from {resume.path}", flush=True)
     if show:
         print(_format_row(("epoch", "train_loss", "valid_loss", "error_rate", "time")))
-    for epoch in range(phase.epochs):
+        for row in history:
+            _print_row(row)
+            if on_epoch is not None:
+                on_epoch(row)
+        if on_batch is not None:
+            for record in records:
+                on_batch(record)
+    for epoch in range(start, phase.epochs):
         started = time.perf_counter()
         net.train()
         images = 0
@@ -261,8 +283,9 @@ def fit_one_cycle(
             train_loss = smooth.add(loss)
             images += len(y) * world.world_size
             iteration += 1
+            records.append({"iteration": iteration, "train_loss": train_loss, "lr": lr})
             if show and on_batch is not None:
-                on_batch({"iteration": iteration, "train_loss": train_loss, "lr": lr})
+                on_batch(records[-1])
         train_seconds = time.perf_counter() - started
         valid_loss, error_rate = validate(model, data)
         seconds = time.perf_counter() - started
@@ -278,11 +301,64 @@ def fit_one_cycle(
         }
         history.append(row)
         if show:
-            minutes, secs = divmod(round(seconds), 60)
-            print(_format_row((epoch, train_loss, valid_loss, error_rate, f"{minutes:02d}:{secs:02d}")), flush=True)
+            _print_row(row)
             if on_epoch is not None:
                 on_epoch(row)
+        if resume is not None and resume.due(epoch + 1, phase.epochs):
+            records_so_far = {"epoch": epoch + 1, "iteration": iteration, "history": history, "records": records}
+            resume.save({**records_so_far, **loop.state()}, generators)
     return history
+
+
+def _print_row(row: dict[str, float]) -> None:
+    minutes, secs = divmod(round(row["seconds"]), 60)
+    values = (int(row["epoch"]), row["train_loss"], row["valid_loss"], row["error_rate"], f"{minutes:02d}:{secs:02d}")
+    print(_format_row(values), flush=True)
+
+
+def _loop_generators(data: TrainingData) -> dict[str, torch.Generator]:
+    """The random streams of the data a fit consumes besides the global ones: the augmentation's and the shuffle's."""
+    generators = {"augment": data.augment.generator}
+    if isinstance(data.train_loader.sampler, EpochShuffle):
+        generators["shuffle"] = data.train_loader.sampler.generator
+    return generators
+
+
+@dataclass
+class _Loop:
+    """The objects a fit's resume state is taken from and put back into (``Resume.save``, ``Resume.load``)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    smooth: SmoothLoss
+    sampler: object  # the train loader's; an EpochShuffle carries the epoch its next permutation is for
+
+    def state(self) -> dict[str, Any]:
+        """What the fit needs, besides its epoch, records and RNGs, to go on exactly where it is."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "smooth": [self.smooth.avg, self.smooth.count],
+            "shuffle_epoch": getattr(self.sampler, "epoch", 0),
+        }
+
+    def restore(self, state: dict[str, Any], resume: Resume, generators: dict[str, torch.Generator]) -> None:
+        """Put :meth:`state` and this rank's RNG states back (after DDP's wrap, which reseeds ranks > 0)."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["schedule"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.smooth.avg, self.smooth.count = state["smooth"]
+            if isinstance(self.sampler, EpochShuffle):
+                self.sampler.epoch = state["shuffle_epoch"]
+            resume.restore_rng(state, generators)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise resume.damaged(f"{type(e).__name__}: {e}") from None
 
 
 def phase_metrics(history: list[dict[str, float]], model: nn.Module, data: TrainingData) -> dict[str, float]:

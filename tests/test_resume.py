@@ -1,0 +1,286 @@
+"""Interrupted training resumes: a stage killed with SIGKILL (between epochs, mid-epoch, one process or 2 gloo ranks)
+and run again by `dvc repro` ends with the outputs of a run that never stopped, byte for byte; states of other
+code, data or params are ignored; a damaged state is an error naming it and the command that discards it.
+
+The wall-clock numbers (an epoch's ``seconds`` and ``images_per_s``, run_info's times) are the only differences
+allowed: they differ between any two runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from dvc.utils.hydra import apply_overrides
+from dvc_project import DVC, PETBREEDS, command_env, make_project, run, run_command
+from tiny import ROOT, tiny_net, write_pets
+
+from petbreeds.config import load_params
+from petbreeds.errors import PetbreedsError
+from petbreeds.learn.resume import Resume, stage_key
+from petbreeds.learn.training import fit_one_cycle, training_data
+from petbreeds.world import SINGLE_PROCESS
+
+# `dvc repro -f -s STAGE`: that stage alone, run even where dvc.lock says it is done
+FORCE = ("-f", "-s")
+TIMING = {"seconds", "images_per_s"}  # wall clock: differs between any two runs
+# epochs long enough to be killed in (about 0.5 s each on 2 AMD EPYC cores)
+LONGER = {"data.item_size": 80, "data.size": 64, "train_frozen.epochs": 4, "train_unfrozen.epochs": 3}
+
+
+# --- the loop, in one process ------------------------------------------------------------------------------------
+
+
+def _fit(root: Path, table: pd.DataFrame, state: Path, stop_at_batch: int | None = None):
+    """A fresh model and loaders (seeded as a stage seeds them), 3 epochs with a resume state at ``state``;
+    ``stop_at_batch``: raise there, as a killed process stops."""
+    params = load_params(ROOT / "params.yaml")
+    data = params.data.model_copy(update={"item_size": 40, "size": 32, "batch_size": 8, "num_workers": 0})
+    params = params.model_copy(update={"data": data, "train": params.train.model_copy(update={"precision": "fp32"})})
+    torch.manual_seed(0)
+    model = tiny_net()
+    data = training_data(params, table, ["blue", "green", "red"], root, seed=0, world=SINGLE_PROCESS)
+    phase = params.train_frozen.model_copy(update={"epochs": 3})
+    resume = Resume("train_frozen", state, 1, SINGLE_PROCESS)
+    batches: list[dict[str, float]] = []
+
+    def record(row: dict[str, float]) -> None:
+        if row["iteration"] == stop_at_batch:
+            raise KeyboardInterrupt
+        batches.append(row)
+
+    history = fit_one_cycle(model, data, phase, [1e-2] * 3, stage="train_frozen", on_batch=record, resume=resume)
+    return model.state_dict(), history, batches, resume
+
+
+def _without_timing(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def test_a_fit_stopped_mid_epoch_resumes_at_its_last_epoch_and_ends_identical(tmp_path, capsys) -> None:
+    table = write_pets(tmp_path)
+    weights, history, batches, _ = _fit(tmp_path, table, tmp_path / "reference.pt")
+    per_epoch = len(batches) // 3
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, table, state, stop_at_batch=2 * per_epoch + 2)  # in epoch 2: the state after epoch 1 stays
+    capsys.readouterr()
+    resumed_weights, resumed_history, resumed_batches, resume = _fit(tmp_path, table, state)
+    assert f"train_frozen: resuming at epoch 2 of 3 from {state}" in capsys.readouterr().out
+    assert resume.facts() == {"resumed_at": f"epoch 2 of 3 from {state}"}
+    assert resumed_weights.keys() == weights.keys()
+    assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights), "weights differ from the reference's"
+    assert _without_timing(resumed_history) == _without_timing(history)
+    assert resumed_batches == batches  # replayed through on_batch, then trained on
+
+
+def test_a_damaged_state_is_an_error_naming_it_and_how_to_discard_it(tmp_path) -> None:
+    table = write_pets(tmp_path)
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, table, state, stop_at_batch=sum(table["split"] == "train") // 8 + 1)  # in epoch 1
+    state.write_bytes(state.read_bytes()[:1000])  # truncated, as a full disk leaves it
+    with pytest.raises(PetbreedsError, match=rf"{state}: damaged resume state \(.*\); `rm {state}` discards it"):
+        _fit(tmp_path, table, state)
+    torch.save({"format": "petbreeds-resume/1", "stage": "train_frozen"}, state)
+    with pytest.raises(PetbreedsError, match=r"damaged resume state \(no epoch, machine, rng\)"):
+        _fit(tmp_path, table, state)
+
+
+def test_the_key_changes_with_each_dep_and_param_of_the_stage_and_nothing_else(tmp_path) -> None:
+    project = make_project(tmp_path / "p")
+    (project / "data" / "raw").mkdir(parents=True)
+    (project / "data" / "raw" / "a.jpg").write_bytes(b"x")
+    (project / "data" / "split.csv").write_text("path\n")
+    key = stage_key("train_frozen", project)
+    assert stage_key("train_frozen", project) == key  # a pure function of the files
+    (project / "data" / "raw" / "a.jpg").write_bytes(b"y")  # data
+    assert stage_key("train_frozen", project) != key
+    key = stage_key("train_frozen", project)
+    (project / "data" / "raw" / "b.jpg").write_bytes(b"y")  # a new image
+    assert stage_key("train_frozen", project) != key
+    key = stage_key("train_frozen", project)
+    apply_overrides(project / "params.yaml", ["train_frozen.wd=0.02"])  # a param of the stage
+    assert stage_key("train_frozen", project) != key
+    key = stage_key("train_frozen", project)
+    apply_overrides(project / "params.yaml", ["data.num_workers=2", "evaluate.top_losses_k=3", "resume.every_epochs=2"])
+    assert stage_key("train_frozen", project) == key  # plumbing, and params of other stages
+    code = project / "src" / "petbreeds" / "learn" / "training.py"
+    code.write_text(code.read_text() + "\n")  # code
+    assert stage_key("train_frozen", project) != key
+    with pytest.raises(PetbreedsError, match="no stage nonesuch"):
+        stage_key("nonesuch", project)
+
+
+# --- the stages, killed ------------------------------------------------------------------------------------------
+
+
+def _project(root: Path, **overrides: object) -> Path:
+    project = make_project(root)
+    apply_overrides(project / "params.yaml", [f"{k}={v}" for k, v in (LONGER | overrides).items()])
+    return project
+
+
+def _epoch_seconds(project: Path, stage: str) -> float:
+    """An epoch's wall time in the stage's last run (training and validation)."""
+    return min(float(r["seconds"]) for r in csv.DictReader((project / "plots" / f"{stage}.csv").open()))
+
+
+def _state_folder(project: Path, stage: str) -> Path:
+    return project / ".cache" / "resume" / stage
+
+
+def _states(project: Path, stage: str) -> list[Path]:
+    return sorted(p for p in _state_folder(project, stage).glob("*.pt") if not p.name.startswith("."))
+
+
+def _kill_after_saves(project: Path, stage: str, saves: int, delay_s: float, *args: str) -> str:
+    """Start ``dvc repro`` (a new session: DVC, the stage, torchrun and its ranks), SIGKILL all of it ``delay_s``
+    after the stage wrote its ``saves``-th resume state, as a machine that dies; its output."""
+    proc = subprocess.Popen(
+        [DVC, "repro", *args],
+        cwd=project,
+        env=command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+    def written() -> set[tuple[int, int]]:
+        found = set()
+        for path in _states(project, stage):
+            with contextlib.suppress(FileNotFoundError):  # replaced between the listing and the stat
+                found.add((path.stat().st_ino, path.stat().st_mtime_ns))
+        return found
+
+    before, seen = written(), set()
+    deadline = time.monotonic() + 600
+    while len(seen - before) < saves:
+        assert proc.poll() is None, f"the run ended before its resume state #{saves}:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline
+        seen |= written()
+        time.sleep(0.002)
+    time.sleep(delay_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    return out
+
+
+def _outputs(project: Path, stage: str) -> dict[str, object]:
+    """The stage's outputs as a run writes them, less the wall-clock numbers."""
+
+    def rows(path: Path) -> list[dict[str, str]]:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(io.StringIO(path.read_text()))]
+
+    report = json.loads((project / "reports" / f"{stage}.json").read_text())
+    model = "model.pt" if stage == "train_unfrozen" else "frozen.pt"
+    lock = json.dumps(_lock_outs(project, stage), sort_keys=True)
+    return {
+        model: (project / "models" / model).read_bytes(),
+        "epochs": rows(project / "plots" / f"{stage}.csv"),
+        "batches": (project / "plots" / f"{stage}_batches.csv").read_bytes(),
+        "report": {k: v for k, v in report.items() if k not in TIMING},
+        "dvc.lock": lock,
+    }
+
+
+def _lock_outs(project: Path, stage: str) -> dict[str, str]:
+    """dvc.lock's md5 of each of the stage's outputs that a run writes identically (not run_info, not the reports
+    and plots that hold seconds)."""
+    from ruamel.yaml import YAML
+
+    outs = YAML(typ="safe").load((project / "dvc.lock").read_text())["stages"][stage]["outs"]
+    return {o["path"]: o["md5"] for o in outs if o["path"].startswith("models/") or o["path"].endswith("batches.csv")}
+
+
+@pytest.mark.slow
+def test_a_stage_killed_between_and_mid_epoch_resumes_under_dvc_repro_and_ends_byte_identical(tmp_path) -> None:
+    project = _project(tmp_path / "p")
+    run(project, DVC, "repro", "train_frozen")
+    reference = _outputs(project, "train_frozen")
+    mid_epoch = 0.4 * _epoch_seconds(project, "train_frozen")
+    assert _states(project, "train_frozen") == []  # a finished stage removes its state
+
+    # -f: this project finished the same run (the reference), which `dvc repro` would check out from its cache
+    # between epochs: killed the moment epoch 0's state is written; DVC removed the outputs before running
+    _kill_after_saves(project, "train_frozen", 1, 0.0, *FORCE, "train_frozen")
+    assert not (project / "models" / "frozen.pt").exists()
+    # mid-epoch: the next run resumes at epoch 1, saves epoch 1's state and dies within epoch 2
+    out = _kill_after_saves(project, "train_frozen", 1, mid_epoch, *FORCE, "train_frozen")
+    assert "train_frozen: resuming at epoch 1 of 4 from " in out, out
+    out = run(project, DVC, "repro", *FORCE, "train_frozen")
+    assert "train_frozen: resuming at epoch 2 of 4 from " in out, out
+    assert _outputs(project, "train_frozen") == reference
+    assert _states(project, "train_frozen") == []
+    facts = json.loads((project / "reports" / "run_info" / "train_frozen.json").read_text())["facts"]
+    assert facts["resumed_at"].startswith("epoch 2 of 4 from "), facts
+
+
+@pytest.mark.slow
+def test_stale_states_are_ignored_listed_and_cleaned(tmp_path) -> None:
+    project = _project(tmp_path / "p")
+    run(project, DVC, "repro", "lr_find")
+    _kill_after_saves(project, "train_frozen", 1, 0.0, "train_frozen")
+    [stale] = _states(project, "train_frozen")
+    assert "current train_frozen" in run(project, PETBREEDS, "resume")
+    apply_overrides(project / "params.yaml", ["train_frozen.wd=0.02"])  # another experiment: the state is not its
+    out = run(project, DVC, "repro", "train_frozen")
+    assert f"train_frozen: ignoring 1 resume state(s) of other code, data or params in {stale.parent}" in out, out
+    assert "resuming" not in out
+    assert "stale   train_frozen" in run(project, PETBREEDS, "resume")
+    assert run(project, PETBREEDS, "resume", "--clean").startswith(f"removed {stale}")
+    assert not stale.exists()
+
+    # a damaged state stops the stage with its name and the command that discards it
+    _kill_after_saves(project, "train_frozen", 1, 0.0, *FORCE, "train_frozen")
+    [state] = _states(project, "train_frozen")
+    state.write_bytes(state.read_bytes()[:4096])
+    failed = run_command(project, DVC, "repro", *FORCE, "train_frozen")
+    assert failed.returncode != 0
+    assert f"error: stage train_frozen: {state}: damaged resume state (" in failed.stderr, failed.stderr
+    assert f"`rm {state}` discards it" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_killed_mid_epoch_resume_byte_identical(tmp_path) -> None:
+    project = _project(tmp_path / "p", **{"distributed.nproc_per_node": 2, "train_frozen.epochs": 1})
+    run(project, DVC, "repro", "train_unfrozen")
+    reference = _outputs(project, "train_unfrozen")
+    mid_epoch = 0.4 * _epoch_seconds(project, "train_unfrozen")
+    _kill_after_saves(project, "train_unfrozen", 1, mid_epoch, *FORCE, "train_unfrozen")
+    out = run(project, DVC, "repro", *FORCE, "train_unfrozen")
+    assert "train_unfrozen: resuming at epoch 1 of 3 from " in out, out
+    assert _outputs(project, "train_unfrozen") == reference
+
+
+def test_a_state_of_another_machine_is_used_with_a_notice(tmp_path, capsys) -> None:
+    table = write_pets(tmp_path)
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, table, state, stop_at_batch=sum(table["split"] == "train") // 8 + 1)
+    saved = torch.load(state, weights_only=True)
+    torch.save({**saved, "machine": "torch 2.11.0 on NVIDIA H100"}, state)
+    capsys.readouterr()
+    _fit(tmp_path, table, state)
+    out = capsys.readouterr().out
+    assert "train_frozen: the resume state was saved by torch 2.11.0 on NVIDIA H100, this is torch " in out
+    assert "train_frozen: resuming at epoch 1 of 3" in out
+
+
+def test_outside_a_pipeline_a_stage_says_it_keeps_no_state(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml: a stage script run on its own
+    resume = Resume.open("train_frozen", load_params(ROOT / "params.yaml"), SINGLE_PROCESS)
+    assert resume.path is None and not resume.due(1, 3) and resume.load(3) is None
+    assert f"train_frozen: no resume state: {tmp_path / 'dvc.yaml'}: no stage train_frozen" in capsys.readouterr().out
