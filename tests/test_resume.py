@@ -22,15 +22,17 @@ import pandas as pd
 import pytest
 import torch
 from dvc.utils.hydra import apply_overrides
-from dvc_project import DVC, PETBREEDS, command_env, make_project, run, run_command
+from dvc_project import DVC, command_env, make_project, run
 from tiny import ROOT, tiny_net, write_pets
 
 from petbreeds.config import load_params
 from petbreeds.errors import PetbreedsError
-from petbreeds.learn.resume import Resume, stage_key
+from petbreeds.learn.resume import Resume, resume_cli, stage_key
 from petbreeds.learn.training import fit_one_cycle, training_data
 from petbreeds.world import SINGLE_PROCESS
 
+# no live MLflow runs (seconds of start-up per stage): resuming does not involve them
+QUIET = {"PETBREEDS_MLFLOW_LIVE": "0"}
 # `dvc repro -f -s STAGE`: that stage alone, run even where dvc.lock says it is done
 FORCE = ("-f", "-s")
 TIMING = {"seconds", "images_per_s"}  # wall clock: differs between any two runs
@@ -150,7 +152,7 @@ def _kill_after_saves(project: Path, stage: str, saves: int, delay_s: float, *ar
     proc = subprocess.Popen(
         [DVC, "repro", *args],
         cwd=project,
-        env=command_env(),
+        env=command_env(**QUIET),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -206,63 +208,41 @@ def _lock_outs(project: Path, stage: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_a_stage_killed_between_and_mid_epoch_resumes_under_dvc_repro_and_ends_byte_identical(tmp_path) -> None:
-    project = _project(tmp_path / "p")
-    run(project, DVC, "repro", "train_frozen")
-    reference = _outputs(project, "train_frozen")
-    mid_epoch = 0.4 * _epoch_seconds(project, "train_frozen")
-    assert _states(project, "train_frozen") == []  # a finished stage removes its state
+    """train_unfrozen in one process, killed twice."""
+    stage = "train_unfrozen"
+    project = _project(tmp_path / "p", **{"train_frozen.epochs": 1, "train_unfrozen.epochs": 4})
+    run(project, DVC, "repro", stage, **QUIET)
+    reference = _outputs(project, stage)
+    mid_epoch = 0.4 * _epoch_seconds(project, stage)
+    assert _states(project, stage) == []  # a finished stage removes its state
 
     # -f: this project finished the same run (the reference), which `dvc repro` would check out from its cache
     # between epochs: killed the moment epoch 0's state is written; DVC removed the outputs before running
-    _kill_after_saves(project, "train_frozen", 1, 0.0, *FORCE, "train_frozen")
-    assert not (project / "models" / "frozen.pt").exists()
+    _kill_after_saves(project, stage, 1, 0.0, *FORCE, stage)
+    assert not (project / "models" / "model.pt").exists()
     # mid-epoch: the next run resumes at epoch 1, saves epoch 1's state and dies within epoch 2
-    out = _kill_after_saves(project, "train_frozen", 1, mid_epoch, *FORCE, "train_frozen")
-    assert "train_frozen: resuming at epoch 1 of 4 from " in out, out
-    out = run(project, DVC, "repro", *FORCE, "train_frozen")
-    assert "train_frozen: resuming at epoch 2 of 4 from " in out, out
-    assert _outputs(project, "train_frozen") == reference
-    assert _states(project, "train_frozen") == []
-    facts = json.loads((project / "reports" / "run_info" / "train_frozen.json").read_text())["facts"]
+    out = _kill_after_saves(project, stage, 1, mid_epoch, *FORCE, stage)
+    assert f"{stage}: resuming at epoch 1 of 4 from " in out, out
+    out = run(project, DVC, "repro", *FORCE, stage, **QUIET)
+    assert f"{stage}: resuming at epoch 2 of 4 from " in out, out
+    assert _outputs(project, stage) == reference
+    assert _states(project, stage) == []
+    facts = json.loads((project / "reports" / "run_info" / f"{stage}.json").read_text())["facts"]
     assert facts["resumed_at"].startswith("epoch 2 of 4 from "), facts
 
 
 @pytest.mark.slow
-def test_stale_states_are_ignored_listed_and_cleaned(tmp_path) -> None:
-    project = _project(tmp_path / "p")
-    run(project, DVC, "repro", "lr_find")
-    _kill_after_saves(project, "train_frozen", 1, 0.0, "train_frozen")
-    [stale] = _states(project, "train_frozen")
-    assert "current train_frozen" in run(project, PETBREEDS, "resume")
-    apply_overrides(project / "params.yaml", ["train_frozen.wd=0.02"])  # another experiment: the state is not its
-    out = run(project, DVC, "repro", "train_frozen")
-    assert f"train_frozen: ignoring 1 resume state(s) of other code, data or params in {stale.parent}" in out, out
-    assert "resuming" not in out
-    assert "stale   train_frozen" in run(project, PETBREEDS, "resume")
-    assert run(project, PETBREEDS, "resume", "--clean").startswith(f"removed {stale}")
-    assert not stale.exists()
-
-    # a damaged state stops the stage with its name and the command that discards it
-    _kill_after_saves(project, "train_frozen", 1, 0.0, *FORCE, "train_frozen")
-    [state] = _states(project, "train_frozen")
-    state.write_bytes(state.read_bytes()[:4096])
-    failed = run_command(project, DVC, "repro", *FORCE, "train_frozen")
-    assert failed.returncode != 0
-    assert f"error: stage train_frozen: {state}: damaged resume state (" in failed.stderr, failed.stderr
-    assert f"`rm {state}` discards it" in failed.stderr
-    assert "Traceback" not in failed.stderr
-
-
-@pytest.mark.slow
 def test_two_gloo_ranks_killed_mid_epoch_resume_byte_identical(tmp_path) -> None:
-    project = _project(tmp_path / "p", **{"distributed.nproc_per_node": 2, "train_frozen.epochs": 1})
-    run(project, DVC, "repro", "train_unfrozen")
-    reference = _outputs(project, "train_unfrozen")
-    mid_epoch = 0.4 * _epoch_seconds(project, "train_unfrozen")
-    _kill_after_saves(project, "train_unfrozen", 1, mid_epoch, *FORCE, "train_unfrozen")
-    out = run(project, DVC, "repro", *FORCE, "train_unfrozen")
-    assert "train_unfrozen: resuming at epoch 1 of 3 from " in out, out
-    assert _outputs(project, "train_unfrozen") == reference
+    """train_frozen under torchrun: rank 0 writes the state, both ranks resume from it (each its own RNGs)."""
+    stage = "train_frozen"
+    project = _project(tmp_path / "p", **{"distributed.nproc_per_node": 2, "train_frozen.epochs": 3})
+    run(project, DVC, "repro", stage, **QUIET)
+    reference = _outputs(project, stage)
+    mid_epoch = 0.4 * _epoch_seconds(project, stage)
+    _kill_after_saves(project, stage, 1, mid_epoch, *FORCE, stage)
+    out = run(project, DVC, "repro", *FORCE, stage, **QUIET)
+    assert f"{stage}: resuming at epoch 1 of 3 from " in out, out
+    assert _outputs(project, stage) == reference
 
 
 def test_a_state_of_another_machine_is_used_with_a_notice(tmp_path, capsys) -> None:
@@ -284,3 +264,36 @@ def test_outside_a_pipeline_a_stage_says_it_keeps_no_state(tmp_path, monkeypatch
     resume = Resume.open("train_frozen", load_params(ROOT / "params.yaml"), SINGLE_PROCESS)
     assert resume.path is None and not resume.due(1, 3) and resume.load(3) is None
     assert f"train_frozen: no resume state: {tmp_path / 'dvc.yaml'}: no stage train_frozen" in capsys.readouterr().out
+
+
+def test_states_of_other_code_data_or_params_are_named_listed_and_cleaned(tmp_path, monkeypatch, capsys) -> None:
+    project = make_project(tmp_path / "p")
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    folder = _state_folder(project, "train_frozen")
+    folder.mkdir(parents=True)
+    current = folder / f"{stage_key('train_frozen', project)}.pt"
+    stale = folder / ("0" * 32 + ".pt")  # another experiment's, or this one's before a code change
+    for path in (current, stale):
+        path.write_bytes(b"x" * 2**20)
+    resume = Resume.open("train_frozen", load_params(project / "params.yaml"), SINGLE_PROCESS)
+    assert resume.path == current
+    assert capsys.readouterr().out == (
+        f"train_frozen: ignoring 1 resume state(s) of other code, data or params in {folder} "
+        "(`petbreeds resume --clean` removes them)\n"
+    )
+    assert resume_cli([]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"stale   train_frozen           1.0 MiB  {stale}",
+        f"current train_frozen           1.0 MiB  {current}",
+    ]
+    resume_cli(["--clean"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"removed {stale}",
+        f"current train_frozen           1.0 MiB  {current}",  # kept, and listed
+    ]
+    assert current.exists() and not stale.exists()
+    resume_cli(["--clean", "--all"])
+    assert capsys.readouterr().out == f"removed {current}\n" and not current.exists()
+    resume_cli([])
+    assert capsys.readouterr().out == f"no resume states in {folder.parent}\n"
