@@ -34,7 +34,11 @@ def imported_modules(path: Path) -> set[str]:
     """petbreeds modules imported by one file (``from petbreeds.x.y import`` / ``import petbreeds.x.y``), dotted
     below the package (``learn.training``)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` imports run nothing: not deps
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("petbreeds"):
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]

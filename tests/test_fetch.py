@@ -85,7 +85,7 @@ def test_local_path_errors(params: FetchParams, tmp_path: Path) -> None:
     with pytest.raises(PetbreedsError, match=r"fetch.local_path .*missing.* does not exist"):
         fetch(local(params, tmp_path / "missing"), tmp_path / "raw")
     (tmp_path / "empty_dataset" / "annotations").mkdir(parents=True)
-    with pytest.raises(PetbreedsError, match=r"fetch.local_path .*empty_dataset.*no images/ folder"):
+    with pytest.raises(PetbreedsError, match=r"fetch.local_path .*empty_dataset.*: no files in it; point"):
         fetch(local(params, tmp_path / "empty_dataset"), tmp_path / "raw")
     (tmp_path / "notes.tar.gz").write_text("not an archive")
     with pytest.raises(PetbreedsError, match=r"notes.tar.gz: not a readable"):
@@ -141,3 +141,27 @@ def test_stage_script_reports_errors_without_traceback(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "error: stage fetch: fetch.local_path (/nonexistent/pets) does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_folder_of_your_own_is_copied_whole_into_images(params: FetchParams, tmp_path: Path) -> None:
+    own = tmp_path / "mine"
+    for rel in ("train/cat/a.jpg", "valid/dog/b.jpg", "labels.csv", ".DS_Store", "train/.hidden/c.jpg"):
+        (own / rel).parent.mkdir(parents=True, exist_ok=True)
+        (own / rel).write_bytes(b"x")
+    fetch(local(params, own), tmp_path / "raw")
+    found = sorted(p.relative_to(tmp_path / "raw").as_posix() for p in (tmp_path / "raw").rglob("*") if p.is_file())
+    assert found == ["images/labels.csv", "images/train/cat/a.jpg", "images/valid/dog/b.jpg"]
+    # an archive of it: its one top folder is the collection
+    archive = tmp_path / "mine.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(own, arcname="mine")
+    fetch(local(params, archive), tmp_path / "raw2")
+    assert (tmp_path / "raw2" / "images" / "train" / "cat" / "a.jpg").is_file()
+
+
+def test_a_csv_beside_images_travels_with_them(params: FetchParams, tmp_path: Path) -> None:
+    (tmp_path / "kaggle" / "images").mkdir(parents=True)
+    (tmp_path / "kaggle" / "images" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "kaggle" / "labels.csv").write_text("file,label\nimages/a.jpg,cat\n")
+    fetch(local(params, tmp_path / "kaggle"), tmp_path / "raw")
+    assert (tmp_path / "raw" / "labels.csv").read_text() == "file,label\nimages/a.jpg,cat\n"

@@ -18,6 +18,8 @@ from petbreeds.errors import PetbreedsError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = IndexParams(label_regex=r"(.+)_\d+.jpg$", min_class_images=2, workers=1)
+# the exclusion reasons of the other labellers (parent_folder, csv): none with file names and a regex
+NO_OTHER_REASON = dict.fromkeys(("no_class_folder", "not_in_csv", "csv_file_missing", "csv_outside_source"), 0)
 
 
 def write_image(path: Path, size: tuple[int, int] = (24, 16), mode: str = "RGB", fmt: str = "JPEG") -> Path:
@@ -80,7 +82,7 @@ def test_index_keeps_disguised_formats_and_excludes_broken_files_with_reasons(ra
         "images": 6,
         "classes": 4,
         "excluded_total": 3,
-        "excluded": {"empty": 1, "no_label_match": 1, "unknown_class": 0, "undecodable": 1},
+        "excluded": {"empty": 1, "no_label_match": 1, "unknown_class": 0, "undecodable": 1} | NO_OTHER_REASON,
         "small_classes": 2,
         "per_class": {"Abyssinian": 2, "Bengal": 2, "Birman": 1, "basset_hound": 1},
     }

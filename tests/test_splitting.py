@@ -87,7 +87,7 @@ def test_official_split_uses_the_lists_and_keeps_unlisted_images(tmp_path: Path)
         "#Image CLASS-ID SPECIES BREED ID\n" + "".join(f"{s} 1 1 1\n" for s in trainval)
     )
 
-    out = split_items(table, SplitParams(method="official", valid_pct=0.25, seed=42), annotations).set_index("path")
+    out = split_items(table, SplitParams(method="official", valid_pct=0.25, seed=42), tmp_path).set_index("path")
     assert sorted(out.index[out["split"] == "test"]) == [f"images/{s}.jpg" for s in test]
     assert out.loc["images/beagle_5.jpg", "split"] == "unlisted"
     listed = sorted(f"images/{s}.jpg" for s in trainval[:-1])
@@ -135,8 +135,9 @@ def test_class_absent_from_training_is_an_error_naming_it(tmp_path: Path) -> Non
             Path("x"),
         )
 
-    (tmp_path / "test.txt").write_text("Bombay_0 4 1 4\n")
-    (tmp_path / "trainval.txt").write_text("Bengal_0 2 1 2\nBengal_1 2 1 2\n")
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "test.txt").write_text("Bombay_0 4 1 4\n")
+    (tmp_path / "annotations" / "trainval.txt").write_text("Bengal_0 2 1 2\nBengal_1 2 1 2\n")
     with pytest.raises(PetbreedsError, match=r"split.method official: .*class\(es\) Bombay;"):
         split_items(
             make_table({"Bombay": 1, "Bengal": 2}), SplitParams(method="official", valid_pct=0.2, seed=42), tmp_path
@@ -177,7 +178,7 @@ def test_index_then_split_stages_on_real_files(tmp_path: Path) -> None:
 def test_real_subset_official_split_matches_its_readme(pet_subset: Path) -> None:
     stems = [p.stem for p in sorted((pet_subset / "images").iterdir())]
     table = pd.DataFrame({"path": [f"images/{s}.jpg" for s in stems], "label": [s.rsplit("_", 1)[0] for s in stems]})
-    out = split_items(table, SplitParams(method="official", valid_pct=0.2, seed=42), pet_subset / "annotations")
+    out = split_items(table, SplitParams(method="official", valid_pct=0.2, seed=42), pet_subset)
     counts = out["split"].value_counts().to_dict()
     assert counts["test"] == 335 and counts["train"] + counts["valid"] == 692
     assert sorted(out.loc[out["split"] == "unlisted", "path"]) == [

@@ -26,7 +26,8 @@ from ruamel.yaml.error import YAMLError
 from petbreeds.errors import PetbreedsError
 
 Source = Literal["sample", "oxford-iiit-pet", "local"]
-SplitMethod = Literal["random", "official", "stratified"]
+SplitMethod = Literal["random", "official", "stratified", "folder", "csv_column"]
+LabelFrom = Literal["filename_regex", "parent_folder", "csv"]
 ResizeMethod = Literal["crop", "pad", "squish"]
 PadMode = Literal["zeros", "border", "reflection"]
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite0"]
@@ -99,8 +100,19 @@ class FetchParams(_Model):
     timeout_s: Positive
 
 
+class LabelsCsvParams(_Model):
+    path: str = Field(min_length=1, description="a path inside the source folder, e.g. labels.csv")
+    prefix: str
+    file_column: str = Field(min_length=1, description="a column name")
+    label_column: str = Field(min_length=1, description="a column name")
+
+
 class IndexParams(_Model):
+    label_from: LabelFrom = "filename_regex"
     label_regex: str
+    labels_csv: LabelsCsvParams = LabelsCsvParams(
+        path="labels.csv", prefix="", file_column="file", label_column="label"
+    )
     min_class_images: PositiveInt
     workers: NonNegativeInt
 
@@ -109,6 +121,9 @@ class SplitParams(_Model):
     method: SplitMethod
     valid_pct: Number = Field(gt=0, lt=1, description="a number strictly between 0 and 1")
     seed: int
+    train_folder: str = Field("train", min_length=1, description="a folder name")
+    valid_folder: str = Field("valid", min_length=1, description="a folder name")
+    valid_column: str = Field("is_valid", min_length=1, description="a column name")
 
 
 class DataParams(_Model):

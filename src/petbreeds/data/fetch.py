@@ -1,9 +1,12 @@
 """``fetch.source`` → ``data/raw``: the generated sample, the official archives, or a local copy.
 
 Whatever the source, ``out_dir`` ends up in the real archive's layout — ``images/`` and, when the
-source has them, the official lists ``annotations/*.txt`` — and is replaced as a whole, atomically.
-Of the annotations only the lists are kept: the trimaps and XML boxes are not used, and their PNGs
+source has them, the official lists ``annotations/*.txt`` and CSV files beside ``images/`` — and is replaced as a
+whole, atomically. Of the annotations only the lists are kept: the trimaps and XML boxes are not used, and their PNGs
 would otherwise sit among the images the index stage searches.
+
+A local folder (or archive) of your own images that has no ``images/`` folder is copied whole into ``images/``:
+class folders, ``train/`` and ``valid/`` trees and a labels CSV keep their places (README "Your own images").
 """
 
 from __future__ import annotations
@@ -54,11 +57,15 @@ def _fetch_local(params: FetchParams, path: Path, out_dir: Path) -> None:
     what = f"fetch.local_path ({path})"
     if not path.exists():
         raise PetbreedsError(
-            f"{what} does not exist; set it to an archive (.tgz, .tar.gz, .tar, .zip) or to a folder holding "
-            "images/ (e.g. ~/.fastai/data/oxford-iiit-pet)"
+            f"{what} does not exist; set it to an archive (.tgz, .tar.gz, .tar, .zip) or to a folder: of your own "
+            "images, or holding images/ (e.g. ~/.fastai/data/oxford-iiit-pet)"
         )
     if path.is_dir():
-        _install(_dataset_root(path, what), out_dir, move=False)
+        root = _dataset_root(path, what)
+        if root is None:
+            _install_whole(path, out_dir, what, move=False)
+        else:
+            _install(root, out_dir, move=False)
         return
     # A copy of an official archive is checked against the md5 in params, as a download would be.
     pet = params.oxford_iiit_pet
@@ -77,12 +84,16 @@ def _install_archives(archives: list[Path], out_dir: Path, what: str) -> None:
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.extract.", dir=out_dir.parent) as staging:
         for archive in archives:
             safe_extract(archive, Path(staging))
-        _install(_dataset_root(Path(staging), what), out_dir, move=True)
+        root = _dataset_root(Path(staging), what)
+        if root is None:
+            _install_whole(_single_folder(Path(staging)), out_dir, what, move=True)
+        else:
+            _install(root, out_dir, move=True)
 
 
-def _dataset_root(path: Path, what: str) -> Path:
+def _dataset_root(path: Path, what: str) -> Path | None:
     """The folder holding ``images/``: ``path`` itself or up to two levels below (an archive's top folder,
-    fastai's ``~/.fastai/data`` holding ``oxford-iiit-pet/``)."""
+    fastai's ``~/.fastai/data`` holding ``oxford-iiit-pet/``); None when there is none (a folder of your own)."""
     levels = [[path], sorted(path.glob("*/")), sorted(path.glob("*/*/"))]
     for candidates in levels:
         roots = [c for c in candidates if (c / "images").is_dir()]
@@ -93,16 +104,37 @@ def _dataset_root(path: Path, what: str) -> Path:
             if not any((roots[0] / "images").iterdir()):
                 raise PetbreedsError(f"{what}: {roots[0] / 'images'} is empty")
             return roots[0]
-    raise PetbreedsError(
-        f"{what}: no images/ folder in it or two levels below; point fetch.local_path at the folder that holds "
-        "images/ (e.g. ~/.fastai/data/oxford-iiit-pet) or at the archive"
-    )
+    return None
+
+
+def _single_folder(path: Path) -> Path:
+    """An extracted archive's content: its one top folder when it has nothing else (``mydata.zip`` → ``mydata/``)."""
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    return _single_folder(entries[0]) if len(entries) == 1 and entries[0].is_dir() else path
+
+
+def _install_whole(root: Path, out_dir: Path, what: str, *, move: bool) -> None:
+    """A folder of your own images, whatever its layout, as ``out_dir/images`` (hidden files left out)."""
+    if not any(p.is_file() for p in root.rglob("*") if not p.name.startswith(".")):
+        raise PetbreedsError(
+            f"{what}: no files in it; point fetch.local_path at a folder of images (one folder per class, train/ "
+            "and valid/ folders, or images and a labels CSV), a folder holding images/, or an archive of one"
+        )
+    with atomic_directory(out_dir) as tmp:
+        if move:
+            os.replace(root, tmp / "images")
+        else:
+            shutil.copytree(root, tmp / "images", ignore=shutil.ignore_patterns(".*"))
 
 
 def _install(root: Path, out_dir: Path, *, move: bool) -> None:
-    """``root/images`` and ``root/annotations/*.txt`` into ``out_dir``, atomically; moved when ``root`` is ours."""
+    """``root/images``, ``root/annotations/*.txt`` and ``root/*.csv`` into ``out_dir``, atomically; moved when ``root``
+    is ours."""
     lists = sorted((root / "annotations").glob("*.txt"))
+    tables = sorted(root.glob("*.csv"))  # a labels CSV beside images/ (index.labels_csv)
     with atomic_directory(out_dir) as tmp:
+        for f in tables:
+            shutil.copy2(f, tmp / f.name)
         if move:
             os.replace(root / "images", tmp / "images")
         else:

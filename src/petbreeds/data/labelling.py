@@ -1,8 +1,10 @@
-"""Stage index: find the images, label each by the regex on its file name, check that each one decodes.
+"""Stage index: find the images, label each, check that each one decodes.
 
-fastai's ``get_image_files`` + ``RegexLabeller`` (docs/fastai.md §1.1-§1.3), with three differences on purpose:
-the paths are sorted (fastai keeps directory order), every file is decoded once up front (fastai finds a
-broken file mid-epoch), and a file that cannot be used is excluded with a reason instead of raising.
+fastai's ``get_image_files`` + a labeller (docs/fastai.md §1.1-§1.3), chosen by ``index.label_from``:
+``filename_regex`` (``RegexLabeller`` on the file name, the book's), ``parent_folder`` (``parent_label``: the folder
+the image is in) or ``csv`` (``ColReader``: a file,label table). Three differences on purpose: the paths are sorted
+(fastai keeps directory order), every file is decoded once up front (fastai finds a broken file mid-epoch), and a
+file that cannot be used is excluded with a reason instead of raising.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from petbreeds.config import IndexParams
+from petbreeds.config import IndexParams, LabelsCsvParams
 from petbreeds.errors import PetbreedsError
 
 # fastai's image_extensions: every suffix whose MIME type is image/*. Python's built-in table, not the OS's
@@ -26,7 +28,16 @@ from petbreeds.errors import PetbreedsError
 IMAGE_EXTENSIONS = frozenset(
     ext for ext, mime in mimetypes.MimeTypes().types_map[True].items() if mime.startswith("image/")
 )
-EXCLUSION_REASONS = ("empty", "no_label_match", "unknown_class", "undecodable")
+EXCLUSION_REASONS = (
+    "empty",
+    "no_label_match",
+    "unknown_class",
+    "undecodable",
+    "no_class_folder",
+    "not_in_csv",
+    "csv_file_missing",
+    "csv_outside_source",
+)
 INDEX_COLUMNS = ["path", "label", "width", "height", "format", "bytes"]
 EXCLUDED_COLUMNS = ["path", "reason", "detail"]
 
@@ -126,7 +137,7 @@ def _inspect_all(paths: list[Path], workers: int) -> list[tuple[int, int, str] |
 
 
 def index_images(root: Path, params: IndexParams) -> IndexResult:
-    """Index ``root/images`` (the archive's layout, fastai's ``get_image_files(path/'images')``).
+    """Index ``root/images`` (fastai's ``get_image_files(path/'images')``), labelled as ``params.label_from`` says.
 
     Paths in the result are relative to ``root``. With ``root/annotations/list.txt``, a label that is not one of
     its classes is excluded (``unknown_class``); without it, the labels with fewer than
@@ -137,19 +148,31 @@ def index_images(root: Path, params: IndexParams) -> IndexResult:
     if not folder.is_dir():
         raise PetbreedsError(f"{folder}: not found; the fetch stage puts the images there (run `dvc repro fetch`)")
     pattern = re.compile(params.label_regex)
-    if pattern.groups < 1:
+    if params.label_from == "filename_regex" and pattern.groups < 1:
         raise PetbreedsError(f"params.yaml: index.label_regex {params.label_regex!r} needs a group (...) for the label")
     list_txt = root / "annotations" / "list.txt"
     listed = _listed_classes(list_txt, pattern) if list_txt.is_file() else None
 
-    rows, excluded, to_decode = [], [], []
-    for rel in (f"images/{p}" for p in find_image_files(folder)):
+    files = [f"images/{p}" for p in find_image_files(folder)]
+    if params.label_from == "filename_regex":
+        labels = {rel: label_of(pattern, rel) for rel in files}
+        unlabelled = f"file name does not match index.label_regex {pattern.pattern}"
+        excluded: list[tuple[str, str, str]] = []
+    elif params.label_from == "parent_folder":
+        labels, excluded = _folder_labels(files)
+        unlabelled = ""
+    else:
+        labels, excluded = _csv_labels(root, files, params.labels_csv)
+        unlabelled = f"empty {params.labels_csv.label_column} in {params.labels_csv.path}"
+
+    rows, to_decode = [], []
+    for rel in (f for f in files if f in labels):
         size = (root / rel).stat().st_size
-        label = label_of(pattern, rel)
+        label = labels[rel]
         if size == 0:
             excluded.append((rel, "empty", "0 bytes"))
         elif not label:
-            excluded.append((rel, "no_label_match", f"file name does not match index.label_regex {pattern.pattern}"))
+            excluded.append((rel, "no_label_match", unlabelled))
         elif listed is not None and label not in listed:
             excluded.append((rel, "unknown_class", f"label {label!r} is not one of the classes in {list_txt}"))
         else:
@@ -174,10 +197,12 @@ def index_images(root: Path, params: IndexParams) -> IndexResult:
         min_class_images=params.min_class_images,
     )
     if table.empty:
-        raise PetbreedsError(
-            f"{folder}: no usable image ({result.summary()}); check that the folder holds images named like "
-            f"index.label_regex {pattern.pattern!r} expects"
-        )
+        expected = {
+            "filename_regex": f"images named like index.label_regex {pattern.pattern!r} expects",
+            "parent_folder": "one folder of images per class (index.label_from parent_folder)",
+            "csv": f"the images that {params.labels_csv.path} names (index.label_from csv)",
+        }[params.label_from]
+        raise PetbreedsError(f"{folder}: no usable image ({result.summary()}); check that the folder holds {expected}")
     if listed is not None:
         _check_annotated_classes(root, list_txt, listed, pattern, result)
     return result
@@ -205,3 +230,97 @@ def _check_annotated_classes(
             + (f" (excluded: {details})" if details else "")
             + "; re-fetch the data (`dvc repro fetch`) or repair those files"
         )
+
+
+def _folder_labels(files: list[str]) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """fastai's ``parent_label``: the name of the folder each image is in. An image directly in ``images/``, or in a
+    folder that also holds class folders (``train/`` of a train/valid tree, a class with sub-classes), is in no
+    class folder: excluded, with the reason."""
+    folders = {rel.rsplit("/", 1)[0] for rel in files}
+    holding_folders = {f.rsplit("/", 1)[0] for f in folders if "/" in f}  # folders that hold image folders
+    labels, excluded = {}, []
+    for rel in files:
+        folder = rel.rsplit("/", 1)[0]
+        if folder == "images":
+            excluded.append((rel, "no_class_folder", "directly in images/: put each image in its class's folder"))
+        elif folder in holding_folders:
+            inner = sorted(f.rsplit("/", 1)[1] for f in folders if f.rsplit("/", 1)[0] == folder)
+            excluded.append(
+                (rel, "no_class_folder", f"{folder}/ holds class folders ({', '.join(inner[:3])}) beside this image")
+            )
+        else:
+            labels[rel] = folder.rsplit("/", 1)[1]
+    return labels, excluded
+
+
+def find_labels_csv(root: Path, csv: LabelsCsvParams) -> Path:
+    """``index.labels_csv.path`` in the fetched source: beside ``images/`` or inside it (a folder of your own)."""
+    for candidate in (root / csv.path, root / "images" / csv.path):
+        if candidate.is_file():
+            return candidate
+    raise PetbreedsError(
+        f"index.labels_csv.path {csv.path!r}: not found in the source (looked for {root / csv.path} and "
+        f"{root / 'images' / csv.path}); set it to the CSV's path inside fetch.local_path"
+    )
+
+
+@dataclass(frozen=True)
+class LabelsCsv:
+    """The labels CSV as read: where it is, its rows (every cell text), and each row's file as a path relative to
+    the fetched source (``csv.prefix`` + the file, from the CSV's folder; None when it leaves ``images/``)."""
+
+    path: Path
+    table: pd.DataFrame
+    files: list[str | None]
+
+
+def read_labels_csv(root: Path, csv: LabelsCsvParams, columns: list[str]) -> LabelsCsv:
+    """``index.labels_csv`` in the fetched source ``root``, its ``columns`` checked (an error names the missing)."""
+    path = find_labels_csv(root, csv)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise PetbreedsError(
+            f"{path}: not a readable CSV ({e}); fix it or point index.labels_csv.path elsewhere"
+        ) from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise PetbreedsError(
+            f"{path}: no column {', '.join(map(repr, missing))} (it has {', '.join(map(repr, table.columns))}); set "
+            "index.labels_csv.file_column / label_column (split.valid_column for split.method csv_column)"
+        )
+    images = (root / "images").resolve()
+    base = path.parent.resolve()
+
+    def relative(file: str) -> str | None:
+        resolved = Path(os.path.normpath(base / csv.prefix / file))
+        return (Path("images") / resolved.relative_to(images)).as_posix() if resolved.is_relative_to(images) else None
+
+    return LabelsCsv(path, table, [relative(f) for f in table[csv.file_column]])
+
+
+def _csv_labels(
+    root: Path, files: list[str], csv: LabelsCsvParams
+) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """fastai's ``ColReader``: each image's label from the CSV's row that names it. A row naming a file that is
+    not there, or one outside the source, and an image no row names, are excluded with the reason."""
+    read = read_labels_csv(root, csv, [csv.file_column, csv.label_column])
+    path = read.path
+    present = set(files)
+    labels: dict[str, str] = {}
+    excluded = []
+    rows = zip(read.table[csv.file_column], read.files, read.table[csv.label_column], strict=True)
+    for line, (file, rel, label) in enumerate(rows, 2):  # line 1 is the header
+        if rel is None:
+            excluded.append((file, "csv_outside_source", f"{path.name} line {line} names a file outside the source"))
+        elif rel not in present:
+            excluded.append((rel, "csv_file_missing", f"{path.name} line {line} names it; no such image in the source"))
+        elif labels.get(rel, label) != label:
+            raise PetbreedsError(
+                f"{path} line {line}: {file} labelled {label!r}, an earlier line labels it {labels[rel]!r}; "
+                "keep one label per image"
+            )
+        else:
+            labels[rel] = label
+    excluded += [(rel, "not_in_csv", f"{path.name} has no row for it") for rel in files if rel not in labels]
+    return labels, excluded

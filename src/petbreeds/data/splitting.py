@@ -1,14 +1,16 @@
 """Stage split: which images train, which validate (and, with the official lists, which test).
 
 ``random`` is fastai's ``RandomSplitter`` (docs/fastai.md §1.4) over the paths sorted, so the split is the same on every
-machine; fastai's own follows directory order and differs between filesystems.
+machine; fastai's own follows directory order and differs between filesystems. ``folder`` is fastai's
+``GrandparentSplitter`` (the top folder under ``images/`` names the split), ``csv_column`` its ``ColSplitter`` (a
+boolean column of the labels CSV).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -16,8 +18,14 @@ import torch
 from petbreeds.config import SplitParams
 from petbreeds.errors import PetbreedsError
 
+if TYPE_CHECKING:  # the split stage reads the CSV; the training stages, which read splits, never need labelling
+    from petbreeds.data.labelling import LabelsCsv
+
 SPLITS = ("train", "valid", "test")
-UNLISTED = "unlisted"  # official method: in neither trainval.txt nor test.txt; kept in the table, never trained on
+# official: in neither trainval.txt nor test.txt; folder: in neither split folder; kept in the table, never trained on
+UNLISTED = "unlisted"
+# csv_column: the cells that mean "validates" and "trains" (fastai's ColSplitter reads a bool column)
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def random_permutation(n: int, seed: int) -> list[int]:
@@ -71,18 +79,64 @@ def official_split(paths: list[str], valid_pct: float, seed: int, annotations_di
     return split
 
 
-def split_items(table: pd.DataFrame, params: SplitParams, annotations_dir: Path) -> pd.DataFrame:
+def folder_split(paths: list[str], params: SplitParams) -> list[str]:
+    """The top folder under ``images/``: ``params.train_folder`` trains, ``params.valid_folder`` validates, any
+    other is unlisted."""
+    top = [p.split("/")[1] if p.count("/") > 1 else "" for p in paths]
+    named = {params.train_folder: "train", params.valid_folder: "valid"}
+    split = [named.get(t, UNLISTED) for t in top]
+    if "train" not in split or "valid" not in split:
+        found = ", ".join(sorted({t for t in top if t})) or "none"
+        raise PetbreedsError(
+            f"split.method folder: images/ needs a {params.train_folder}/ and a {params.valid_folder}/ folder of "
+            f"images (top folders found: {found}); set split.train_folder / split.valid_folder (e.g. val)"
+        )
+    return split
+
+
+def csv_column_split(paths: list[str], params: SplitParams, csv: LabelsCsv) -> list[str]:
+    """fastai's ColSplitter: ``params.valid_column`` of the labels CSV (true/1/yes validates, false/0/no trains);
+    an image the CSV does not name is unlisted."""
+    if params.valid_column not in csv.table.columns:
+        raise PetbreedsError(
+            f"{csv.path}: no column {params.valid_column!r} (it has {', '.join(map(repr, csv.table.columns))}); set "
+            "split.valid_column to the CSV's boolean column"
+        )
+    valid: dict[str, bool] = {}
+    for line, (rel, cell) in enumerate(zip(csv.files, csv.table[params.valid_column], strict=True), 2):
+        value = cell.strip().lower()
+        if value not in _TRUE + _FALSE:
+            raise PetbreedsError(
+                f"{csv.path} line {line}: {params.valid_column} is {cell!r}; write true or false (or 1/0, yes/no)"
+            )
+        if rel is not None:
+            valid[rel] = value in _TRUE
+    return [UNLISTED if p not in valid else "valid" if valid[p] else "train" for p in paths]
+
+
+def split_items(
+    table: pd.DataFrame, params: SplitParams, raw: Path, labels_csv: LabelsCsv | None = None
+) -> pd.DataFrame:
     """The index table (any row order) sorted by path, plus a ``split`` column: train, valid, test or unlisted.
 
-    Raises PetbreedsError when a class has no training item: the model could never learn it.
+    ``raw``: the fetched source (its ``annotations/`` for official); ``labels_csv``: for csv_column, the labels CSV
+    as :func:`petbreeds.data.labelling.read_labels_csv` reads it. Raises PetbreedsError when a class has no training
+    item: the model could never learn it.
     """
     table = table.sort_values("path", ignore_index=True)
+    paths = table["path"].tolist()
     if params.method == "random":
         split = random_split(len(table), params.valid_pct, params.seed)
     elif params.method == "stratified":
         split = stratified_split(table["label"].tolist(), params.valid_pct, params.seed)
+    elif params.method == "folder":
+        split = folder_split(paths, params)
+    elif params.method == "csv_column":
+        if labels_csv is None:
+            raise ValueError("split.method csv_column needs index.labels_csv")
+        split = csv_column_split(paths, params, labels_csv)
     else:
-        split = official_split(table["path"].tolist(), params.valid_pct, params.seed, annotations_dir)
+        split = official_split(paths, params.valid_pct, params.seed, raw / "annotations")
     table = table.assign(split=split)
 
     untrained = sorted(set(table["label"]) - set(table.loc[table["split"] == "train", "label"]))
