@@ -114,6 +114,8 @@ def test_bad_layouts_are_excluded_with_a_reason_or_stop_with_an_error(tmp_path) 
     }  # red/ holds the class folder dark/: its own images are in no class folder
     assert reasons["images/train/green/notes.jpg"] == "undecodable"
     assert "dark" in result.vocab and "red" in result.vocab  # red's valid images still name it
+    warning = result.warning()  # dark has one image: named, with what to do for folders (no regex to tighten)
+    assert warning is not None and "dark (1 image)" in warning and "label_regex" not in warning
     with pytest.raises(PetbreedsError, match=r"split.method folder: images/ needs a train/ and a val/ folder .*valid"):
         split_items(result.table, split_params.model_copy(update={"valid_folder": "val"}), raw)
 

@@ -53,6 +53,7 @@ class IndexResult:
     vocab: list[str]
     small_classes: list[str]
     min_class_images: int
+    label_from: str = "filename_regex"  # index.label_from: what the warning suggests
 
     def metrics(self) -> dict[str, Any]:
         """What ``reports/index.json`` holds: counts only, every reason present (0 when none).
@@ -82,7 +83,12 @@ class IndexResult:
         return (
             f"warning: index: class(es) {named} have fewer than index.min_class_images={self.min_class_images} "
             "images; if they are stray files, exclude them: move or rename them in fetch.local_path (data/raw is "
-            "its copy) and re-run, or tighten index.label_regex in params.yaml so that their names do not match"
+            "its copy) and re-run"
+            + (
+                ", or tighten index.label_regex in params.yaml so that their names do not match"
+                if self.label_from == "filename_regex"
+                else ""
+            )
         )
 
     def summary(self) -> str:
@@ -195,6 +201,7 @@ def index_images(root: Path, params: IndexParams) -> IndexResult:
         # few images is most likely a stray file that matched the regex (`IMG_0001.jpg` -> "IMG").
         small_classes=[] if listed is not None else sorted(per_class.index[per_class < params.min_class_images]),
         min_class_images=params.min_class_images,
+        label_from=params.label_from,
     )
     if table.empty:
         expected = {
