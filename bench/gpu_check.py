@@ -205,7 +205,7 @@ def gpu_header() -> list[str]:
     return [
         f"# GPU:     {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}, "
         f"{props.total_memory / 2**30:.1f} GiB, compute capability {props.major}.{props.minor}, "
-        f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}",
+        f"bf16 {'native' if torch.cuda.is_bf16_supported(including_emulation=False) else 'no (emulated at most)'}",
         f"# CUDA:    torch built with CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; "
         f"driver {driver}{api_text}",
     ]

@@ -99,7 +99,7 @@ def test_the_precision_used_is_named_as_params_yaml_names_it(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_resolve_precision_on_cuda():
     cuda = torch.device("cuda")
-    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     assert resolve_precision("auto", cuda) is expected
     assert make_grad_scaler(cuda, torch.float16).is_enabled()
     assert not make_grad_scaler(cuda, torch.bfloat16).is_enabled()
@@ -130,3 +130,43 @@ def test_compiled_kernels_and_calibrations_are_cached_in_the_project(tmp_path, m
     assert use_project_cache() == tmp_path / "mine"
     ignored = {f: (ROOT / f).read_text().splitlines() for f in (".gitignore", ".dvcignore")}
     assert "/.cache/" in ignored[".gitignore"] and ".cache/" in ignored[".dvcignore"]
+
+
+def _optimizer(device: torch.device) -> torch.optim.AdamW:
+    from tiny import tiny_net
+
+    from petbreeds.learn.model import param_groups
+    from petbreeds.learn.schedule import make_optimizer
+
+    model = tiny_net().to(device)
+    return make_optimizer(param_groups(model), [1e-3] * 3, 0.01)
+
+
+def test_adamw_is_the_reference_kernel_on_a_cpu():
+    assert not _optimizer(CPU).defaults["fused"]  # bit-for-bit the results CPU runs always had
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_defaults_fused_adamw_cudnn_benchmark_or_deterministic_native_bf16():
+    from petbreeds.learn.device import configure_gpu, native_bf16_on_gpu
+
+    assert _optimizer(torch.device("cuda")).defaults["fused"] is True
+    configure_gpu(deterministic=False)
+    assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    configure_gpu(deterministic=True)
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert torch.are_deterministic_algorithms_enabled()
+    configure_gpu(deterministic=False)
+    major, _ = torch.cuda.get_device_capability()
+    assert native_bf16_on_gpu() == (major >= 8)
+
+
+def test_too_little_shared_memory_for_the_loaders_workers_is_an_error_naming_the_fix(tmp_path):
+    from petbreeds.data.dataloaders import check_shared_memory
+
+    check_shared_memory(workers=0, batch_bytes=10**18, shm=tmp_path)  # no workers: nothing in shared memory
+    check_shared_memory(workers=16, batch_bytes=64 * 3 * 460 * 460, shm=tmp_path)  # the book's batch: 2.6 GB here
+    with pytest.raises(PetbreedsError, match=r"holds \d+ MiB, but 2 loaders of 16 workers need about .* --shm-size="):
+        check_shared_memory(workers=16, batch_bytes=10**15, shm=tmp_path)  # more than any disk
+    with pytest.raises(PetbreedsError, match="data.num_workers lower"):
+        check_shared_memory(workers=1, batch_bytes=10**15, shm=tmp_path)

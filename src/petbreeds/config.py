@@ -158,6 +158,7 @@ class TrainParams(_Model):
     precision: Precision
     channels_last: bool
     compile: bool
+    deterministic: bool = False
 
 
 class LrFindParams(_Model):

@@ -81,8 +81,9 @@ class Draws:
 
 
 def _matrices(rows: list[list[torch.Tensor | float]], like: torch.Tensor) -> torch.Tensor:
-    """A batch of 3x3 matrices ``[B, 3, 3]`` from 3 rows of 3 entries, each a ``[B]`` tensor or a number."""
-    entries = [[torch.as_tensor(v).to(like).expand_as(like) for v in row] for row in rows]
+    """A batch of 3x3 matrices ``[B, 3, 3]`` from 3 rows of 3 entries, each a ``[B]`` tensor or a number (filled
+    where ``like`` is: a number is never a tensor made on the host and copied over)."""
+    entries = [[v if isinstance(v, torch.Tensor) else torch.full_like(like, v) for v in row] for row in rows]
     return torch.stack([torch.stack(row, -1) for row in entries], -2)
 
 
@@ -111,7 +112,7 @@ def warp_matrices(d: Draws) -> torch.Tensor:
     Each maps the perturbed points fastai pairs with the corners (-1,-1), (-1,1), (1,-1), (1,1) onto those
     corners, as fastai's image warp does (``_WarpCoord`` without ``invert``): the output pixel at a perturbed
     point reads the input's corner. The 8 unknowns come from ``torch.linalg.solve`` (identity when warp_x =
-    warp_y = 0).
+    warp_y = 0), where the draws are: on the host (:meth:`BatchAugment.draw`), whose result nothing waits for.
     """
     xt, yt = d.warp_x, d.warp_y
     corners = [(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)]
@@ -124,6 +125,17 @@ def warp_matrices(d: Draws) -> torch.Tensor:
         rhs += [u * one, v * one]
     h = torch.linalg.solve(torch.stack(rows, -2), torch.stack(rhs, -1))
     return torch.cat([h, one[:, None]], -1).view(-1, 3, 3)
+
+
+def _to_device(d: Draws, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's projective maps ``[B, 3, 3]``, brightness and contrast ``[B]``, computed where ``d`` is (the
+    host) and sent to ``device`` as one tensor, from pinned memory without waiting when ``device`` is a GPU."""
+    transform = warp_matrices(d) @ affine_matrices(d)
+    plan = torch.cat([transform.flatten(1), d.brightness[:, None], d.contrast[:, None]], 1)
+    if plan.device != device:
+        plan = plan.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else plan.to(device)
+    # contiguous: a strided column would take another (scalar) kernel path in lighting_, other last bits on a CPU
+    return plan[:, :9].reshape(-1, 3, 3).contiguous(), plan[:, 9].contiguous(), plan[:, 10].contiguous()
 
 
 def reflect(u: torch.Tensor) -> torch.Tensor:
@@ -173,8 +185,10 @@ class BatchAugment:
     """uint8 ``[B, 3, H, W]`` batches on ``device`` → normalised float32 ``[B, 3, size, size]``.
 
     Train: random flip, rotate, zoom, warp, random resized crop (one resample) and lighting, per image. Valid:
-    an antialiased resize of the centre square to ``size``. Random draws come from an own generator on
-    ``device`` seeded with ``seed``: the same seed gives the same sequence of batches.
+    an antialiased resize of the centre square to ``size``. Random draws come from an own generator seeded with
+    ``seed``, on the host: the same seed gives the same sequence of batches on every device, and the batch's plan
+    (its projective maps and lighting, 11 numbers per image) is computed there and reaches the device as one
+    non-blocking copy, so that augmenting never makes the host wait for the device.
 
     ``shard`` = (rank, world_size) when each of several processes augments its share of a global batch: every
     rank draws for the whole global batch and keeps its own rows, so an image gets the same augmentation
@@ -188,7 +202,7 @@ class BatchAugment:
         self.size = size
         self.device = torch.device(device)
         self.rank, self.world_size = shard
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # on the host: see the class's docstring
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
@@ -200,15 +214,16 @@ class BatchAugment:
         return self.train(x, draws.rows(self.rank * n, n), finest=draws.finest())
 
     def draw(self, n: int) -> Draws:
-        """Random parameters for ``n`` images with fastai's distributions (docs/fastai.md §2.3–§2.5), crop per image.
+        """Random parameters for ``n`` images with fastai's distributions (docs/fastai.md §2.3–§2.5), crop per image,
+        on the host.
 
         Always the same number of draws per batch, so one setting never shifts the random stream of another.
         """
         a = self.aug
-        u = torch.rand((12, n), generator=self.generator, device=self.device)
+        u = torch.rand((12, n), generator=self.generator)
         # rotate, zoom, warp_x, warp_y: fastai keeps each with probability p_affine on its own
-        keep_affine = torch.rand((4, n), generator=self.generator, device=self.device) < a.p_affine
-        keep_lighting = torch.rand((2, n), generator=self.generator, device=self.device) < a.p_lighting
+        keep_affine = torch.rand((4, n), generator=self.generator) < a.p_affine
+        keep_lighting = torch.rand((2, n), generator=self.generator) < a.p_lighting
 
         def uniform(i: int, lo: float, hi: float) -> torch.Tensor:
             return lo + (hi - lo) * u[i]
@@ -252,13 +267,13 @@ class BatchAugment:
             raise ValueError(f"BatchAugment.train needs square items (the item stage makes them), got {h}x{w}")
         needed = math.ceil(self.size / (d.finest() if finest is None else finest))
         img = antialiased_resize(x, needed).float() if h > needed else x.float()
-        transform = warp_matrices(d) @ affine_matrices(d)
+        transform, brightness, contrast = _to_device(d, x.device)
         grid = sampling_grid(transform, self.size, h)
         # the grid is reflected already and stays within the edge pixels' centres of the item: "border" only
         # clamps the last half pixel of a reduced copy
         out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False).div_(255)
         if self.aug.max_lighting * self.aug.mult > 0 and self.aug.p_lighting > 0:
-            out = lighting_(out, d.brightness, d.contrast)
+            out = lighting_(out, brightness, contrast)
         return self.normalize_(out)
 
     def valid(self, x: torch.Tensor) -> torch.Tensor:

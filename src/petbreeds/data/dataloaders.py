@@ -6,7 +6,9 @@ Valid: table order, every item. Batches stay uint8 until the device (a quarter o
 
 from __future__ import annotations
 
+import math
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,27 @@ def default_num_workers(requested: int, processes: int = 1, cuda: bool | None = 
     if not (torch.cuda.is_available() if cuda is None else cuda):
         return 0
     return min(_MAX_DEFAULT_WORKERS, max(1, usable_cores() // processes))
+
+
+# Where DataLoader workers hand their batches over (Linux); a container gets 64 MB unless `--shm-size` says more.
+SHARED_MEMORY = Path("/dev/shm")
+# torch's DataLoader default: batches each worker keeps in flight
+PREFETCH_FACTOR = 2
+
+
+def check_shared_memory(workers: int, batch_bytes: int, loaders: int = 2, shm: Path = SHARED_MEMORY) -> None:
+    """Refuse to start ``loaders`` loaders of ``workers`` workers each whose batches in flight (``PREFETCH_FACTOR``
+    each, ``batch_bytes`` apiece) do not fit in ``shm``: a worker would die mid-epoch with a "Bus error"."""
+    if workers == 0 or not shm.is_dir():
+        return
+    needed = loaders * workers * PREFETCH_FACTOR * batch_bytes
+    total = shutil.disk_usage(shm).total
+    if total < needed:
+        raise PetbreedsError(
+            f"{shm} holds {total / 2**20:.0f} MiB, but {loaders} loaders of {workers} workers need about "
+            f"{needed / 2**20:.0f} MiB there for the batches they prefetch: give the container more (docker run "
+            f"--shm-size={math.ceil(2 * needed / 2**30)}g) or set data.num_workers lower"
+        )
 
 
 class EpochShuffle(Sampler[tuple[int, int]]):
@@ -113,6 +136,7 @@ def make_loader(
             "batch would be left; lower data.batch_size"
         )
     workers = default_num_workers(data.num_workers, world.local_world_size)
+    check_shared_memory(workers, (data.batch_size // world.world_size) * 3 * data.item_size**2)
     dataset = PresizedImages(
         [root / p for p in table["path"]],
         [class_index[label] for label in table["label"]],

@@ -92,9 +92,27 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16_on_gpu() else torch.float16
         return None
     raise PetbreedsError(f"params.yaml: train.precision must be one of auto, fp32, bf16, fp16, got {name!r}")
+
+
+def native_bf16_on_gpu() -> bool:
+    """Whether this GPU computes bf16 in hardware (Ampere and later); torch's default check also counts the
+    emulation older GPUs offer, which is slower than fp16 there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def configure_gpu(deterministic: bool) -> None:
+    """cuDNN times its kernels for each input shape once and keeps the fastest (``benchmark``: the shapes of a
+    training run never change), unless ``train.deterministic`` asks for kernels that give the same bits every run:
+    cuDNN's deterministic ones, torch's deterministic algorithms (an op without one raises) and cuBLAS's fixed
+    workspace."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
 
 
 @contextlib.contextmanager
@@ -110,6 +128,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
 def make_grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """fastai's fp16 loss scaling (torch defaults); disabled (a pass-through) unless fp16 on CUDA."""
     return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and dtype == torch.float16)
+
+
+class HostCopy:
+    """A 0-d tensor's value on its way to the host: on a GPU, copied into pinned memory right behind the work that
+    computes it, so that :meth:`value` waits for that copy alone, not for what the device was given since (a training
+    loop reads a step's loss after queuing the next step, and the GPU never runs dry). On a CPU, the tensor itself."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._done: torch.cuda.Event | None = None
+        self._host = tensor
+        if tensor.device.type == "cuda":
+            self._host = torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def value(self) -> float:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.item()
 
 
 @dataclass(frozen=True)

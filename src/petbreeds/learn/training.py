@@ -35,7 +35,7 @@ from petbreeds.data.augment import BatchAugment
 from petbreeds.data.dataloaders import EpochShuffle, make_loader, to_device
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.calibration import CACHE_NAME, cpu_autocast_dtype
-from petbreeds.learn.device import Compute, pick_device, resolve_precision
+from petbreeds.learn.device import Compute, HostCopy, configure_gpu, pick_device, resolve_precision
 from petbreeds.learn.distributed import from_rank_0, gather, mean, sync_buffers, wrap
 from petbreeds.learn.model import PetModel, create_model, freeze, param_groups
 from petbreeds.learn.resume import Resume
@@ -130,6 +130,8 @@ def training_compute(params: Params, device: torch.device, world: World, cache_f
         return dtype, "auto on CUDA: " + ("bf16 supported" if dtype == torch.bfloat16 else "no bf16, fp16")
 
     dtype, choice = from_rank_0(world, decide) if name == "auto" else decide()
+    if device.type == "cuda":
+        configure_gpu(params.train.deterministic)
     return Compute(device, dtype, params.train.channels_last, params.train.compile, choice)
 
 
@@ -182,6 +184,15 @@ def get_preds(
     model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits float32 [N, C] and targets int64 [N], on the CPU, in loader order; leaves ``model`` in eval mode."""
+    logits, targets = _predict(model, batches, augment, compute)
+    return logits.cpu(), targets.cpu()
+
+
+@torch.no_grad()
+def _predict(
+    model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`get_preds`'s logits and targets, left on the device: no batch waits for the one before."""
     compute.place(model)
     model.eval()
     logits, targets = [], []
@@ -189,20 +200,22 @@ def get_preds(
         x, y = batch_inputs(batch, augment, compute, train=False)
         with compute.autocast():
             out = model(x)
-        logits.append(out.float().cpu())
-        targets.append(y.cpu())
+        logits.append(out.float())
+        targets.append(y)
     return torch.cat(logits), torch.cat(targets)
 
 
 def validate(model: nn.Module, data: TrainingData) -> tuple[float, float]:
     """(mean cross-entropy, error rate) over every validation item of every rank (fastai's valid_loss and
-    error_rate): each rank predicts its share with rank 0's BatchNorm statistics, the shares are gathered."""
+    error_rate): each rank predicts its share with rank 0's BatchNorm statistics, the shares are gathered.
+    Both numbers reach the host in one read, after the last batch."""
     sync_buffers(data.world, model)
-    logits, targets = get_preds(model, data.valid_loader, data.augment, data.compute)
+    logits, targets = _predict(model, data.valid_loader, data.augment, data.compute)
     logits, targets = gather(data.world, logits), gather(data.world, targets)
-    loss = F.cross_entropy(logits, targets).item()
-    error_rate = (logits.argmax(dim=1) != targets).float().mean().item()
-    return loss, error_rate
+    loss = F.cross_entropy(logits, targets)
+    error_rate = (logits.argmax(dim=1) != targets).float().mean()
+    valid_loss, error = torch.stack([loss, error_rate]).tolist()
+    return valid_loss, error
 
 
 def _format_row(values: Sequence[Any]) -> str:
@@ -263,29 +276,41 @@ def fit_one_cycle(
             if on_epoch is not None:
                 on_epoch(row)
         if on_batch is not None:
-            for record in records:
-                on_batch(record)
+            for saved in records:
+                on_batch(saved)
+
+    def record(epoch: int, i: int, lr: float, loss: HostCopy) -> float:
+        """Batch i's loss, read once the next batch is queued: checked, smoothed, recorded; the smoothed loss."""
+        nonlocal iteration
+        value = loss.value()
+        if not math.isfinite(value):
+            raise PetbreedsError(
+                f"{stage} diverged: the training loss is {value} at epoch {epoch}, batch {i} (lr {lr:.3g}); "
+                f"lower the learning rate under {stage} in params.yaml"
+            )
+        iteration += 1
+        records.append({"iteration": iteration, "train_loss": smooth.add(value), "lr": lr})
+        if show and on_batch is not None:
+            on_batch(records[-1])
+        return records[-1]["train_loss"]
+
     for epoch in range(start, phase.epochs):
         started = time.perf_counter()
         net.train()
         images = 0
         batches = tqdm(data.train_loader, desc=f"{stage} epoch {epoch}", leave=False, unit="batch", disable=no_bar)
+        queued: tuple[int, int, float, HostCopy] | None = None  # the batch before: read after this one's step
         for i, batch in enumerate(batches):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
-            loss = mean(world, train_step(net, opt, scaler, x, y, compute)).item()
-            if not math.isfinite(loss):
-                raise PetbreedsError(
-                    f"{stage} diverged: the training loss is {loss} at epoch {epoch}, batch {i} (lr {lr:.3g}); "
-                    f"lower the learning rate under {stage} in params.yaml"
-                )
+            loss = HostCopy(mean(world, train_step(net, opt, scaler, x, y, compute)))
             sched.step()
-            train_loss = smooth.add(loss)
             images += len(y) * world.world_size
-            iteration += 1
-            records.append({"iteration": iteration, "train_loss": train_loss, "lr": lr})
-            if show and on_batch is not None:
-                on_batch(records[-1])
+            if queued is not None:
+                record(*queued)
+            queued = (epoch, i, lr, loss)
+        assert queued is not None  # the loader has at least one batch (make_loader checks)
+        train_loss = record(*queued)
         train_seconds = time.perf_counter() - started
         valid_loss, error_rate = validate(model, data)
         seconds = time.perf_counter() - started
