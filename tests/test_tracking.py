@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -275,6 +276,26 @@ def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
     assert client.get_run(parent_id).data.tags["stage.train_frozen.live_run"] == child_id
     assert client.get_run(parent_id).data.tags["stage.train_frozen.precision"] == "bf16"  # what auto became
     assert_no_stray_runs(project)
+
+
+def test_live_metrics_are_written_in_batches_not_at_every_step(project: Path) -> None:
+    """A step never waits on the store: metrics wait in the run until flush_every_s has passed or the run ends,
+    each with the step and the time it was logged at."""
+    from petbreeds.track.live import LiveRun
+
+    live = LiveRun.start("lr_find", project)
+    assert live is not None
+    live.flush_every_s = 3600.0  # no flush by time in this test
+    before = int(time.time() * 1000)
+    for step in range(5):
+        live.log_metrics({"loss": 5.0 - step, "lr": 10.0**-step}, step)
+    client = store(project)
+    assert client.get_metric_history(live.run_id, "loss") == []  # nothing written yet
+    live.end("FINISHED")
+    history = client.get_metric_history(live.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, 5.0 - s) for s in range(5)]
+    assert all(before <= m.timestamp <= int(time.time() * 1000) for m in history)
+    assert client.get_run(live.run_id).info.status == "FINISHED"
 
 
 def test_live_runs_are_switched_off_by_env_and_never_fail_a_stage(

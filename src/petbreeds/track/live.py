@@ -20,17 +20,27 @@ from mlflow.tracking import MlflowClient
 from petbreeds.runtime import project_root
 from petbreeds.track.tracking import current_identity, open_experiment
 
+# MLflow's limit of metrics in one log_batch call
+_BATCH_LIMIT = 1000
+
 
 class LiveRun:
-    """A training stage's live child run: per-step metrics as they happen and ``system/*`` metrics.
+    """A training stage's live child run: per-step metrics, each stamped when it happened, and ``system/*`` metrics.
 
-    Best effort: any tracking problem becomes one warning and the stage trains on untracked, because the
-    DVC outputs are the record and ``mlflow_log`` builds the complete run from them anyway.
+    The metrics are written to the store every ``flush_every_s`` seconds (and when the run ends), not at every step:
+    a training step never waits on SQLite or a tracking server. Best effort: any tracking problem becomes one warning
+    and the stage trains on untracked, because the DVC outputs are the record and ``mlflow_log`` builds the complete
+    run from them anyway.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, monitor: SystemMetricsMonitor) -> None:
+    def __init__(
+        self, client: MlflowClient, run_id: str, monitor: SystemMetricsMonitor, flush_every_s: float = 2.0
+    ) -> None:
         self.client, self.run_id, self.monitor = client, run_id, monitor
+        self.flush_every_s = flush_every_s
         self.broken = False
+        self.pending: list[Metric] = []
+        self.flushed = time.monotonic()
 
     @classmethod
     def start(cls, stage: str, root: Path) -> LiveRun | None:
@@ -58,13 +68,23 @@ class LiveRun:
         if self.broken:
             return
         now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() - self.flushed >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the metrics logged since the last flush."""
+        batch, self.pending = self.pending, []
+        self.flushed = time.monotonic()
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            for start in range(0, len(batch) if not self.broken else 0, _BATCH_LIMIT):
+                self.client.log_batch(self.run_id, metrics=batch[start : start + _BATCH_LIMIT])
         except Exception as e:  # best effort by design
             self.broken = True
             print(f"warning: live MLflow logging stopped ({type(e).__name__}: {e}); training goes on", file=sys.stderr)
 
     def end(self, status: str) -> None:
+        self.flush()
         try:
             self.monitor.finish()
             self.client.set_terminated(self.run_id, status)
