@@ -1,36 +1,35 @@
 """A prepared check for a lent CUDA machine (written for one H200, 16 cores, 15 minutes of device time).
 
     make gpu-wheels     # here, once: pydantic, ruamel.yaml & co. as wheels in .whl/ (the device has no network)
-    # on the device, from the repository root, with .whl carried (README § Development, "GPU check"):
+    # on the device, from the repository root, with .whl carried (docs/development.md § "GPU check"):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src && PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --out $OUT
     # dry run on CPU (tests/test_gpu_check.py):
     .venv/bin/python bench/gpu_check.py --device cpu --tiny --out /tmp/gpu_check
 
 Sections, each in its own try/except (a failure is a "FAILED: ..." row; the others still run), skipped once
-``--budget-s`` (420) is spent; at ``--budget-s`` + ``--grace-s`` (480 s in all) whatever still runs (a hung loader or
+``--budget-s`` (360) is spent; at ``--budget-s`` + ``--grace-s`` (420 s in all) whatever still runs (a hung loader or
 collective) is stopped, the table printed and the process ends with exit code 3:
 
-1. tests: pytest (``-x -q -p no:cacheprovider``) on the test files that need neither mlflow nor dvc, on CUDA.
-2. sample: a full-scale generated sample (37 x 200 = 7,400 images; the real archive has 7,390), indexed and split
-   like the pipeline (random 0.2, seed 42: 5,920 train / 1,480 valid).
-3. one unfrozen training epoch (``create_model(arch, 37, None)`` + ``unfreeze``: the heavier phase, every layer's
-   backward) of resnet34 and efficientnet_lite0, item 460 -> size 224, batch 64, bf16 autocast + channels_last,
-   over two data paths:
-   (a) decode + presize on the DataLoader workers (the library's ``training_data`` loaders);
-   (b) the raw JPEG bytes from the workers, decoded on the device by ``torchvision.io.decode_jpeg`` (nvJPEG),
-       square-cropped and resized to 460 with torch ops, then the library's ``BatchAugment``.
-   The epochs are timed by a small loop that mirrors ``fit_one_cycle``'s steps (``batch_inputs``, ``train_step``,
-   ``.item()``, the one-cycle schedule), not by ``fit_one_cycle`` itself, to see how long each step waits for the loader
-   (``cuda.synchronize()`` at every step boundary; ``fit_one_cycle``'s ``.item()`` syncs there too). A few batches
-   of a discarded partial epoch warm up first (workers, cudnn autotune, the allocator). Then ``fit_one_cycle``
-   itself, one epoch with validation, on path (a): the library's own numbers.
-4. DDP: a process group of one (NCCL on CUDA, gloo on CPU) and the model under ``DistributedDataParallel``
-   directly (``petbreeds.learn.distributed.wrap`` returns the bare model for one process), on pre-augmented batches
-   held on the device, against the bare model on the same batches: the model-only speed and DDP's overhead. Then
-   the bare model as ``train.compile: true`` trains it (torch.compile, cold cache): the compile time of the first
-   forward + backward and the steady speed against the bare model's.
-5. fastai: a "not run" row. fastai cannot travel in .whl: ``fastai.vision.all`` imports scipy, scikit-learn,
+1. tests: pytest (``-q -p no:cacheprovider``, every file: a failure does not stop the rest) on the test files that
+   need neither mlflow nor dvc, on CUDA.
+2. sample: a full-scale generated sample (37 x 200 = 7,400 images; the real archive has 7,390) at the real photos'
+   size and entropy (sides 300-650 px, noise added until a file is ~100 KiB as the real ones), indexed and split like
+   the pipeline (random 0.2, seed 42: 5,920 train / 1,480 valid).
+3. the library as the stages run it, per arch (resnet34, efficientnet_lite0; random init, bf16, channels_last,
+   item 460 -> size 224, batch 64, the loaders' workers and every GPU setting as ``training_data`` makes them):
+   ``lr_find`` (100 steps), then ``fit_one_cycle`` for one frozen epoch at its suggestion, ``unfreeze``, one
+   unfrozen epoch (each with its validation). Each call is watched by a :class:`Probe`: ``torch.profiler`` over a
+   window of steps inside the epoch gives the GPU-busy share (kernel time over wall time) and the data-wait share
+   (the DataLoader's ``__next__`` over wall time); ``torch.cuda.set_sync_debug_mode("warn")`` counts the
+   synchronising calls per step (and names where they come from); peak allocated and reserved memory.
+4. the data and the model alone: the library's training loader by itself (CPU workers decoding); the same JPEGs
+   decoded on the device (``torchvision.io.decode_jpeg(device="cuda")``, nvJPEG) and presized there; resnet34 on
+   batches held on the device. Decoding on the GPU is worth making the default only where the CPU loader is
+   slower than the model.
+5. DDP proxy: what one rank of 8 on this machine gets: resnet34 fit for one unfrozen epoch on an eighth of the
+   training set with a per-rank batch of 8 and the loader workers the library gives each of 8 processes.
+6. fastai: a "not run" row. fastai cannot travel in .whl: ``fastai.vision.all`` imports scipy, scikit-learn,
    fasthtml, requests, rich, ... (with fastai ~55 MB of wheels, compiled ones among them, on top of the ~20 MB the
    library needs), so the lent machine never has it and this check has no fastai run (bench/vs_fastai.py, CPU).
 
@@ -43,13 +42,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,18 +103,28 @@ DEVICE_TESTS = (
 )
 TINY_TESTS = ("tests/test_device.py",)
 
+PHASES = ("lr_find", "frozen epoch", "unfrozen epoch")
 # Section names: the first column of the table (tests/test_gpu_check.py expects every one).
 SECTIONS = (
     "1 tests (pytest)",
     "2 sample (generate, index, split)",
-    *(f"3{p} {arch}, {path}" for arch in ARCHS for p, path in (("a", "CPU decode"), ("b", "device decode"))),
-    *(f"3c {arch}, fit_one_cycle (library)" for arch in ARCHS),
-    "4 resnet34 model only, bare",
-    "4 resnet34 model only, DDP (1 process)",
-    "4 resnet34 model only, train.compile",
-    "5 fastai 2.8.12",
+    *(f"3 {arch}, {phase}" for arch in ARCHS for phase in PHASES),
+    "4 data alone, CPU workers (library loader)",
+    "4 data alone, device decode (nvJPEG)",
+    "4 resnet34 model alone",
+    "5 DDP proxy: 1 of 8 ranks, resnet34",
+    "6 fastai 2.8.12",
 )
-COLUMNS = ("section", "images/s", "s / epoch (train)", "data wait", "peak GPU mem", "result")
+COLUMNS = (
+    "section",
+    "images/s",
+    "s / epoch (train)",
+    "data wait",
+    "GPU busy",
+    "syncs / step",
+    "peak GPU mem",
+    "result",
+)
 
 
 @dataclass(frozen=True)
@@ -123,34 +133,34 @@ class Scale:
 
     per_breed: int
     # Sample sides: the long side is uniform in [min_side, max_side], the short side long / U(1, 1.6) (at least
-    # min_side). 300-650 gives 189k pixels per image on average, what the real archive's typical 500x375 has, and
-    # short sides of 300-544 px for 90% of the images (median 366), as the real ones are mostly 300-500 px. The real
-    # archive also has a few percent of larger photos, up to ~2,500 px; a uniform long side reaching that far would
-    # make most images huge, so that tail is left out. Path (a) decodes such photos in JPEG draft mode at 1/2-1/4
-    # scale (a few times a typical image's cost); nvJPEG in path (b) decodes them whole. And the drawn images compress
-    # to ~28 KiB (quality 90) against ~105 KiB for the real photos (~790 MB / 7,390): less entropy decoding per image.
-    # So both data paths may read fast; section 2's row gives the sample's file size.
+    # min_side). 300-650 gives 189k pixels per image on average, what the real archive's typical 500x375 has. The
+    # drawn images compress to ~28 KiB (quality 90); Gaussian noise of ``noise`` levels brings them to the ~100 KiB
+    # of the real photos (~790 MB / 7,390), so the JPEG decoders have as much entropy to decode.
     min_side: int
     max_side: int
+    noise: float
     item_size: int
     size: int
     batch_size: int
-    workers: int  # DataLoader workers of path (a); path (b) reads bytes only and needs fewer
-    bytes_workers: int
-    warmup_steps: int
+    lr_find_steps: int
+    bytes_workers: int  # the device-decode path reads bytes only and needs few workers
     model_batches: int  # section 4: pre-augmented batches held on the device, cycled
     model_warmup: int
     model_steps: int
 
 
 FULL = Scale(
-    per_breed=200, min_side=300, max_side=650, item_size=460, size=224, batch_size=64,
-    workers=12, bytes_workers=4, warmup_steps=6, model_batches=8, model_warmup=5, model_steps=40,
+    per_breed=200, min_side=300, max_side=650, noise=18.0, item_size=460, size=224, batch_size=64,
+    lr_find_steps=100, bytes_workers=4, model_batches=8, model_warmup=5, model_steps=40,
 )  # fmt: skip
 TINY = Scale(
-    per_breed=4, min_side=64, max_side=120, item_size=64, size=48, batch_size=16,
-    workers=1, bytes_workers=1, warmup_steps=1, model_batches=2, model_warmup=1, model_steps=4,
+    per_breed=4, min_side=64, max_side=120, noise=18.0, item_size=64, size=48, batch_size=16,
+    lr_find_steps=12, bytes_workers=1, model_batches=2, model_warmup=1, model_steps=4,
 )  # fmt: skip
+
+
+# The DDP proxy: 8 ranks share the machine's cores and split every global batch of 64 eight ways.
+PROXY_RANKS = 8
 
 
 @dataclass
@@ -159,17 +169,30 @@ class Row:
     images_per_s: float | None = None
     s_per_epoch: float | None = None
     wait_share: float | None = None
+    busy_share: float | None = None
+    syncs_per_step: float | None = None
     peak_mem_mib: float | None = None
+    reserved_mib: float | None = None
     result: str = ""
     numbers: dict[str, Any] = field(default_factory=dict)
 
     def cells(self) -> list[str]:
+        def share(value: float | None) -> str:
+            return "—" if value is None else f"{value:.0%}"
+
+        memory = "—"
+        if self.peak_mem_mib is not None:
+            memory = f"{self.peak_mem_mib / 1024:.1f} GiB"
+            if self.reserved_mib is not None:
+                memory += f" ({self.reserved_mib / 1024:.1f} reserved)"
         return [
             self.section,
             "—" if self.images_per_s is None else f"{self.images_per_s:,.0f}",
             "—" if self.s_per_epoch is None else f"{self.s_per_epoch:.2f}",
-            "—" if self.wait_share is None else f"{self.wait_share:.0%}",
-            "—" if self.peak_mem_mib is None else f"{self.peak_mem_mib / 1024:.1f} GiB",
+            share(self.wait_share),
+            share(self.busy_share),
+            "—" if self.syncs_per_step is None else f"{self.syncs_per_step:.2f}",
+            memory,
             self.result.replace("|", "/").replace("\n", " "),
         ]
 
@@ -228,6 +251,8 @@ def header(args: argparse.Namespace, scale: Scale) -> str:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
     from machine import machine_header  # bench/machine.py
 
+    from petbreeds.data.dataloaders import default_num_workers
+
     return "\n".join(
         [
             machine_header(),
@@ -235,9 +260,9 @@ def header(args: argparse.Namespace, scale: Scale) -> str:
             f"# python:  {sys.version.split()[0]}, torchvision {torchvision.__version__}; {host_memory()}",
             f"# run:     bench/gpu_check.py --device {args.device}{' --tiny' if args.tiny else ''} "
             f"--budget-s {args.budget_s:g}; sample {N_CLASSES} x {scale.per_breed} images, sides "
-            f"{scale.min_side}-{scale.max_side} px; item {scale.item_size} -> size {scale.size}, batch "
-            f"{scale.batch_size}, bf16 autocast + channels_last, unfrozen, random init (weights none), "
-            f"{scale.workers} loader workers (path b: {scale.bytes_workers}), {torch.get_num_threads()} CPU threads",
+            f"{scale.min_side}-{scale.max_side} px, noise {scale.noise:g}; item {scale.item_size} -> size "
+            f"{scale.size}, batch {scale.batch_size}, bf16 autocast + channels_last, random init (weights none), "
+            f"{default_num_workers(-1)} loader workers (the library's rule), {torch.get_num_threads()} CPU threads",
         ]
     )
 
@@ -262,49 +287,131 @@ def reset_peak(device: Any) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_mib(device: Any) -> float | None:
+def peak_memory(row: Row, device: Any) -> None:
     import torch
 
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if device.type == "cuda":
+        row.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        row.reserved_mib = torch.cuda.max_memory_reserved(device) / 2**20
 
 
-@dataclass
-class Timing:
-    steps: int = 0
-    images: int = 0
-    seconds: float = 0.0
-    wait: float = 0.0  # waiting for the loader's next batch
-    partial: bool = False  # stopped at the deadline before the epoch ended
+def union_us(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """The time covered by ``intervals`` (µs) within [start, end], overlaps counted once."""
+    covered, reach = 0.0, start
+    for lo, hi in sorted(intervals):
+        lo, hi = max(lo, reach), min(hi, end)
+        if hi > lo:
+            covered += hi - lo
+            reach = hi
+    return covered
 
 
-def timed_steps(
-    batches: Iterable[Any], step: Callable[[Any], int], device: Any, deadline: float, limit: int | None = None
-) -> Timing:
-    """Run ``step`` on each batch (at most ``limit``); wall time, and the time spent waiting for the next batch
-    (from the end of one step, the device synchronised, to the batch's arrival)."""
-    timing = Timing()
-    sync(device)
-    started = ended = time.perf_counter()
+class Probe:
+    """Watches one library call (``lr_find``, ``fit_one_cycle``) through the per-step callback it already has.
+
+    ``step()`` goes in that callback. ``torch.profiler`` records a window of ``active`` steps after ``wait`` + 1
+    (cuDNN's autotuning, the workers' first batches and the allocator's growth stay outside); from it come the
+    GPU-busy share (the union of the kernels' intervals over the window's wall time) and the data-wait share (the
+    DataLoader's ``__next__`` calls over the same). On CUDA every synchronising call the whole call makes is counted
+    through ``torch.cuda.set_sync_debug_mode("warn")``, with the line it comes from.
+    """
+
+    def __init__(self, device: Any, steps: int) -> None:
+        import torch
+
+        self.device = device
+        self.wait = min(10, max(1, steps // 4))
+        self.active = max(1, min(40, steps - self.wait - 3))
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        schedule = torch.profiler.schedule(wait=self.wait, warmup=1, active=self.active, repeat=1)
+        self.profiler = torch.profiler.profile(activities=activities, schedule=schedule)
+        self.steps = 0
+        self.caught: list[warnings.WarningMessage] = []
+        self._warnings = warnings.catch_warnings(record=True)
+
+    def __enter__(self) -> Probe:
+        import torch
+
+        reset_peak(self.device)
+        self.caught = self._warnings.__enter__()
+        warnings.simplefilter("always")
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        self.profiler.__enter__()
+        self.started = time.perf_counter()
+        return self
+
+    def step(self, *_: Any) -> None:
+        self.steps += 1
+        self.profiler.step()
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.started
+        self.profiler.__exit__(None, None, None)
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        self._warnings.__exit__(None, None, None)
+
+    def fill(self, row: Row) -> None:
+        """The window's shares, the syncs per step and the peak memory into ``row``; where the syncs come from into
+        ``row.numbers``."""
+        from torch.autograd import DeviceType
+
+        events = self.profiler.events() or []
+        marks = [e.time_range for e in events if e.name.startswith("ProfilerStep")]  # "#3", or "*" (torch 2.15)
+        if marks:
+            start, end = min(r.start for r in marks), max(r.end for r in marks)
+            kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+            loads = [(e.time_range.start, e.time_range.end) for e in events if "DataLoader" in e.name]
+            wall = max(end - start, 1e-9)
+            row.wait_share = union_us(loads, start, end) / wall
+            row.busy_share = union_us(kernels, start, end) / wall if self.device.type == "cuda" else None
+            row.numbers["profiled_steps"] = self.active
+        syncs = [w for w in self.caught if "synchroniz" in str(w.message)]
+        if self.device.type == "cuda":
+            row.syncs_per_step = len(syncs) / max(1, self.steps)
+            sites: dict[str, int] = {}
+            for w in syncs:
+                site = f"{Path(w.filename).name}:{w.lineno}"
+                sites[site] = sites.get(site, 0) + 1
+            row.numbers["sync_sites"] = sites
+        row.numbers.update(steps=self.steps, call_s=self.seconds)
+        peak_memory(row, self.device)
+
+
+def timed(batches: Iterable[Any], step: Callable[[Any], int], device: Any, warmup: int) -> tuple[int, float]:
+    """(images, seconds) of ``step`` over ``batches`` after ``warmup`` untimed ones; the device synchronised at both
+    ends only."""
     iterator = iter(batches)
-    while limit is None or timing.steps < limit:
-        if time.monotonic() > deadline:
-            timing.partial = True
-            break
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
-        timing.wait += time.perf_counter() - ended
-        timing.images += step(batch)
-        sync(device)
-        ended = time.perf_counter()
-        timing.steps += 1
-    timing.seconds = ended - started
-    return timing
+    for _ in range(warmup):
+        step(next(iterator))
+    sync(device)
+    started, images = time.perf_counter(), 0
+    for batch in iterator:
+        images += step(batch)
+    sync(device)
+    return images, time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------------------------------
 # Path (b): JPEG bytes from the workers, decoded on the device
+
+
+def add_noise(path: Path, sigma: float) -> None:
+    """Gaussian noise of ``sigma`` levels on a drawn JPEG, saved again at quality 90: a real photo's entropy."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    noisy = np.clip(pixels + rng.normal(0.0, sigma, pixels.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(path, quality=90)
 
 
 class JpegBytes:
@@ -397,8 +504,9 @@ class Check:
         self.header = ""
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check."))
         self.sample: dict[str, Any] | None = None  # table, vocab, raw, params
-        self.data_a: Any = None  # petbreeds.learn.training.TrainingData of path (a), shared by the sections
-        self.held: tuple[Any, list[Any]] | None = None  # section 4: the model and the batches on the device
+        self.data: Any = None  # petbreeds.learn.training.TrainingData, shared by sections 3 and 4
+        self.models: dict[str, Any] = {}  # section 3: each arch's model, passed from one phase to the next
+        self.suggested: dict[str, float] = {}  # section 3: lr_find's suggestion, the frozen epoch's lr
         self.current = ""  # the section running now
         self.child: subprocess.Popen[str] | None = None  # pytest, while it runs
 
@@ -433,22 +541,25 @@ class Check:
             return
         self.args.out.mkdir(parents=True, exist_ok=True)
         (self.args.out / "gpu_check.md").write_text(f"{self.header}\n\n{markdown_table(self.rows)}\n")
-        rows = [{"section": r.section, "images_per_s": r.images_per_s, "s_per_epoch": r.s_per_epoch,
-                 "wait_share": r.wait_share, "peak_mem_mib": r.peak_mem_mib, "result": r.result, **r.numbers}
-                for r in self.rows]  # fmt: skip
+        rows = [{**{k: v for k, v in vars(r).items() if k != "numbers"}, **r.numbers} for r in self.rows]
         (self.args.out / "gpu_check.json").write_text(json.dumps({"elapsed_s": self.elapsed(), "rows": rows}, indent=1))
 
     def params(self, arch: str = "resnet34") -> Any:
+        """params.yaml as the check runs it: its sizes, bf16, random init, one epoch per phase; the rest (workers,
+        channels_last, deterministic, augmentation) as a user gets it."""
         from petbreeds.config import load_params
 
         s, base = self.scale, load_params(ROOT / "params.yaml")
-        data = dict(item_size=s.item_size, size=s.size, batch_size=s.batch_size, num_workers=s.workers)
+        data = dict(item_size=s.item_size, size=s.size, batch_size=s.batch_size)
+        one_epoch = {"epochs": 1}
         return base.model_copy(
             update={
                 "data": base.data.model_copy(update=data),
                 "model": base.model.model_copy(update={"arch": arch, "weights": "none"}),
-                "train": base.train.model_copy(update={"precision": "bf16", "channels_last": True}),
-                "train_unfrozen": base.train_unfrozen.model_copy(update={"epochs": 1}),
+                "train": base.train.model_copy(update={"precision": "bf16"}),
+                "lr_find": base.lr_find.model_copy(update={"num_it": s.lr_find_steps}),
+                "train_frozen": base.train_frozen.model_copy(update=one_epoch),
+                "train_unfrozen": base.train_unfrozen.model_copy(update=one_epoch),
             }
         )
 
@@ -458,7 +569,7 @@ class Check:
         files = [f for f in (TINY_TESTS if self.args.tiny else DEVICE_TESTS) if (ROOT / f).is_file()]
         # what is left of the budget, less what the measurements need (about 3 minutes on the H200)
         timeout = max(30.0, min(self.args.tests_timeout_s, self.deadline - time.monotonic() - 180))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *files]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
         started = time.perf_counter()
         proc = self.child = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -501,8 +612,10 @@ class Check:
         s = self.scale
         raw = self.work / "raw"
         started = time.perf_counter()
-        # a process pool over all cores (sample_data.generate_sample)
+        # a process pool over all cores (sample_data.generate_sample), then again for the noise
         generate_sample(raw, SampleParams(per_breed=s.per_breed, seed=0, min_side=s.min_side, max_side=s.max_side))
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(add_noise, sorted((raw / "images").glob("*.jpg")), itertools.repeat(s.noise), chunksize=64))
         generated = time.perf_counter()
         regex = self.params().index.label_regex
         index = index_images(raw, IndexParams(label_regex=regex, min_class_images=2, workers=0))  # 0: all cores
@@ -523,207 +636,186 @@ class Check:
             f"{table['bytes'].mean() / 1024:.0f} KiB per file"
         )
 
-    def training_data_a(self) -> Any:
-        """The library's loaders and augmentation (path a), built once: the data do not depend on the arch."""
-        if self.data_a is None:
+    def training_data(self) -> Any:
+        """The library's loaders and augmentation, as the training stages build them; built once and shared: the
+        data do not depend on the arch."""
+        if self.data is None:
             from petbreeds.learn.training import training_data
             from petbreeds.world import SINGLE_PROCESS
 
             assert self.sample is not None
             params = self.params()
-            self.data_a = training_data(
+            self.data = training_data(
                 params, self.sample["table"], self.sample["vocab"], self.sample["raw"], seed=params.seed,
                 world=SINGLE_PROCESS,
             )  # fmt: skip
-        return self.data_a
+        return self.data
 
-    # -- 3 one epoch -------------------------------------------------------------------------------
+    # -- 3 the library, as the stages run it -------------------------------------------------------
 
     def new_model(self, arch: str) -> Any:
         import torch
 
-        from petbreeds.learn.model import create_model, unfreeze
+        from petbreeds.learn.model import create_model, freeze
 
         torch.manual_seed(42)
         model = create_model(arch, N_CLASSES, None)
-        unfreeze(model)
+        freeze(model)
         return model
 
-    def epoch(self, row: Row, arch: str, path: str) -> None:
-        from petbreeds.learn.model import param_groups
-        from petbreeds.learn.schedule import group_lrs, make_one_cycle, make_optimizer
-        from petbreeds.learn.training import batch_inputs, train_step
+    def lr_find(self, row: Row, arch: str) -> None:
+        from petbreeds.learn.lr_find import lr_find
 
-        data = self.training_data_a()
-        compute, s = data.compute, self.scale
-        phase = self.params(arch).train_unfrozen
-        reset_peak(compute.device)
-        model = self.new_model(arch)
-        compute.place(model)
-        model.train()
-        if path == "a":
-            loader = data.train_loader
-        else:
-            assert self.sample is not None
-            sample = self.sample
-            loader = bytes_loader(sample["table"], sample["raw"], sample["vocab"], s, seed=42, timeout_s=120)
-        n_batches = len(loader)
-        opt = make_optimizer(param_groups(model), group_lrs(phase.lr, 3), phase.wd)
-        sched = make_one_cycle(opt, s.warmup_steps + n_batches, phase.pct_start, phase.div, phase.div_final)
-        scaler = compute.grad_scaler()
-        crops = random.Random(42)
-        decode_s = 0.0
+        data, params = self.training_data(), self.params(arch)
+        model = self.models[arch] = self.new_model(arch)
+        with Probe(data.compute.device, params.lr_find.num_it) as probe:
+            result = lr_find(model, data, params.lr_find, params.train_frozen.wd, on_step=probe.step)
+        probe.fill(row)
+        steps = len(result.lrs)
+        row.images_per_s = steps * self.scale.batch_size / probe.seconds
+        suggestion = result.suggestions[params.lr_find.suggestion]
+        if math.isfinite(suggestion):
+            self.suggested[arch] = suggestion
+        row.numbers.update(lr_find_steps=steps, suggestions=result.suggestions)
+        row.result = f"ok: {steps} steps in {probe.seconds:.1f} s; {params.lr_find.suggestion} {suggestion:.2e}"
 
-        def step(batch: Any) -> int:
-            nonlocal decode_s
-            if path == "b":
-                started = time.perf_counter()
-                flat, lengths, y = batch
-                batch = (device_presize(split_bytes(flat, lengths), s.item_size, compute.device, crops), y)
-                sync(compute.device)
-                decode_s += time.perf_counter() - started
-            x, y = batch_inputs(batch, data.augment, compute, train=True)
-            loss = train_step(model, opt, scaler, x, y, compute).item()
-            sched.step()
-            if not math.isfinite(loss):
-                raise RuntimeError(f"the training loss is {loss}")
-            return len(y)
-
-        timed_steps(loader, step, compute.device, self.deadline, limit=s.warmup_steps)  # a discarded partial epoch
-        decode_s = 0.0
-        t = timed_steps(loader, step, compute.device, self.deadline)  # one full epoch
-        row.images_per_s = t.images / t.seconds
-        row.s_per_epoch = t.seconds
-        row.wait_share = t.wait / t.seconds
-        row.peak_mem_mib = peak_mib(compute.device)
-        row.numbers = {"steps": t.steps, "images": t.images, "seconds": t.seconds, "wait_s": t.wait}
-        notes = [f"{t.steps} steps of {s.batch_size} in {t.seconds:.1f} s"]
-        if path == "b":
-            row.numbers["decode_s"] = decode_s
-            notes.append(f"decode + crop + resize {decode_s / t.seconds:.0%} of the epoch")
-        if t.partial:
-            notes.append(f"PARTIAL: the budget ran out after {t.steps} of {n_batches} steps")
-        row.result = "ok: " + "; ".join(notes)
-        del loader
-
-    def fit(self, row: Row, arch: str) -> None:
+    def fit(self, row: Row, arch: str, phase_name: str) -> None:
+        from petbreeds.learn.model import param_groups, unfreeze
         from petbreeds.learn.schedule import group_lrs
         from petbreeds.learn.training import fit_one_cycle
 
-        data = self.training_data_a()
-        phase = self.params(arch).train_unfrozen
-        reset_peak(data.compute.device)
-        model = self.new_model(arch)
-        history = fit_one_cycle(model, data, phase, group_lrs(phase.lr, 3), stage=f"gpu_check {arch}")
+        data, params = self.training_data(), self.params(arch)
+        model = self.models.get(arch) or self.new_model(arch)
+        if phase_name == "frozen epoch":
+            phase, lr = params.train_frozen, self.suggested.get(arch, 1e-3)
+        else:
+            unfreeze(model)
+            phase, lr = params.train_unfrozen, params.train_unfrozen.lr or [1e-5, 1e-3]
+        with Probe(data.compute.device, len(data.train_loader)) as probe:
+            history = fit_one_cycle(
+                model, data, phase, group_lrs(lr, len(param_groups(model))), stage=f"gpu_check {arch}",
+                on_batch=probe.step,
+            )  # fmt: skip
+        self.models[arch] = model
+        probe.fill(row)
         epoch = history[0]
         images = len(data.train_loader) * self.scale.batch_size
         row.images_per_s = epoch["images_per_s"]
         row.s_per_epoch = images / epoch["images_per_s"]
-        row.peak_mem_mib = peak_mib(data.compute.device)
-        row.numbers = dict(epoch)
+        row.numbers.update(epoch)
         if not math.isfinite(epoch["valid_loss"]):
             raise RuntimeError(f"valid_loss is {epoch['valid_loss']}")
         row.result = (
-            f"ok: training + validation {epoch['seconds']:.1f} s; valid_loss {epoch['valid_loss']:.3f}, error_rate "
-            f"{epoch['error_rate']:.3f} (random init, 1 epoch); data wait not measured here (section 3a)"
+            f"ok: {len(data.train_loader)} steps + validation {epoch['seconds']:.1f} s; valid_loss "
+            f"{epoch['valid_loss']:.3f}, error_rate {epoch['error_rate']:.3f} (random init)"
         )
 
-    # -- 4 DDP -------------------------------------------------------------------------------------
+    # -- 4 the data and the model alone ------------------------------------------------------------
 
-    def model_bare(self, row: Row) -> None:
+    def data_cpu(self, row: Row) -> None:
+        """The library's training loader by itself, one epoch: how fast the CPU workers decode and presize."""
+        import torch
+
+        from petbreeds.data.dataloaders import batch_stream
+
+        loader = self.training_data().train_loader
+        stream = batch_stream(loader)
+        images, seconds = timed(itertools.islice(stream, len(loader) + 2), lambda b: len(b[1]), torch.device("cpu"), 2)
+        row.images_per_s, row.s_per_epoch = images / seconds, seconds
+        row.result = f"ok: {loader.num_workers} workers, {images} images in {seconds:.1f} s"
+
+    def data_device(self, row: Row) -> None:
+        """The same JPEGs read as bytes by a few workers and decoded and presized on the device, one epoch."""
+        assert self.sample is not None
+        device = self.training_data().compute.device
+        s, sample = self.scale, self.sample
+        loader = bytes_loader(sample["table"], sample["raw"], sample["vocab"], s, seed=42, timeout_s=120)
+        crops = random.Random(42)
+
+        def step(batch: Any) -> int:
+            flat, lengths, y = batch
+            device_presize(split_bytes(flat, lengths), s.item_size, device, crops)
+            return len(y)
+
+        reset_peak(device)
+        images, seconds = timed(loader, step, device, 2)
+        row.images_per_s, row.s_per_epoch = images / seconds, seconds
+        peak_memory(row, device)
+        row.result = f"ok: {s.bytes_workers} workers reading bytes, {images} images in {seconds:.1f} s"
+        del loader
+
+    def model_alone(self, row: Row) -> None:
         """resnet34 alone on pre-augmented batches held on the device: the model's own speed, no data path."""
-        from petbreeds.learn.training import batch_inputs
+        from petbreeds.data.dataloaders import batch_stream
+        from petbreeds.learn.model import param_groups, unfreeze
+        from petbreeds.learn.schedule import make_optimizer
+        from petbreeds.learn.training import batch_inputs, train_step
 
-        data = self.training_data_a()
+        data, s = self.training_data(), self.scale
         compute = data.compute
-        batches = []
-        for batch in data.train_loader:
-            batches.append(batch_inputs(batch, data.augment, compute, train=True))
-            if len(batches) == self.scale.model_batches:
-                break
-        reset_peak(compute.device)
+        stream = batch_stream(data.train_loader)
+        batches = [batch_inputs(next(stream), data.augment, compute, train=True) for _ in range(s.model_batches)]
         model = self.new_model("resnet34")
+        unfreeze(model)
         compute.place(model)
         model.train()
-        self.model_steps(row, model, model, batches)
-        self.held = (model, batches)
-
-    def model_ddp(self, row: Row) -> None:
-        """The same under DistributedDataParallel in a process group of one (what distributed.wrap does for several)."""
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
-        model, batches = self.held
-        device = self.training_data_a().compute.device
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group(backend, rank=0, world_size=1)
-        try:
-            reset_peak(device)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                net = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
-                self.model_steps(row, net, model, batches)
-        finally:
-            dist.destroy_process_group()
-        bare = self.rows[-1].images_per_s
-        ratio = row.images_per_s / bare if bare and row.images_per_s else math.nan
-        said = sorted({str(w.message).splitlines()[0][:160] for w in caught})
-        row.numbers.update(backend=backend, ratio_to_bare=ratio, warnings=said)
-        row.result += f"; {backend}, {ratio:.2f}x the bare model" + (f"; warned: {' / '.join(said)}" if said else "")
-
-    def model_compiled(self, row: Row) -> None:
-        """The same bare model as ``train.compile: true`` trains it (``Compute.for_training``: torch.compile, cold
-        cache): how long the first forward + backward takes to compile, then the steady speed against the bare
-        model's. The numbers that decide whether compile should be on by default on CUDA (issue 17)."""
-        from dataclasses import replace
-
-        model, batches = self.held
-        compute = replace(self.training_data_a().compute, compile=True)
-        net = compute.for_training(model)
-        x, _ = batches[0]
-        reset_peak(compute.device)
-        started = time.perf_counter()
-        with compute.autocast():
-            net(x).float().sum().backward()
-        model.zero_grad(set_to_none=True)
-        sync(compute.device)
-        compile_s = time.perf_counter() - started
-        self.model_steps(row, net, model, batches)
-        bare = next(r.images_per_s for r in self.rows if r.section == SECTIONS[-4])
-        ratio = row.images_per_s / bare if bare and row.images_per_s else math.nan
-        row.numbers.update(compile_s=compile_s, ratio_to_bare=ratio)
-        row.result += (
-            f"; first forward + backward (compiling, or reading a warm cache) {compile_s:.1f} s; "
-            f"{ratio:.2f}x the bare model"
-        )
-
-    def model_steps(self, row: Row, net: Any, model: Any, batches: list[Any]) -> None:
-        from petbreeds.learn.model import param_groups
-        from petbreeds.learn.schedule import make_optimizer
-        from petbreeds.learn.training import train_step
-
-        compute, s = self.training_data_a().compute, self.scale
         opt = make_optimizer(param_groups(model), [1e-4] * 3, 0.01)
         scaler = compute.grad_scaler()
 
         def step(batch: Any) -> int:
             x, y = batch
-            train_step(net, opt, scaler, x, y, compute).item()
+            train_step(model, opt, scaler, x, y, compute)
             return len(y)
 
+        reset_peak(compute.device)
         cycled = (batches[i % len(batches)] for i in range(s.model_warmup + s.model_steps))
-        timed_steps(cycled, step, compute.device, self.deadline, limit=s.model_warmup)
-        t = timed_steps(cycled, step, compute.device, self.deadline)
-        row.images_per_s = t.images / t.seconds
-        row.peak_mem_mib = peak_mib(compute.device)
-        row.numbers = {"steps": t.steps, "images": t.images, "seconds": t.seconds}
-        row.result = f"ok: {t.steps} steps of {s.batch_size}, {len(batches)} batches held on the device, cycled"
+        images, seconds = timed(cycled, step, compute.device, s.model_warmup)
+        row.images_per_s = images / seconds
+        peak_memory(row, compute.device)
+        row.result = f"ok: {s.model_steps} unfrozen steps of {s.batch_size}, {len(batches)} batches held, cycled"
 
-    # -- 5 fastai ----------------------------------------------------------------------------------
+    # -- 5 DDP proxy -------------------------------------------------------------------------------
+
+    def ddp_proxy(self, row: Row) -> None:
+        """One rank of 8 on this machine: an eighth of the images, a per-rank batch of 8, the loader workers the
+        library gives each of 8 processes; resnet34, one unfrozen epoch with validation. The gradients' all-reduce
+        is left out (one process): this is the rank's own step and data path."""
+        from petbreeds.data.dataloaders import default_num_workers
+        from petbreeds.learn.model import param_groups, unfreeze
+        from petbreeds.learn.schedule import group_lrs
+        from petbreeds.learn.training import fit_one_cycle, training_data
+        from petbreeds.world import SINGLE_PROCESS
+
+        assert self.sample is not None
+        base = self.params()
+        workers = default_num_workers(-1, processes=PROXY_RANKS)
+        data_params = base.data.model_copy(
+            update={"batch_size": base.data.batch_size // PROXY_RANKS, "num_workers": workers}
+        )
+        params = base.model_copy(update={"data": data_params})
+        table = self.sample["table"]
+        share = table.iloc[::PROXY_RANKS].reset_index(drop=True)  # an eighth of the train and the valid rows alike
+        data = training_data(params, share, self.sample["vocab"], self.sample["raw"], seed=1, world=SINGLE_PROCESS)
+        model = self.new_model("resnet34")
+        unfreeze(model)
+        phase = params.train_unfrozen
+        with Probe(data.compute.device, len(data.train_loader)) as probe:
+            history = fit_one_cycle(
+                model, data, phase, group_lrs(phase.lr or [1e-5, 1e-3], len(param_groups(model))),
+                stage="gpu_check ddp proxy", on_batch=probe.step,
+            )  # fmt: skip
+        probe.fill(row)
+        epoch = history[0]
+        images = len(data.train_loader) * data_params.batch_size
+        row.images_per_s = epoch["images_per_s"]
+        row.s_per_epoch = images / epoch["images_per_s"]
+        row.numbers.update(epoch, workers=workers, per_rank_batch=data_params.batch_size)
+        row.result = (
+            f"ok: {len(data.train_loader)} steps of {data_params.batch_size}, {workers} workers; all ranks together "
+            f"would train {PROXY_RANKS * epoch['images_per_s']:,.0f} images/s before the all-reduce's cost"
+        )
+
+    # -- 6 fastai ----------------------------------------------------------------------------------
 
     def fastai(self, row: Row) -> None:
         import importlib.util
@@ -747,13 +839,13 @@ class Check:
         steps: list[tuple[str, Callable[[Row], None], bool]] = [(SECTIONS[0], self.tests, False)]
         steps.append((SECTIONS[1], self.make_sample, False))
         for arch in ARCHS:
-            steps.append((f"3a {arch}, CPU decode", lambda row, arch=arch: self.epoch(row, arch, "a"), True))
-            steps.append((f"3b {arch}, device decode", lambda row, arch=arch: self.epoch(row, arch, "b"), True))
-        for arch in ARCHS:
-            steps.append((f"3c {arch}, fit_one_cycle (library)", lambda row, arch=arch: self.fit(row, arch), True))
-        steps.append((SECTIONS[-4], self.model_bare, True))
-        steps.append((SECTIONS[-3], self.model_ddp, True))
-        steps.append((SECTIONS[-2], self.model_compiled, True))
+            steps.append((f"3 {arch}, lr_find", lambda row, arch=arch: self.lr_find(row, arch), True))
+            for phase in PHASES[1:]:
+                steps.append((f"3 {arch}, {phase}", lambda row, a=arch, p=phase: self.fit(row, a, p), True))
+        steps.append((SECTIONS[-5], self.data_cpu, True))
+        steps.append((SECTIONS[-4], self.data_device, True))
+        steps.append((SECTIONS[-3], self.model_alone, True))
+        steps.append((SECTIONS[-2], self.ddp_proxy, True))
         steps.append((SECTIONS[-1], self.fastai, False))
         assert [name for name, _, _ in steps] == list(SECTIONS)
         return steps
@@ -763,7 +855,6 @@ class Check:
 
         if self.args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no CUDA device; use --device cpu for a dry run")
-        torch.backends.cudnn.benchmark = True
         if self.args.tiny:
             # The dry run measures nothing: one thread keeps it at ~40 s on 2 busy cores, where 2 OpenMP threads
             # that spin-wait for each other took ~2 min.
@@ -778,12 +869,9 @@ class Check:
         watchdog.daemon = True
         watchdog.start()
         for name, run, needs_sample in self.plan():
-            if name in SECTIONS[-3:-1] and self.held is None:
-                self.rows.append(Row(name, result="skipped: the bare run of section 4 did not finish"))
-                continue
-            if name == SECTIONS[-1]:
-                self.held = self.data_a = None  # the loaders' persistent workers end here
-                reset_peak(torch.device("cpu"))
+            if name == SECTIONS[-2]:
+                self.data = None  # the shared loaders' persistent workers end here
+                self.models.clear()
             self.section(name, run, needs_sample)
         watchdog.cancel()
         self.write()
@@ -824,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu hides the GPUs")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, one test file: the CPU dry run")
     parser.add_argument("--out", type=Path, default=None, help="write gpu_check.md, gpu_check.json, pytest.log here")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip the sections left after this (420)")
+    parser.add_argument("--budget-s", type=float, default=360.0, help="skip the sections left after this (360)")
     parser.add_argument(
         "--grace-s", type=float, default=60.0, help="past --budget-s + this, report and exit 3 whatever runs (60)"
     )

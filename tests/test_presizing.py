@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from petbreeds.config import DataParams
-from petbreeds.data.dataloaders import default_num_workers, make_loader, to_device
+from petbreeds.data.dataloaders import batch_stream, default_num_workers, make_loader, to_device
 from petbreeds.data.presizing import PresizedImages, load_rgb, presize
 from petbreeds.errors import PetbreedsError
 
@@ -159,7 +160,7 @@ def test_dataset_crops_randomly_on_train_per_epoch_and_centred_on_valid(tmp_path
 
 
 def batches(loader: torch.utils.data.DataLoader, epochs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [b for _ in range(epochs) for b in loader]
+    return list(itertools.islice(batch_stream(loader), epochs * len(loader)))
 
 
 def test_train_loader_shuffles_drops_last_and_is_seeded(tmp_path: Path) -> None:
@@ -193,15 +194,25 @@ def test_two_workers_give_the_same_batches_as_none(tmp_path: Path) -> None:
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, parallel, strict=True))
 
 
-def test_minus_one_workers_means_none_on_a_cpu_and_one_per_core_on_a_gpu(tmp_path: Path) -> None:
+def test_one_stream_crosses_epochs_and_a_later_start_draws_that_epochs_order(tmp_path: Path) -> None:
+    table = write_items(tmp_path, 10, ["a", "b", "c"])
+    stream = batches(make_loader(table, tmp_path, ["a", "b", "c"], DATA, train=True, seed=3), 3)
+    later = make_loader(table, tmp_path, ["a", "b", "c"], DATA, train=True, seed=3)
+    later.sampler.epoch = 1  # as a resumed fit, or a second fit on the same loader, sets it
+    resumed = batches(later, 2)
+    assert len(stream) == 6 and len(resumed) == 4
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(stream[2:], resumed, strict=True))
+
+
+def test_minus_one_workers_means_none_on_a_cpu_and_the_spare_cores_on_a_gpu(tmp_path: Path) -> None:
     cores = len(os.sched_getaffinity(0))
     assert default_num_workers(-1, cuda=False) == 0
-    assert default_num_workers(-1, cuda=True) == min(16, cores)
+    assert default_num_workers(-1, cuda=True) == min(16, max(1, cores - 2))  # main thread and pin thread
     assert default_num_workers(-1, processes=cores, cuda=True) == 1  # the cores shared among the processes
     assert default_num_workers(3, cuda=False) == default_num_workers(3, cuda=True) == 3  # a number is a number
     table = write_items(tmp_path, 8, ["a", "b"])
     loader = make_loader(table, tmp_path, ["a", "b"], DATA.model_copy(update={"num_workers": -1}), train=True, seed=0)
-    assert loader.num_workers == (min(16, cores) if torch.cuda.is_available() else 0)
+    assert loader.num_workers == (min(16, max(1, cores - 2)) if torch.cuda.is_available() else 0)
 
 
 def test_loader_refuses_unknown_labels_and_too_few_items(tmp_path: Path) -> None:

@@ -239,7 +239,7 @@ def _compiled_fit(
 ) -> tuple[list[dict[str, float]], list[float], list[str]]:
     """:func:`_losses` with train.compile true, compiling into ``cache``; and the cache's files."""
     model, data = _setup(root, table)
-    compiled = TrainingData(**{**vars(data), "compute": replace(data.compute, compile=True)})
+    compiled = replace(data, compute=replace(data.compute, compile=True))
     history, batches = _losses(model, compiled)
     return history, batches, sorted(p.name for p in cache.rglob("*") if p.is_file())
 

@@ -6,6 +6,7 @@ Valid: table order, every item. Batches stay uint8 until the device (a quarter o
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import shutil
@@ -25,11 +26,15 @@ from petbreeds.world import SINGLE_PROCESS, World
 
 # fastai's num_workers = min(16, cpu_count)
 _MAX_DEFAULT_WORKERS = 16
+# Cores a GPU training process keeps for itself: its main thread (launching the GPU's work, augmenting) and the
+# thread that copies the workers' batches into pinned memory.
+_MAIN_AND_PIN_CORES = 2
 
 
 def default_num_workers(requested: int, processes: int = 1, cuda: bool | None = None) -> int:
-    """``data.num_workers``; -1: none when training on the CPU, else the cores this process may use shared among
-    the ``processes`` that train on this machine (one worker per core for one process; at most 16, fastai's cap).
+    """``data.num_workers``; -1: none when training on the CPU, else the cores this process may use (those usable on
+    the machine shared among the ``processes`` that train on it) less two for its main thread and its pin-memory
+    thread, at least one and at most 16 (fastai's cap): 14 for one process on 16 cores.
 
     On a CPU every core already runs the training step's threads. A worker decoding at the same time preempts one of
     them, and the whole step waits for it at its next parallel region; decoding in the training process between two
@@ -41,7 +46,7 @@ def default_num_workers(requested: int, processes: int = 1, cuda: bool | None = 
         return requested
     if not (torch.cuda.is_available() if cuda is None else cuda):
         return 0
-    return min(_MAX_DEFAULT_WORKERS, max(1, usable_cores() // processes))
+    return min(_MAX_DEFAULT_WORKERS, max(1, usable_cores() // processes - _MAIN_AND_PIN_CORES))
 
 
 # Where DataLoader workers hand their batches over (Linux); a container gets 64 MB unless `--shm-size` says more.
@@ -66,32 +71,50 @@ def check_shared_memory(workers: int, batch_bytes: int, loaders: int = 2, shm: P
 
 
 class EpochShuffle(Sampler[tuple[int, int]]):
-    """A seeded random permutation per epoch, in global batches of ``batch_size``, yielding ``(index, epoch)``.
+    """Seeded random permutations, one per epoch, in global batches of ``batch_size``, yielding ``(index, epoch)``
+    endlessly from epoch :attr:`epoch` on; ``len()`` is one epoch's share.
 
     Every rank draws the same permutation and takes its own contiguous share of each global batch, so N ranks
     together see exactly the batches one process would (the incomplete last batch is dropped, as fastai does).
     The epoch travels with each index so that :class:`PresizedImages` can draw that epoch's crop position even
     inside persistent workers, which hold their own copy of the dataset and never see an epoch counter.
+
+    Endless, so that one iterator over the loader (:func:`batch_stream`) serves a whole fit: its workers go on
+    decoding the next epoch's first batches while the last ones train and the model validates, instead of starting
+    cold at every epoch. Epoch e's permutation is the e-th drawn from ``seed``, whatever was iterated before, so
+    that :attr:`epoch` alone says where a resumed fit goes on; the consumer advances it as it finishes epochs.
     """
 
     def __init__(self, n: int, seed: int, batch_size: int, world: World) -> None:
         self.n = n
+        self.seed = seed
         self.batch_size = batch_size
         self.share = batch_size // world.world_size
         self.offset = world.rank * self.share
-        self.epoch = 0
-        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0  # where the next iteration starts
 
     def __len__(self) -> int:
         return self.n // self.batch_size * self.share
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        self.epoch += 1
-        order = torch.randperm(self.n, generator=self.generator).tolist()
-        for start in range(0, len(self) // self.share * self.batch_size, self.batch_size):
-            for index in order[start + self.offset : start + self.offset + self.share]:
-                yield index, epoch
+        generator = torch.Generator().manual_seed(self.seed)
+        for epoch in itertools.count():
+            order = torch.randperm(self.n, generator=generator).tolist()
+            if epoch < self.epoch:
+                continue  # drawn only to reach this epoch's permutation
+            for start in range(0, len(self) // self.share * self.batch_size, self.batch_size):
+                for index in order[start + self.offset : start + self.offset + self.share]:
+                    yield index, epoch
+
+
+def batch_stream(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches, epoch after epoch, from one iterator: ``itertools.islice(stream, len(loader))`` is an
+    epoch. A training loader (:class:`EpochShuffle`) is endless already; any other loader is iterated again."""
+    if isinstance(loader.sampler, EpochShuffle):
+        yield from loader
+        return
+    while True:
+        yield from loader
 
 
 def seed_worker(worker_id: int) -> None:

@@ -16,20 +16,20 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
 
 from petbreeds.atomic import atomic_output, atomic_write_json
 from petbreeds.config import LrFindParams
+from petbreeds.data.dataloaders import batch_stream
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.distributed import mean, wrap
+from petbreeds.learn.feed import ahead_to_device
 from petbreeds.learn.model import PetModel, param_groups
 from petbreeds.learn.schedule import make_optimizer
 from petbreeds.learn.training import SmoothLoss, TrainingData, batch_inputs, train_step
@@ -130,12 +130,6 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> dict[
 # The sweep
 
 
-def _batches_forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's batches, epoch after epoch (each epoch reshuffled, as fastai's lr_find fits several)."""
-    while True:
-        yield from loader
-
-
 def lr_find(
     model: PetModel,
     data: TrainingData,
@@ -167,7 +161,7 @@ def lr_find(
     losses: list[float] = []
     try:
         net.train()
-        for i, batch in enumerate(_batches_forever(data.train_loader)):
+        for i, batch in enumerate(ahead_to_device(batch_stream(data.train_loader), compute.device)):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
             loss = smooth.add(mean(world, train_step(net, opt, scaler, x, y, compute)).item())

@@ -15,10 +15,11 @@ global numbers.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ from tqdm import tqdm
 from petbreeds.atomic import atomic_output
 from petbreeds.config import OneCycleParams, Params
 from petbreeds.data.augment import BatchAugment
-from petbreeds.data.dataloaders import EpochShuffle, make_loader, to_device
+from petbreeds.data.dataloaders import EpochShuffle, batch_stream, make_loader, to_device
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.calibration import CACHE_NAME, cpu_autocast_dtype
 from petbreeds.learn.device import Compute, HostCopy, configure_gpu, pick_device, resolve_precision
 from petbreeds.learn.distributed import from_rank_0, gather, mean, sync_buffers, wrap
+from petbreeds.learn.feed import KeptBatches, ahead_to_device
 from petbreeds.learn.model import PetModel, create_model, freeze, param_groups
 from petbreeds.learn.resume import Resume
 from petbreeds.learn.schedule import make_one_cycle, make_optimizer
@@ -76,6 +78,7 @@ class TrainingData:
     """What a training loop consumes: this rank's loaders, the batch augmentation, where and how to compute.
 
     ``world``: the ranks training together (one process: ``World()``); the loaders hold this rank's share.
+    ``valid_batches``: the validation loader's batches, kept on the device after the first pass when they fit.
     """
 
     vocab: list[str]
@@ -84,6 +87,10 @@ class TrainingData:
     augment: BatchAugment
     compute: Compute
     world: World
+    valid_batches: KeptBatches = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.valid_batches = KeptBatches(self.valid_loader, self.compute.device, self.world.local_world_size)
 
 
 def training_data(
@@ -196,7 +203,7 @@ def _predict(
     compute.place(model)
     model.eval()
     logits, targets = [], []
-    for batch in batches:
+    for batch in ahead_to_device(batches, compute.device):
         x, y = batch_inputs(batch, augment, compute, train=False)
         with compute.autocast():
             out = model(x)
@@ -210,7 +217,7 @@ def validate(model: nn.Module, data: TrainingData) -> tuple[float, float]:
     error_rate): each rank predicts its share with rank 0's BatchNorm statistics, the shares are gathered.
     Both numbers reach the host in one read, after the last batch."""
     sync_buffers(data.world, model)
-    logits, targets = _predict(model, data.valid_loader, data.augment, data.compute)
+    logits, targets = _predict(model, data.valid_batches, data.augment, data.compute)
     logits, targets = gather(data.world, logits), gather(data.world, targets)
     loss = F.cross_entropy(logits, targets)
     error_rate = (logits.argmax(dim=1) != targets).float().mean()
@@ -294,11 +301,21 @@ def fit_one_cycle(
             on_batch(records[-1])
         return records[-1]["train_loss"]
 
+    # One iterator for the whole fit: the loader's workers go on preparing batches across epoch ends and validation.
+    stream = ahead_to_device(batch_stream(data.train_loader), compute.device)
+    per_epoch = len(data.train_loader)
     for epoch in range(start, phase.epochs):
         started = time.perf_counter()
         net.train()
         images = 0
-        batches = tqdm(data.train_loader, desc=f"{stage} epoch {epoch}", leave=False, unit="batch", disable=no_bar)
+        batches = tqdm(
+            itertools.islice(stream, per_epoch),
+            total=per_epoch,
+            desc=f"{stage} epoch {epoch}",
+            leave=False,
+            unit="batch",
+            disable=no_bar,
+        )
         queued: tuple[int, int, float, HostCopy] | None = None  # the batch before: read after this one's step
         for i, batch in enumerate(batches):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
@@ -311,6 +328,8 @@ def fit_one_cycle(
             queued = (epoch, i, lr, loss)
         assert queued is not None  # the loader has at least one batch (make_loader checks)
         train_loss = record(*queued)
+        if isinstance(data.train_loader.sampler, EpochShuffle):
+            data.train_loader.sampler.epoch += 1  # where a later pass (another fit, a resumed one) goes on
         train_seconds = time.perf_counter() - started
         valid_loss, error_rate = validate(model, data)
         seconds = time.perf_counter() - started
@@ -342,11 +361,9 @@ def _print_row(row: dict[str, float]) -> None:
 
 
 def _loop_generators(data: TrainingData) -> dict[str, torch.Generator]:
-    """The random streams of the data a fit consumes besides the global ones: the augmentation's and the shuffle's."""
-    generators = {"augment": data.augment.generator}
-    if isinstance(data.train_loader.sampler, EpochShuffle):
-        generators["shuffle"] = data.train_loader.sampler.generator
-    return generators
+    """The random streams of the data a fit consumes besides the global ones: the augmentation's (the shuffle's
+    permutation follows from its seed and epoch)."""
+    return {"augment": data.augment.generator}
 
 
 @dataclass
