@@ -10,7 +10,7 @@ PIP_ENV := PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-avx2 lint ui bench bench-cpu gpu-wheels clean-venv
+.PHONY: install repro test test-avx2 lint ui bench bench-cpu bench-summary pictures gpu-wheels clean-venv
 
 install: $(STAMP)
 
@@ -50,7 +50,7 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py
 
-# Issue 17's measurements on this CPU, in one go (about 60 min on 2 quiet AMD EPYC cores; README § Speed): the step's
+# The CPU measurements of docs/performance.md § "Reproduce" on this CPU, in one go (about 60 min on 2 cores): the step's
 # profile in both phases, fastai on our malloc setting, the comparison with its spread, then both again with the book's resnet34 (speed only: random weights).
 # Each prints its machine header.
 bench-cpu: $(STAMP)
@@ -61,7 +61,18 @@ bench-cpu: $(STAMP)
 	$(BIN)/python bench/vs_fastai.py --repeats 1 --arch resnet34 --fastai-reuse-freed-memory
 	$(BIN)/python bench/vs_fastai.py --repeats 1 --arch resnet34
 
-# Wheels for bench/gpu_check.py on a lent GPU machine (Python 3.12, torch, no network; README § Development): the
+# Each bench/*.py writes its result to bench/results/<date>-<script>[-<config>]-<cpu>.json; this regenerates the
+# tables in docs/performance.md from them (tests/test_bench_results.py fails while they differ).
+bench-summary: $(STAMP)
+	$(BIN)/python bench/summary.py --write docs/performance.md
+
+# docs/img/*.png from a default run (`make repro`, about 5 min on 2 idle cores), then the pipeline's PNGs, the sample
+# grid and the MLflow run page (headless Chromium: apt-get install chromium) copied or drawn by scripts/pictures.py,
+# which also writes docs/img/PICTURES.md: each picture's caption names the commit, model md5 and metrics it shows.
+pictures: repro
+	$(BIN)/python scripts/pictures.py
+
+# Wheels for bench/gpu_check.py on a lent GPU machine (Python 3.12, torch, no network; docs/development.md § "GPU check"): the
 # runtime dependencies it lacks, at the versions in .venv. ruamel.yaml.clib is not needed (pure-Python ruamel works);
 # typing-extensions travels because pydantic needs >= 4.16, newer than torch asks for. fastai does not fit.
 GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \

@@ -7,7 +7,9 @@ Three configurations: one worker per core (fastai's default), none, and one work
 step's threads on the other cores). Each trains one real unfrozen epoch of efficientnet_lite0 (``fit_one_cycle``,
 fp32 channels_last as the pipeline trains) on the real images, in its own process; the configurations alternate
 round by round, so that load from other processes hits them alike. Prints each one's training images/s (median over
-rounds) and its ratio to the worker processes' rate.
+rounds) and its ratio to the worker processes' rate. ``--data``: a folder holding images/ (default
+../shared/data/oxford-iiit-pet-subset; absent, it stops and says so). Writes the rates and the machine to
+bench/results/<date>-cpu_workers[-<sizes>]-<cpu>.json (``--out``: elsewhere).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machine import machine_header
+from machine import SHARED_SUBSET, header_text, machine_info, require_images, write_result
 
 from petbreeds.machine import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
+DEFAULT_SIZES = (460, 224, 32)  # item size, model input size, batch: the book's
 # name -> (data.num_workers, the step's threads; None: torch's default, one per core)
 CONFIGS = {
     "workers (one per core, fastai's default)": (-2, None),  # -2: one per core, whatever -1 means here
@@ -68,17 +70,24 @@ def one_epoch(data_root: Path, workers: int, threads: int | None, args: argparse
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=SHARED_SUBSET if SHARED_SUBSET.is_dir() else ROOT / "data/raw")
+    parser.add_argument(
+        "--data", type=Path, default=SHARED_SUBSET, help="folder holding images/ (default: %(default)s)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--item-size", type=int, default=460)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--item-size", type=int, default=DEFAULT_SIZES[0])
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZES[1])
+    parser.add_argument("--bs", type=int, default=DEFAULT_SIZES[2])
+    parser.add_argument("--out", type=Path, help="write the result here, not to bench/results/ (JSON)")
     parser.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)  # a child: one epoch
     args = parser.parse_args()
+    require_images(args.data)
     if args.config:
         print(json.dumps({"images_per_s": one_epoch(args.data, *CONFIGS[args.config], args)}))
         return
-    print(machine_header(), flush=True)
+    machine = machine_info()
+    print(header_text(machine), flush=True)
+    images = sum(1 for p in (args.data / "images").iterdir() if p.suffix == ".jpg")
+    print(f"data: {images} images in {args.data / 'images'}", flush=True)
     rates: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for round_ in range(args.rounds):
         order = list(CONFIGS) if round_ % 2 == 0 else list(reversed(CONFIGS))
@@ -90,10 +99,22 @@ def main() -> None:
             print(f"round {round_ + 1}: {name}: {rates[name][-1]:.2f} images/s", flush=True)
     base = statistics.median(rates[next(iter(CONFIGS))])
     print(f"\n{args.item_size} -> {args.size} px, batch {args.bs}, {args.rounds} rounds (median; spread max - min)\n")
+    rows = [
+        {"decode": name, "images_per_s": statistics.median(v), "ratio": statistics.median(v) / base,
+         "spread": max(v) - min(v), "runs": v}
+        for name, v in rates.items()
+    ]  # fmt: skip
     print("| decode | train images/s | ratio to workers | spread |\n|---|---|---|---|")
-    for name, values in rates.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.2f} | {median / base:.2f}× | {max(values) - min(values):.2f} |")
+    for row in rows:
+        print(f"| {row['decode']} | {row['images_per_s']:.2f} | {row['ratio']:.2f}× | {row['spread']:.2f} |")
+    sizes = (args.item_size, args.size, args.bs)
+    record = {
+        "data": {"path": str(args.data), "images": images},
+        "setting": {"item_size": args.item_size, "size": args.size, "batch_size": args.bs, "rounds": args.rounds},
+        "rows": rows,
+    }
+    config = None if sizes == DEFAULT_SIZES else "{}to{}-bs{}".format(*sizes)  # the file names other sizes
+    write_result("cpu_workers", config, record, machine, out=args.out)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Benchmark of the data path, side by side with fastai's way; prints images/s and the ratios. Not a test.
 
-    .venv/bin/python bench/data_pipeline.py [--images DIR] [--n 256] [--batch 64] [--item 460] [--size 224]
+    .venv/bin/python bench/data_pipeline.py [--data DIR] [--n 256] [--batch 64] [--item 460] [--size 224] [--out FILE]
 
 Item stage (CPU): bare Pillow decode + resize, against ``PresizedImages`` in one process and through
 ``make_loader`` with N workers. Batch stage (CPU, and CUDA when present): ``BatchAugment`` (one grid_sample per
 image at ``size``) against fastai's two resamples, re-implemented here with torch: the fused affine + warp
 resampled at item size, then one random resized crop per batch resampled again to ``size`` (docs/fastai.md §2.3–§2.4).
 Targets: batch stage >= 3x faster than fastai's way at 460 -> 224 on CPU; item stage within 1.5x of bare Pillow.
+``--data``: a folder holding images/ (default ../shared/data/oxford-iiit-pet-subset; absent, it stops and says so).
+Writes the rates and the machine to bench/results/<date>-data_pipeline-<cpu>.json (``--out``: elsewhere).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from machine import machine_header
+from machine import SHARED_SUBSET, header_text, machine_info, require_images, write_result
 from PIL import Image
 
 from petbreeds.config import AugmentParams, DataParams, load_params
@@ -32,7 +34,7 @@ from petbreeds.data.dataloaders import default_num_workers, make_loader
 from petbreeds.data.presizing import PresizedImages
 
 ROOT = Path(__file__).resolve().parents[1]
-CANDIDATES = [ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset" / "images", ROOT / "data" / "raw" / "images"]
+DEFAULT_SIZES = (256, 460, 224, 64)  # images for the item stage, item size, model input size, batch
 
 
 def best_of(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -72,17 +74,22 @@ def fastai_two_resamples(x: torch.Tensor, aug: BatchAugment) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, default=next((c for c in CANDIDATES if c.is_dir()), CANDIDATES[-1]))
-    parser.add_argument("--n", type=int, default=256, help="images for the item stage")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--item", type=int, default=460)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument(
+        "--data", type=Path, default=SHARED_SUBSET, help="folder holding images/ (default: %(default)s)"
+    )
+    parser.add_argument("--n", type=int, default=DEFAULT_SIZES[0], help="images for the item stage")
+    parser.add_argument("--batch", type=int, default=DEFAULT_SIZES[3])
+    parser.add_argument("--item", type=int, default=DEFAULT_SIZES[1])
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZES[2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=-1, help="-1: one per core")
+    parser.add_argument("--out", type=Path, help="write the result here, not to bench/results/ (JSON)")
     args = parser.parse_args()
-    print(machine_header())
+    images = require_images(args.data) / "images"
+    machine = machine_info()
+    print(header_text(machine))
 
-    paths = sorted(p for p in args.images.iterdir() if p.suffix == ".jpg")[: args.n]
+    paths = sorted(p for p in images.iterdir() if p.suffix == ".jpg")[: args.n]
     workers = default_num_workers(args.workers, cuda=True)  # -1: one per core, as a GPU's training would load
     data = DataParams(
         item_size=args.item,
@@ -94,7 +101,7 @@ def main() -> None:
     )
     aug_params: AugmentParams = load_params(ROOT / "params.yaml").augment
     cpu = torch.device("cpu")
-    print(f"{len(paths)} images from {args.images}; {args.item} -> {args.size}, batch {args.batch}")
+    print(f"data: {len(paths)} images from {images}; {args.item} -> {args.size}, batch {args.batch}")
     print(f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {workers} workers; shared machine: noisy")
 
     def bare_pillow() -> None:
@@ -104,7 +111,7 @@ def main() -> None:
 
     dataset = PresizedImages(paths, [0] * len(paths), data, train=True, seed=0)
     table = pd.DataFrame({"path": [p.name for p in paths], "label": "x"})
-    loader = make_loader(table, args.images, ["x"], data, train=False, seed=0)
+    loader = make_loader(table, images, ["x"], data, train=False, seed=0)
     no_sync: Callable[[], None] = lambda: None  # noqa: E731
     n = len(paths)
     t_bare = best_of(bare_pillow, args.repeats, no_sync)
@@ -114,11 +121,13 @@ def main() -> None:
     print(f"  bare Pillow decode+convert+resize    {n / t_bare:8.1f}   1.00x")
     print(f"  PresizedImages, 1 process            {n / t_item:8.1f}   {t_bare / t_item:.2f}x")
     print(f"  {f'make_loader, {workers} workers':<37}{n / t_loader:8.1f}   {t_bare / t_loader:.2f}x")
+    item_stage = {"bare_pillow": n / t_bare, "presized": n / t_item, "loader": n / t_loader, "workers": workers}
 
     x_cpu = torch.stack([dataset[i][0] for i in range(min(args.batch, n))])
     b = x_cpu.shape[0]
     devices = [cpu] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print("\nbatch stage, train (one batch)         images/s   speed-up")
+    batch_stage = []
     for device in devices:
         sync = torch.cuda.synchronize if device.type == "cuda" else no_sync
         x = x_cpu.to(device)
@@ -131,6 +140,16 @@ def main() -> None:
         print(f"  {device.type:4} fastai way (2 resamples)      {b / t_ref:8.1f}   1.00x")
         print(f"  {device.type:4} BatchAugment (1 grid_sample)  {b / t_ours:8.1f}   {t_ref / t_ours:.2f}x")
         print(f"  {device.type:4} BatchAugment valid            {b / t_valid:8.1f}")
+        batch_stage.append({"device": device.type, "fastai_way": b / t_ref, "ours": b / t_ours, "valid": b / t_valid})
+    record = {
+        "data": {"path": str(args.data), "images": n},
+        "setting": {"item_size": args.item, "size": args.size, "batch_size": args.batch, "repeats": args.repeats},
+        "item_stage": item_stage,
+        "batch_stage": batch_stage,
+    }
+    sizes = (args.n, args.item, args.size, args.batch)
+    config = None if sizes == DEFAULT_SIZES else "n{}-{}to{}-bs{}".format(*sizes)  # the file names other sizes
+    write_result("data_pipeline", config, record, machine, out=args.out)
 
 
 if __name__ == "__main__":

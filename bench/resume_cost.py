@@ -6,24 +6,26 @@ it back, for each model and phase (frozen: only the head has optimizer state; un
 The state is the one ``fit_one_cycle`` saves (``petbreeds.learn.resume``), built from a real model, its AdamW
 after one step (so that every trained parameter has both moments) and the one-cycle schedule, written by
 ``Resume.save`` into a temporary folder on the disk this runs on. Weights are random (the sizes are what count).
+Writes the rows and the machine to bench/results/<date>-resume_cost-<cpu>.json (``--out``: elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from machine import machine_header
+from machine import header_text, machine_info, write_result
 
 from petbreeds.learn.model import create_model, freeze, param_groups, unfreeze
 from petbreeds.learn.resume import Resume
 from petbreeds.learn.schedule import make_one_cycle, make_optimizer
 from petbreeds.world import SINGLE_PROCESS
+
+ARCHES = ("efficientnet_lite0", "resnet34")
 
 
 def measure(arch: str, phase: str, repeats: int, folder: Path) -> dict[str, float | str]:
@@ -68,12 +70,12 @@ def measure(arch: str, phase: str, repeats: int, folder: Path) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["efficientnet_lite0", "resnet34"])
+    parser.add_argument("--arch", nargs="+", default=list(ARCHES))
     parser.add_argument("--repeats", type=int, default=3, help="the fastest of this many saves and loads is kept")
-    parser.add_argument("--out", type=Path, help="also write the rows and the machine header here (JSON)")
+    parser.add_argument("--out", type=Path, help="write the result here, not to bench/results/ (JSON)")
     args = parser.parse_args()
-    header = machine_header()
-    print(header)
+    machine = machine_info()
+    print(header_text(machine))
     print(f"{'arch':<20}{'phase':<10}{'MiB':>8}{'save s':>9}{'load s':>9}")
     rows = []
     with tempfile.TemporaryDirectory(dir=".") as tmp:  # the disk the project (and its .cache/) is on
@@ -82,8 +84,8 @@ def main() -> None:
                 row = measure(arch, phase, args.repeats, Path(tmp))
                 rows.append(row)
                 print(f"{arch:<20}{phase:<10}{row['mib']:>8.1f}{row['save_s']:>9.3f}{row['load_s']:>9.3f}", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps({"machine": header.splitlines(), "rows": rows}, indent=2) + "\n")
+    config = None if tuple(args.arch) == ARCHES else "-".join(args.arch)  # the file names other networks
+    write_result("resume_cost", config, {"rows": rows}, machine, out=args.out)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,16 @@ child checks that its RandomSplitter(0.2, seed=42) over the sorted file list giv
 Both sides use the same split (seed 42) every run. Run r of petbreeds trains with seed 42 + r (head init, shuffling,
 crops, augmentation draws): petbreeds is deterministic on one machine, so repeats with one seed would measure nothing
 (fastai, as a user runs it, draws its own each run). Prints one table of medians with the ratios and the run-to-run
-spread; ``--out`` also writes every run's numbers and the machine header as JSON (docs/fastai.md quotes such files
-from bench/results/).
+spread, and writes the medians, ratios, every run's numbers and the machine to
+bench/results/<date>-vs_fastai-<arch>[-<options>]-<cpu>.json (``--out``: elsewhere), the files docs/performance.md
+is generated from (bench/summary.py). ``--data``: a folder holding images/ (default
+../shared/data/oxford-iiit-pet-subset; absent, it stops and says so: no other images stand in).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -48,7 +51,6 @@ if TYPE_CHECKING:  # the parent process imports neither: each side imports its l
     from petbreeds.learn.training import TrainingData
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 SIDES = ("fastai", "petbreeds")
 LABEL_REGEX = r"(.+)_\d+.jpg$"
@@ -354,6 +356,34 @@ def run_side(side: str, work: Path, extra_args: list[str], workers: int | None) 
     return result
 
 
+def medians(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Each side's median of every number its runs report (the figures the table and the results file quote)."""
+    return {
+        side: {key: statistics.median(r[key] for r in runs) for key, *_ in COLUMNS if key in runs[0]}
+        for side, runs in results.items()
+    }
+
+
+def ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
+    """petbreeds against fastai per timed figure, > 1 where petbreeds is better (faster, or less memory)."""
+    return {
+        key: med["petbreeds"][key] / med["fastai"][key] if higher else med["fastai"][key] / med["petbreeds"][key]
+        for key, _, _, higher in COLUMNS
+        if higher is not None and key in med["fastai"]
+    }
+
+
+def config_name(args: argparse.Namespace) -> str:
+    """The arch, then what differs from the full default comparison: results of other settings get their own file."""
+    options = [
+        *([f"precision_{args.precision}"] if args.precision != "auto" else []),
+        *(["fastai_reuse_freed_memory"] if args.fastai_reuse_freed_memory else []),
+        *([f"workers_{args.workers}"] if args.workers is not None else []),
+        *(["quick"] if args.quick else []),
+    ]
+    return "-".join([args.arch, *options])
+
+
 def table_text(results: dict[str, list[dict[str, Any]]]) -> str:
     """Medians per side, petbreeds/fastai ratio (>1 = petbreeds better), and each side's run-to-run spread."""
     lines = [
@@ -382,8 +412,8 @@ def table_text(results: dict[str, list[dict[str, Any]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None, help="folder with images/ (default: the shared subset, "
-                        "else data/raw from `dvc repro fetch`)")  # fmt: skip
+    parser.add_argument("--data", type=Path, default=None, help="folder holding images/ (default: "
+                        "../shared/data/oxford-iiit-pet-subset)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2, help="runs per side (>= 2 to see the noise)")
     parser.add_argument(
         "--quick", action="store_true", help="7 images per breed, 160/128 px, bs 16, 10 lr_find steps, 1+1 epochs"
@@ -401,7 +431,7 @@ def main() -> None:
         default="auto",
         help="petbreeds' train.precision (default auto, params.yaml's: calibrated per CPU)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="also write the runs and the machine as JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="write the result here, not to bench/results/ (JSON)")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--train-seed", type=int, default=42, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -410,7 +440,7 @@ def main() -> None:
         type=int,
         default=None,
         help="DataLoader workers for both sides (default: each library's own: fastai one per core, petbreeds "
-        "data.num_workers -1; README § Speed)",
+        'data.num_workers -1; docs/design.md § "No DataLoader workers when training on a CPU")',
     )
     args = parser.parse_args()
     recipe = make_recipe(args)
@@ -423,11 +453,11 @@ def main() -> None:
         return
     if not PYTHON.is_file():
         raise SystemExit(f"{PYTHON}: missing; run `make install` first")
-    from machine import machine_header  # bench/ is this script's folder, so on sys.path
+    from machine import SHARED_SUBSET, header_text, machine_info, require_images, write_result  # bench/: sys.path
 
-    header = machine_header()
-    print(header, flush=True)
-    data_root = args.data or (SHARED_SUBSET if SHARED_SUBSET.is_dir() else ROOT / "data" / "raw")
+    data_root = require_images(args.data or SHARED_SUBSET)
+    machine = machine_info()
+    print(header_text(machine), flush=True)
     workers = args.workers
     extra_args = [flag for flag, on in (("--quick", args.quick),
                   ("--fastai-reuse-freed-memory", args.fastai_reuse_freed_memory)) if on]  # fmt: skip
@@ -436,6 +466,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vs_fastai.") as tmp:
         work = Path(tmp)
         n = prepare(work, data_root, args.quick, recipe.seed, args.arch)
+        print(f"data: {n} images from {data_root}", flush=True)
         for repeat in range(args.repeats):
             order = ("fastai", "petbreeds") if repeat % 2 == 0 else ("petbreeds", "fastai")
             for side in order:
@@ -451,10 +482,19 @@ def main() -> None:
                f"{compute}")  # fmt: skip
     print(f"\n{setting}\n")
     print(table_text(results))
-    if args.out:
-        record = {"machine": header, "setting": setting, "runs": results, "table": table_text(results)}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    med = medians(results)
+    record = {
+        "data": {"path": str(data_root), "images": n},
+        "setting": setting,
+        "recipe": dataclasses.asdict(recipe),
+        "repeats": args.repeats,
+        "precision": ours["precision"],  # petbreeds' (fastai computes in fp32 on a CPU)
+        "medians": med,
+        "ratios": ratios(med),
+        "runs": results,
+        "table": table_text(results),
+    }
+    write_result("vs_fastai", config_name(args), record, machine, out=args.out)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ under CI (env CI set), so CI always runs it.
 from __future__ import annotations
 
 import html
+import importlib.util
 import os
 import re
 import shutil
@@ -21,17 +22,15 @@ import pytest
 
 from petbreeds.track import tracking
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--virtual-time-budget=20000",  # let the React app fetch the run before the DOM is dumped
-]
+
+def chromium_flags() -> list[str]:
+    """Headless Chromium as scripts/pictures.py runs it for docs/img/mlflow_run.png (one list for both)."""
+    spec = importlib.util.spec_from_file_location("scripts_pictures", Path(__file__).parents[1] / "scripts/pictures.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module.CHROMIUM_FLAGS
 
 
 def chromium() -> str:
@@ -82,7 +81,7 @@ def test_the_printed_link_lists_the_runs_and_the_run_page_shows_one(
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, server)
-        common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}"]
+        common = [browser, *chromium_flags(), f"--user-data-dir={tmp_path / 'chromium'}"]
         # the link `make ui` prints
         runs_url = tracking.ui_url(project, base)
         runs_dom = subprocess.run([*common, "--dump-dom", runs_url], capture_output=True, text=True, timeout=180).stdout

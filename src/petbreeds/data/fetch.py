@@ -6,7 +6,7 @@ whole, atomically. Of the annotations only the lists are kept: the trimaps and X
 would otherwise sit among the images the index stage searches.
 
 A local folder (or archive) of your own images that has no ``images/`` folder is copied whole into ``images/``:
-class folders, ``train/`` and ``valid/`` trees and a labels CSV keep their places (README "Your own images").
+class folders, ``train/`` and ``valid/`` trees and a labels CSV keep their places (docs/data.md § "Your own images").
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def reuse_freed_cpu_memory() -> bool:
     By default glibc serves every block over 32 MiB with its own mmap and unmaps it on free. A CPU training step
     allocates activations that large dozens of times (efficientnet_lite0, batch 32 at 224 px: 51 MiB for the stem's
     output alone), so every step page-faults and zeroes gigabytes afresh: half of the step's time on our 2-core
-    machines (README § Speed). Serving them from the heap, and trimming it only past 1 GiB free, lets
+    machines (docs/design.md § "CPU memory"). Serving them from the heap, and trimming it only past 1 GiB free, lets
     each step reuse the previous step's pages. What jemalloc or tcmalloc would give, without an LD_PRELOAD.
 
     The kept pages must not be there when a DataLoader forks its workers: the child would share them copy-on-write,
@@ -76,7 +76,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     CUDA (with a grad scaler), and fp32 on CPU. That CPU answer is serving's (petbreeds.serve.predict); training on
     a CPU asks :func:`petbreeds.learn.calibration.cpu_autocast_dtype` instead (via
     ``petbreeds.learn.training.training_compute``), which times fp32 against bf16 on the CPU model at hand: no one
-    rule fits every CPU (README § Speed, "Tried, and left out").
+    rule fits every CPU (docs/design.md § "Precision per CPU model").
     The stages record what it became (``Compute.precision``) and why (``Compute.precision_choice``).
     """
     if name == "fp32":
