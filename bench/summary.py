@@ -100,8 +100,28 @@ def data_pipeline_rows(record: Record) -> list[Cells]:
     ]  # fmt: skip
 
 
+def repro_rows(record: Record) -> list[Cells]:
+    """One row: the default pipeline's seconds in all and in its two slowest stages, and what it ends with."""
+    slowest = sorted(record["stages"], key=lambda stage: -stage["seconds"])[:2]
+    return [
+        [
+            f"{record['total_s']:.0f}",
+            ", ".join(f"{stage['stage']} {stage['seconds']:.0f}" for stage in slowest),
+            f"{record['error_rate']:.4f}",
+            f"{record['valid_loss']:.4f}",
+            f"`{record['model_md5']}`",
+            f"`{record['commit'][:7]}`",
+        ]
+    ]
+
+
 # script -> (what it measures, its columns between "date"/"configuration" and "command"/"file", its rows)
 TABLES: dict[str, tuple[str, Cells, Callable[[Record], list[Cells]]]] = {
+    "repro": (
+        "The default pipeline (`dvc repro` offline on the generated sample) in a fresh clone, once installed",
+        ["seconds", "slowest stages, s", "error_rate", "valid_loss", "models/model.pt md5", "commit"],
+        repro_rows,
+    ),
     "vs_fastai": (
         "The book's recipe with fastai 2.8.12 and with petbreeds, medians per side; ratios > 1: petbreeds better",
         [
