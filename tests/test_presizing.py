@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from petbreeds.config import DataParams
-from petbreeds.data.dataloaders import batch_stream, default_num_workers, make_loader, to_device
+from petbreeds.data.dataloaders import batch_stream, default_num_workers, make_loader, mark_consumed, to_device
 from petbreeds.data.presizing import PresizedImages, load_rgb, presize
 from petbreeds.errors import PetbreedsError
 
@@ -202,6 +202,16 @@ def test_one_stream_crosses_epochs_and_a_later_start_draws_that_epochs_order(tmp
     resumed = batches(later, 2)
     assert len(stream) == 6 and len(resumed) == 4
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(stream[2:], resumed, strict=True))
+
+
+def test_a_pass_after_some_batches_starts_past_every_epoch_they_reached(tmp_path: Path) -> None:
+    table = write_items(tmp_path, 10, ["a", "b", "c"])
+    loader = make_loader(table, tmp_path, ["a", "b", "c"], DATA, train=True, seed=3)  # 2 batches per epoch
+    taken = list(itertools.islice(batch_stream(loader), 3))  # an lr_find of 3 steps: epoch 0 and half of epoch 1
+    mark_consumed(loader, len(taken))
+    assert loader.sampler.epoch == 2  # as fastai's DataLoader, a fit after it draws a new order
+    fresh = batches(make_loader(table, tmp_path, ["a", "b", "c"], DATA, train=True, seed=3), 3)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(fresh[4:], batches(loader, 1), strict=True))
 
 
 def test_minus_one_workers_means_none_on_a_cpu_and_the_spare_cores_on_a_gpu(tmp_path: Path) -> None:

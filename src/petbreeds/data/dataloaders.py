@@ -117,6 +117,14 @@ def batch_stream(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tenso
         yield from loader
 
 
+def mark_consumed(loader: DataLoader, batches: int) -> None:
+    """Tell a training loader that ``batches`` were taken from a :func:`batch_stream`: its next pass starts after
+    every epoch they reached into (one begun counts whole), so a later fit in this process draws new orders and
+    crops, as fastai's DataLoader does after ``lr_find``. Other loaders keep no epoch."""
+    if isinstance(loader.sampler, EpochShuffle):
+        loader.sampler.epoch += -(-batches // len(loader))
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed Python's and NumPy's RNGs in a worker from torch's per-worker seed (itself from the loader's generator)."""
     seed = torch.initial_seed() % 2**32

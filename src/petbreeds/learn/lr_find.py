@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from petbreeds.atomic import atomic_output, atomic_write_json
 from petbreeds.config import LrFindParams
-from petbreeds.data.dataloaders import batch_stream
+from petbreeds.data.dataloaders import batch_stream, mark_consumed
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.distributed import mean, wrap
 from petbreeds.learn.feed import ahead_to_device
@@ -175,6 +175,7 @@ def lr_find(
                 break
             sched.step()
     finally:
+        mark_consumed(data.train_loader, len(lrs))
         model.load_state_dict(saved)
         opt.zero_grad(set_to_none=True)
         model.train(was_training)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from petbreeds.atomic import atomic_output
 from petbreeds.config import OneCycleParams, Params
 from petbreeds.data.augment import BatchAugment
-from petbreeds.data.dataloaders import EpochShuffle, batch_stream, make_loader, to_device
+from petbreeds.data.dataloaders import EpochShuffle, batch_stream, make_loader, mark_consumed, to_device
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.calibration import CACHE_NAME, cpu_autocast_dtype
 from petbreeds.learn.device import Compute, HostCopy, configure_gpu, pick_device, resolve_precision
@@ -328,8 +328,7 @@ def fit_one_cycle(
             queued = (epoch, i, lr, loss)
         assert queued is not None  # the loader has at least one batch (make_loader checks)
         train_loss = record(*queued)
-        if isinstance(data.train_loader.sampler, EpochShuffle):
-            data.train_loader.sampler.epoch += 1  # where a later pass (another fit, a resumed one) goes on
+        mark_consumed(data.train_loader, per_epoch)  # where a later pass (another fit, a resumed one) goes on
         train_seconds = time.perf_counter() - started
         valid_loss, error_rate = validate(model, data)
         seconds = time.perf_counter() - started
