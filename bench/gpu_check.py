@@ -685,7 +685,7 @@ class Check:
         from petbreeds.learn.training import fit_one_cycle
 
         data, params = self.training_data(), self.params(arch)
-        model = self.models.get(arch) or self.new_model(arch)
+        model = self.models[arch] if arch in self.models else self.new_model(arch)  # lr_find's, if it ran
         if phase_name == "frozen epoch":
             phase, lr = params.train_frozen, self.suggested.get(arch, 1e-3)
         else:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from machine import ROOT, header_text, machine_info, write_result
 
+from petbreeds.track.provenance import git_commit
+
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 
 
@@ -57,7 +59,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     machine = machine_info()
     print(header_text(machine))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
     with tempfile.TemporaryDirectory(prefix="repro.") as tmp:
         project = Path(tmp) / "petbreeds"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = json.loads((project / "metrics" / "evaluate.json").read_text(encoding="utf-8"))
         model_md5 = hashlib.md5((project / "models" / "model.pt").read_bytes()).hexdigest()
     record = {
-        "commit": commit.stdout.strip(),
+        "commit": git_commit(ROOT),
         "total_s": round(total, 1),
         "stages": stages,
         "error_rate": metrics["error_rate"],

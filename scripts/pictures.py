@@ -31,6 +31,7 @@ from PIL import Image
 
 from petbreeds.atomic import atomic_output, atomic_write_text
 from petbreeds.machine import cpu_model
+from petbreeds.track.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 # docs/img name -> what the picture shows (its caption's first words); the pipeline draws them under reports/
@@ -88,14 +89,6 @@ def fail(message: str) -> SystemExit:
     return SystemExit(f"error: {message}")
 
 
-def model_md5(lock_text: str) -> str:
-    """models/model.pt's md5 in dvc.lock (train_unfrozen's out): the weights every evaluation picture shows."""
-    match = re.search(r"- path: models/model\.pt\n\s+hash: md5\n\s+md5: ([0-9a-f]{32})", lock_text)
-    if match is None:
-        raise fail("dvc.lock: no md5 for models/model.pt; run `dvc repro` in the project first")
-    return match.group(1)
-
-
 def read_run(project: Path) -> Run:
     """The run in ``project``: its git commit, dvc.lock's model md5, metrics/evaluate.json, the day its evaluate
     stage finished (reports/run_info/), and this machine's CPU (``make pictures`` runs the pipeline here)."""
@@ -104,14 +97,18 @@ def read_run(project: Path) -> Run:
     for path in (lock, metrics, evaluated):
         if not path.is_file():
             raise fail(f"{path}: missing; run `dvc repro` in {project} first (or pass --project)")
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=False)
+    from petbreeds.track.tracking import out_md5, read_yaml  # here: importing mlflow takes seconds
+
+    md5 = out_md5(read_yaml(lock), "train_unfrozen", "models/model.pt")
+    if md5 is None:
+        raise fail("dvc.lock: no md5 for models/model.pt; run `dvc repro` in the project first")
     status = ["git", "status", "--porcelain", "--", "params.yaml"]  # modified, or not committed at all
     changed = subprocess.run(status, cwd=project, capture_output=True, text=True, check=False).stdout.strip()
     numbers = json.loads(metrics.read_text(encoding="utf-8"))
     return Run(
-        commit=git.stdout.strip() if git.returncode == 0 else "no-git",
+        commit=git_commit(project) or "no-git",
         params_changed=bool(changed),
-        model_md5=model_md5(lock.read_text(encoding="utf-8")),
+        model_md5=md5,
         error_rate=numbers["error_rate"],
         valid_loss=numbers["valid_loss"],
         cpu=cpu_model(),

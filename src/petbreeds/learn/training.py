@@ -191,7 +191,7 @@ def get_preds(
     model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits float32 [N, C] and targets int64 [N], on the CPU, in loader order; leaves ``model`` in eval mode."""
-    logits, targets = _predict(model, batches, augment, compute)
+    logits, targets = _predict(model, ahead_to_device(batches, compute.device), augment, compute)
     return logits.cpu(), targets.cpu()
 
 
@@ -199,11 +199,12 @@ def get_preds(
 def _predict(
     model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`get_preds`'s logits and targets, left on the device: no batch waits for the one before."""
+    """:func:`get_preds`'s logits and targets over ``batches`` fed to the device (``ahead_to_device``,
+    ``KeptBatches``), left there: no batch waits for the one before."""
     compute.place(model)
     model.eval()
     logits, targets = [], []
-    for batch in ahead_to_device(batches, compute.device):
+    for batch in batches:
         x, y = batch_inputs(batch, augment, compute, train=False)
         with compute.autocast():
             out = model(x)
@@ -268,7 +269,7 @@ def fit_one_cycle(
     history: list[dict[str, float]] = []
     records: list[dict[str, float]] = []  # on_batch's, kept for the resume state
     iteration = start = 0
-    generators = _loop_generators(data)
+    generators = {"augment": data.augment.generator}  # the data's own RNG; the shuffle follows from seed, epoch
     loop = _Loop(model, opt, sched, scaler, smooth, data.train_loader.sampler)
     state = resume.load(phase.epochs) if resume is not None else None
     if resume is not None and state is not None:
@@ -357,12 +358,6 @@ def _print_row(row: dict[str, float]) -> None:
     minutes, secs = divmod(round(row["seconds"]), 60)
     values = (int(row["epoch"]), row["train_loss"], row["valid_loss"], row["error_rate"], f"{minutes:02d}:{secs:02d}")
     print(_format_row(values), flush=True)
-
-
-def _loop_generators(data: TrainingData) -> dict[str, torch.Generator]:
-    """The random streams of the data a fit consumes besides the global ones: the augmentation's (the shuffle's
-    permutation follows from its seed and epoch)."""
-    return {"augment": data.augment.generator}
 
 
 @dataclass

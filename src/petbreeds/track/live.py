@@ -18,10 +18,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from petbreeds.runtime import project_root
-from petbreeds.track.tracking import current_identity, open_experiment
-
-# MLflow's limit of metrics in one log_batch call
-_BATCH_LIMIT = 1000
+from petbreeds.track.tracking import MAX_METRICS, chunks, current_identity, open_experiment
 
 
 class LiveRun:
@@ -77,8 +74,8 @@ class LiveRun:
         batch, self.pending = self.pending, []
         self.flushed = time.monotonic()
         try:
-            for start in range(0, len(batch) if not self.broken else 0, _BATCH_LIMIT):
-                self.client.log_batch(self.run_id, metrics=batch[start : start + _BATCH_LIMIT])
+            for metrics in [] if self.broken else chunks(batch, MAX_METRICS):
+                self.client.log_batch(self.run_id, metrics=list(metrics))
         except Exception as e:  # best effort by design
             self.broken = True
             print(f"warning: live MLflow logging stopped ({type(e).__name__}: {e}); training goes on", file=sys.stderr)

@@ -75,7 +75,7 @@ RAW_DIR = "data/raw"
 MODEL_METRICS_STAGE = "evaluate"
 # The run's tags the model carries too: which experiment, code and data it comes from.
 MODEL_TAGS = ("dvc.exp_name", "git.commit", "data.md5", "model.md5")
-_MAX_METRICS, _MAX_PARAMS = 1000, 100  # MLflow's log_batch limits
+MAX_METRICS, MAX_PARAMS = 1000, 100  # MLflow's log_batch limits
 
 
 class TrackingUnavailable(PetbreedsError):
@@ -157,7 +157,8 @@ def ui_url(root: Path, base: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in slices of at most ``size``: what one MLflow ``log_batch`` call takes."""
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -225,7 +226,8 @@ def read_outputs(root: Path) -> PipelineOutputs:
     )
 
 
-def _out_md5(lock: Mapping[str, Any], stage: str, path: str) -> str | None:
+def out_md5(lock: Mapping[str, Any], stage: str, path: str) -> str | None:
+    """The md5 dvc.lock (parsed) records for ``stage``'s out ``path``, or None."""
     outs = lock.get("stages", {}).get(stage, {}).get("outs", [])
     return next((o.get("md5") for o in outs if o.get("path") == path), None)
 
@@ -285,7 +287,7 @@ def _param_text(value: Any) -> str:
 
 def _dataset(outputs: PipelineOutputs) -> DatasetInput | None:
     """``data/raw`` as the run's training input, its digest the md5 DVC recorded for it."""
-    digest = _out_md5(outputs.lock, "fetch", "data/raw")
+    digest = out_md5(outputs.lock, "fetch", "data/raw")
     if digest is None:
         return None
     source = outputs.params.get("fetch.source")
@@ -396,8 +398,8 @@ def _tags(outputs: PipelineOutputs, identity: RunIdentity, key: str) -> dict[str
         "dvc.exp_name": identity.exp_name or "",
         "dvc.baseline_rev": identity.baseline_rev or "",
         "git.commit": identity.git_commit or "",
-        "data.md5": _out_md5(outputs.lock, "fetch", "data/raw") or "",
-        "model.md5": _out_md5(outputs.lock, "train_unfrozen", "models/model.pt") or "",
+        "data.md5": out_md5(outputs.lock, "fetch", "data/raw") or "",
+        "model.md5": out_md5(outputs.lock, "train_unfrozen", "models/model.pt") or "",
     }
     by_status: dict[str, list[str]] = {}
     for stage, info in outputs.run_info.items():
@@ -434,14 +436,14 @@ def _parents(client: MlflowClient, experiment_id: str, where: str) -> list[Run]:
 
 def _log_contents(client: MlflowClient, run_id: str, outputs: PipelineOutputs, model_id: str | None) -> None:
     params = [Param(k, _param_text(v)) for k, v in outputs.params.items()]
-    for batch in _batches(params, _MAX_PARAMS):
+    for batch in chunks(params, MAX_PARAMS):
         client.log_batch(run_id, params=list(batch))
     metrics = [
         m
         for stage in sorted(set(outputs.metrics) | set(SERIES))
         for m in _stage_metrics(outputs, stage, model_id if stage == MODEL_METRICS_STAGE else None)
     ]
-    for batch in _batches(metrics, _MAX_METRICS):
+    for batch in chunks(metrics, MAX_METRICS):
         client.log_batch(run_id, metrics=list(batch))
     dataset = _dataset(outputs)
     if dataset is not None:
@@ -455,7 +457,7 @@ def _log_contents(client: MlflowClient, run_id: str, outputs: PipelineOutputs, m
 
 def has_model(lock: Mapping[str, Any]) -> bool:
     """Whether the result of ``lock`` (dvc.lock's content) has a model: train_unfrozen recorded one."""
-    return _out_md5(lock, "train_unfrozen", MODEL_FILE) is not None
+    return out_md5(lock, "train_unfrozen", MODEL_FILE) is not None
 
 
 def example_image(root: Path) -> str:
