@@ -5,12 +5,11 @@ faster on this CPU model, cached per CPU model (docs/training.md § "Precision")
     calibration.dtype             # None (fp32) or torch.bfloat16
     calibration.describe()        # "calibrated on AMD EPYC: fp32 0.41 s/step, bf16 0.66 s/step (cached)"
 
-No one rule fits every CPU (docs/design.md § "Precision per CPU model"): on an AMD EPYC with AVX512-BF16
-efficientnet_lite0 trains 1.4-1.7x slower in bf16 and resnet34 1.8x faster; with Sapphire Rapids' AMX resnet34 is 3x
-faster in bf16 while lite0 is still faster in fp32. So the model itself is timed, forward + backward as training runs
-it, on the CPU that will train it. The result is cached per CPU model, core count, torch build and model shape: every
-later stage and run on such a machine reads the same choice, and the same machine and torch build keep giving the same
-metrics.
+No one rule fits every CPU (docs/design.md § "Precision per CPU model"): where the CPU computes bf16 natively,
+resnet34 trains faster in bf16 while efficientnet_lite0's depthwise convolutions stay faster in fp32. So the model
+itself is timed, forward + backward as training runs it, on the CPU that will train it. The result is cached per CPU
+model, core count, torch build and model shape: every later stage and run on such a machine reads the same choice, and
+the same machine and torch build keep giving the same metrics.
 """
 
 from __future__ import annotations
