@@ -132,7 +132,9 @@ class DataParams(_Model):
     resize_method: ResizeMethod
     pad_mode: PadMode
     batch_size: PositiveInt
-    num_workers: int = Field(ge=-1, description="an integer >= 0, or -1 for one per core")
+    num_workers: int = Field(
+        ge=-1, description="an integer >= 0, or -1 for the default (none on a CPU; on a GPU the cores less two, 1-16)"
+    )
 
 
 class AugmentParams(_Model):
