@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_ENV) $(BIN)/python -m pip install --quiet --upgrade pip
-	$(PIP_ENV) $(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(PIP_ENV) $(BIN)/python -m pip install --quiet -e '.[dev,team]'
 	touch $(STAMP)
 
 repro: $(STAMP)

@@ -46,8 +46,19 @@ TINY = [
 ]
 # The README's commands: committing results (after `dvc repro`, or `dvc exp apply`)
 COMMIT_RESULTS = ("git", "add", "params.yaml", "dvc.lock", "metrics", "plots", "reports")
-# Variables of this test process that must not reach the project's commands (each test sets what it needs)
-_NOT_INHERITED = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "MLFLOW_RUN_ID")
+# Variables of this test process that must not reach the project's commands (each test sets what it needs). No S3
+# credentials or endpoint: MLflow's clients reach artifacts through the tracking server, DVC reads its remote's
+# from .dvc/config.local (tests/team_stack.py).
+_NOT_INHERITED = (
+    "MLFLOW_TRACKING_URI",
+    "DVC_ROOT",
+    "MLFLOW_RUN_ID",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
 
 
 def command_env(**extra_env: str) -> dict[str, str]:
