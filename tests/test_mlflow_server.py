@@ -217,7 +217,8 @@ def test_a_teammate_pulls_and_shows_the_experiments_and_serves_the_registered_ch
     in_a = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(run(team.a, DVC, "exp", "show", "--csv")))}
     runs = pipeline_runs(server)
     for name in EXPERIMENTS:
-        assert shown[name] == in_a[name], name  # the same commit, params and metrics as where it ran
+        # the same commit, params and metrics as where it ran (where it ran alone knows its queue task's state)
+        assert {k: v for k, v in in_a[name].items() if k not in ("State", "Executor")} == shown[name], name
         assert float(shown[name]["error_rate"]) == runs[name].data.metrics["evaluate/error_rate"], name
 
     # B registers q1's model and serves it from the registry: the model's files come through the server's proxy
