@@ -223,7 +223,9 @@ def test_a_teammate_pulls_and_shows_the_experiments_and_serves_the_registered_ch
 
     # B registers q1's model and serves it from the registry: the model's files come through the server's proxy
     registered = run(b, PETBREEDS, "register", "q1", "--alias", "champion", MLFLOW_TRACKING_URI=server.uri)
-    assert "champion" in registered, registered
+    assert "registered q1 as models:/petbreeds@champion (version 1)" in registered, registered
+    champion = MlflowClient(tracking_uri=server.uri).get_model_version_by_alias("petbreeds", "champion")
+    assert champion.run_id == runs["q1"].info.run_id
     run(b, DVC, "exp", "apply", "q1")  # q1's model and images from the S3 remote, to compare with
     image = min((b / "data/raw/images").glob("*.jpg"))
     breed, probability = run(b, PETBREEDS, "predict", str(image), "--model", "models/model.pt").split()[:2]
