@@ -10,7 +10,7 @@ PIP_ENV := PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-avx2 lint ui bench bench-cpu bench-summary pictures gpu-wheels clean-venv
+.PHONY: install repro test test-fast test-avx2 lint ui bench bench-cpu bench-summary pictures gpu-wheels clean-venv
 
 install: $(STAMP)
 
@@ -24,16 +24,26 @@ repro: $(STAMP)
 	test -d .git || (git init -q && git add -A && git -c user.name=petbreeds -c user.email=petbreeds@localhost commit -qm "petbreeds")
 	dvc repro
 
+# Two pytest-xdist workers, one test file each at a time (a module's fixtures are built once); the 15 slowest tests
+# printed at the end, so that a slow newcomer is seen the day it lands (docs/development.md § "Tests").
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+# While working: unit, numeric and differential tests, no end-to-end pipelines, servers or browsers (marker `slow`).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(PYTEST) -m "not slow"
 
 # The numeric tests (marker `numeric`, tests/conftest.py) again on torch's and oneDNN's AVX2 kernels, as on a CPU
 # without AVX-512 or AMX: a test that holds only by this CPU's floating-point rounding fails here, not elsewhere.
 # tests/test_pipeline_e2e.py (~2 min) is left out: its numeric checks compare copies of one run's numbers (a run-cache
 # restore against the run it came from, MLflow against plots/*.csv), never numbers computed with other kernels.
 test-avx2: $(STAMP)
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -m numeric --ignore=tests/test_pipeline_e2e.py
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTEST) -m numeric --ignore=tests/test_pipeline_e2e.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -29,6 +29,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DVC project after `dvc repro`, results committed (tests/dvc_project.py ``finished_project``): built
+    once per test run, for every pytest-xdist worker; never change it: work on ``copy_project(finished, dest)``."""
+    from dvc_project import finished_project  # imports dvc: only the tests that use it pay for it
+
+    base = tmp_path_factory.getbasetemp()
+    return finished_project(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+
+
 @pytest.fixture
 def pet_subset() -> Path:
     """The real 1,029-image subset in ../shared, or a clean skip when it is absent."""
@@ -149,6 +159,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in NUMERIC_MODULES:
             item.add_marker(pytest.mark.numeric)
+    # Files with end-to-end tests (marker `slow`) first: pytest-xdist hands out files in this order, so the long ones
+    # start at once and the short ones fill in beside them, instead of one long file running alone at the end.
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 # --------------------------------------------------------------------------------------------------

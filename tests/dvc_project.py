@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from dvc.utils.hydra import apply_overrides
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin"
@@ -109,3 +110,38 @@ def make_project(repo: Path) -> Path:
     run(repo, "git", "add", "-A")
     commit(repo, "baseline")
     return repo
+
+
+def finished_project(shared: Path) -> Path:
+    """The :func:`make_project` project after `dvc repro` with its results committed (the README's quick start and
+    baseline commit), at ``shared/finished_project``: built by the first caller, under a file lock so that
+    pytest-xdist's workers build it once between them, and never changed after; tests work on a
+    :func:`copy_project`. The build is itself a check: every stage runs, without a warning."""
+    repo = shared / "finished_project"
+    with FileLock(shared / "finished_project.lock"):
+        if not (repo / ".git").is_dir():
+            building = shared / "finished_project.building"
+            shutil.rmtree(building, ignore_errors=True)  # what another worker's failed build left
+            make_project(building)
+            out = run(building, DVC, "repro")
+            assert stages_run(out) == list(STAGES) and "WARNING" not in out, out
+            run(building, *COMMIT_RESULTS)
+            commit(building, "baseline results")
+            building.rename(repo)  # git and DVC keep relative paths: the repo works where it lands
+    return repo
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """A copy of ``source`` to work on: its git repo, DVC cache, outputs and run cache (a copy is as cheap as a
+    clone and keeps the workspace's uncommitted files). Not its MLflow store, whose experiment names its artifact
+    folder by absolute path (the copy's runs would write into the original's), nor DVC's tmp/ (locks and the
+    state of one folder): the copy makes its own."""
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        here = Path(folder)
+        if here == source:
+            return {"mlflow.db", "mlartifacts", ".mlflow.lock"} & set(names)
+        return {"tmp"} & set(names) if here == source / ".dvc" else set()
+
+    shutil.copytree(source, dest, symlinks=True, ignore=skip)
+    return dest

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,16 +142,22 @@ def _digests(project: Path) -> dict[str, str]:
     return {p: hashlib.sha256((project / p).read_bytes()).hexdigest() for p in OUTPUTS}
 
 
-@pytest.fixture
-def ddp_project(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def ddp_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny project whose training stages run as 2 gloo ranks, with train_frozen's outputs of one such run."""
-    project = tiny_project(tmp_path, per_class=12)
+    project = tiny_project(tmp_path_factory.mktemp("ddp"), per_class=12)
     _set(project, distributed__nproc_per_node=2, train_frozen__lr=0.01, train_frozen__epochs=1)
     done = _stage(project, "train_frozen")
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     assert out.count("train_loss") == 1  # rank 0 alone prints the table
     return project
+
+
+@pytest.fixture
+def ddp_project(ddp_trained: Path, tmp_path: Path) -> Path:
+    """A copy of ``ddp_trained`` for one test to change (the run is paid once per module)."""
+    return Path(shutil.copytree(ddp_trained, tmp_path / "project", symlinks=True))
 
 
 @pytest.mark.slow

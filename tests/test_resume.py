@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 from dvc.utils.hydra import apply_overrides
-from dvc_project import DVC, command_env, make_project, run
+from dvc_project import DVC, command_env, copy_project, make_project, run
 from tiny import ROOT, tiny_net, write_pets
 
 from petbreeds.config import load_params
@@ -127,8 +127,9 @@ def test_the_key_changes_with_each_dep_and_param_of_the_stage_and_nothing_else(t
 # --- the stages, killed ------------------------------------------------------------------------------------------
 
 
-def _project(root: Path, **overrides: object) -> Path:
-    project = make_project(root)
+def _project(finished: Path, root: Path, **overrides: object) -> Path:
+    """A copy of the finished tiny project with :data:`LONGER` epochs: `dvc repro` reruns only the training."""
+    project = copy_project(finished, root)
     apply_overrides(project / "params.yaml", [f"{k}={v}" for k, v in (LONGER | overrides).items()])
     return project
 
@@ -207,10 +208,12 @@ def _lock_outs(project: Path, stage: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_stage_killed_between_and_mid_epoch_resumes_under_dvc_repro_and_ends_byte_identical(tmp_path) -> None:
+def test_a_stage_killed_between_and_mid_epoch_resumes_under_dvc_repro_and_ends_byte_identical(
+    finished: Path, tmp_path: Path
+) -> None:
     """train_unfrozen in one process, killed twice."""
     stage = "train_unfrozen"
-    project = _project(tmp_path / "p", **{"train_frozen.epochs": 1, "train_unfrozen.epochs": 4})
+    project = _project(finished, tmp_path / "p", **{"train_frozen.epochs": 1, "train_unfrozen.epochs": 4})
     run(project, DVC, "repro", stage, **QUIET)
     reference = _outputs(project, stage)
     mid_epoch = 0.4 * _epoch_seconds(project, stage)
@@ -232,10 +235,10 @@ def test_a_stage_killed_between_and_mid_epoch_resumes_under_dvc_repro_and_ends_b
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_killed_mid_epoch_resume_byte_identical(tmp_path) -> None:
+def test_two_gloo_ranks_killed_mid_epoch_resume_byte_identical(finished: Path, tmp_path: Path) -> None:
     """train_frozen under torchrun: rank 0 writes the state, both ranks resume from it (each its own RNGs)."""
     stage = "train_frozen"
-    project = _project(tmp_path / "p", **{"distributed.nproc_per_node": 2, "train_frozen.epochs": 3})
+    project = _project(finished, tmp_path / "p", **{"distributed.nproc_per_node": 2, "train_frozen.epochs": 3})
     run(project, DVC, "repro", stage, **QUIET)
     reference = _outputs(project, stage)
     mid_epoch = 0.4 * _epoch_seconds(project, stage)
