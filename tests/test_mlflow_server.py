@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dvc_project import COMMIT_RESULTS, DVC, PETBREEDS, command_env, commit, make_project, run, run_command, stages_run
+from dvc_project import COMMIT_RESULTS, DVC, PETBREEDS, command_env, commit, copy_project, run, run_command, stages_run
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
@@ -69,15 +69,16 @@ def server(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres, s3: S3S
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory: pytest.TempPathFactory, server: MlflowServer, s3: S3Server) -> Team:
-    """Clone A: the tiny project with the team's S3 remote, reproduced (logged to the server) and committed, pushed
-    to ``origin``."""
+def team(tmp_path_factory: pytest.TempPathFactory, finished: Path, server: MlflowServer, s3: S3Server) -> Team:
+    """Clone A: a copy of the finished tiny project with the team's S3 remote, its baseline logged to the server by
+    `dvc repro` (nothing else to run) and committed, pushed to ``origin``."""
     root = tmp_path_factory.mktemp("team")
     origin = root / "origin.git"
     run(root, "git", "init", "-q", "--bare", str(origin))
-    a = make_project(root / "a")
+    a = copy_project(finished, root / "a")
     add_s3_remote(a, s3, STORAGE)
     out = run(a, DVC, "repro", MLFLOW_TRACKING_URI=server.uri)
+    assert stages_run(out) == ["mlflow_log"], out
     assert "mlflow: logged" in out and "warning" not in out.lower(), out
     run(a, *COMMIT_RESULTS, ".dvc/config")
     commit(a, "baseline results, the team's DVC remote")
