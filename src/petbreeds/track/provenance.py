@@ -2,7 +2,7 @@
 
 ``run_stage`` writes the sidecar after a stage succeeds. It is a DVC output of every stage, so when DVC restores
 the stage from its run cache the sidecar comes back with the outputs and still names the execution that made
-them; ``petbreeds.track.tracking`` reads it to tag executed vs restored stages.
+them; ``petbreeds.track.identity`` reads it to tag executed vs restored stages.
 """
 
 from __future__ import annotations
