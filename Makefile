@@ -14,7 +14,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 install: $(STAMP)
 
+# The interpreter that would create the venv is first checked against pyproject.toml's requires-python.
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) scripts/check_python.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_ENV) $(BIN)/python -m pip install --quiet --upgrade pip
 	$(PIP_ENV) $(BIN)/python -m pip install --quiet -e '.[dev]'
