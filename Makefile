@@ -14,7 +14,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 install: $(STAMP)
 
+# The interpreter that would create the venv is first checked against pyproject.toml's requires-python.
 $(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) scripts/check_python.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_ENV) $(BIN)/python -m pip install --quiet --upgrade pip
 	$(PIP_ENV) $(BIN)/python -m pip install --quiet -e '.[dev,team]'
@@ -50,10 +52,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # MLflow 3.17's UI opens experiments in its GenAI view (traces, no runs) unless the link asks for the training view:
-# open the printed link (petbreeds.track.tracking.ui_url). MLFLOW_TRACKING_URI is emptied: this serves the project's store.
+# open the printed link (petbreeds.track.store.ui_url). MLFLOW_TRACKING_URI is emptied: this serves the project's store.
 ui: $(STAMP)
-	@MLFLOW_TRACKING_URI= $(BIN)/python -c 'from petbreeds import runtime; from petbreeds.track import tracking; runtime.quiet_by_default(); \
-		print("petbreeds runs:", tracking.ui_url(runtime.project_root(), "http://127.0.0.1:5000"))'
+	@MLFLOW_TRACKING_URI= $(BIN)/python -c 'from petbreeds import runtime; from petbreeds.track import store; runtime.quiet_by_default(); \
+		print("petbreeds runs:", store.ui_url(runtime.project_root(), "http://127.0.0.1:5000"))'
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts \
 		--host 127.0.0.1 --port 5000 --workers 1
 

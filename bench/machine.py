@@ -18,7 +18,7 @@ import os
 import re
 import shlex
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ def isa_flags(cpuinfo: Path = CPUINFO) -> dict[str, bool] | None:
 def machine_info(cpuinfo: Path = CPUINFO, now: datetime | None = None) -> dict[str, Any]:
     """The machine as data (:data:`MACHINE_FIELDS`): the CPU model, usable and online cores, ISA flags, torch's
     version and the CPU kernels it dispatches to (which ATEN_CPU_CAPABILITY can lower), and the UTC date."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return {
         "cpu_model": cpu_model(cpuinfo),
         "cores": usable_cores(),
@@ -60,7 +60,7 @@ def machine_info(cpuinfo: Path = CPUINFO, now: datetime | None = None) -> dict[s
         "isa": isa_flags(cpuinfo),
         "torch": torch.__version__,
         "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
-        "date": f"{now.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "date": f"{now.astimezone(UTC):%Y-%m-%d %H:%M} UTC",
     }
 
 

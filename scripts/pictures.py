@@ -97,7 +97,7 @@ def read_run(project: Path) -> Run:
     for path in (lock, metrics, evaluated):
         if not path.is_file():
             raise fail(f"{path}: missing; run `dvc repro` in {project} first (or pass --project)")
-    from petbreeds.track.tracking import out_md5, read_yaml  # here: importing mlflow takes seconds
+    from petbreeds.track.outputs import out_md5, read_yaml  # here: importing mlflow takes seconds
 
     md5 = out_md5(read_yaml(lock), "train_unfrozen", "models/model.pt")
     if md5 is None:
@@ -176,11 +176,12 @@ def wait_healthy(url: str, server: subprocess.Popen[bytes], timeout_s: float = 1
 
 def run_page(project: Path, base: str) -> tuple[str, str]:
     """The MLflow run of the project's outputs (the name mlflow_log gave it: ``repro@<commit>[+dirty-<hash>]``), not
-    merely the newest run of the store: its UI page (in the training view, see petbreeds.track.tracking.ui_url) and
+    merely the newest run of the store: its UI page (in the training view, see petbreeds.track.store.ui_url) and
     its name."""
     from mlflow import MlflowClient  # here, not at the top: importing mlflow takes seconds the captions do not need
 
-    from petbreeds.track.tracking import EXPERIMENT, current_identity
+    from petbreeds.track.identity import current_identity
+    from petbreeds.track.store import EXPERIMENT
 
     name = current_identity(project).name
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")

@@ -7,7 +7,7 @@ run cache. A tracking problem is a warning (re-log later with `petbreeds mlflow-
 
 from petbreeds.config import Params
 from petbreeds.stage import StageContext, run_stage
-from petbreeds.track.tracking import log_pipeline_or_warn
+from petbreeds.track.parent_run import log_pipeline_or_warn
 
 
 def main(params: Params, ctx: StageContext) -> None:

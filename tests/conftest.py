@@ -110,7 +110,7 @@ def write_fake_outputs() -> Callable[..., None]:
 @pytest.fixture
 def exp_identity() -> Callable[..., Any]:
     """``exp_identity(name="exp-a")``: the ``RunIdentity`` of a DVC experiment on the fake baseline."""
-    from petbreeds.track.tracking import RunIdentity  # imports mlflow: only the tests that use it pay for it
+    from petbreeds.track.identity import RunIdentity  # imports mlflow: only the tests that use it pay for it
 
     def identity(name: str = "exp-a") -> RunIdentity:
         return RunIdentity(name=name, exp_name=name, baseline_rev=FAKE_BASELINE, git_commit=FAKE_BASELINE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -36,7 +36,7 @@ def machine() -> ModuleType:
 def test_header_names_the_cpu_its_flags_torch_and_the_date(machine: ModuleType, tmp_path: Path) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(SAPPHIRE_RAPIDS)
-    header = machine.machine_header(cpuinfo, now=datetime(2026, 11, 29, 9, 30, tzinfo=timezone.utc))
+    header = machine.machine_header(cpuinfo, now=datetime(2026, 11, 29, 9, 30, tzinfo=UTC))
     lines = header.splitlines()
     assert lines[0] == "# machine: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
     assert "avx2 yes, avx512f yes, avx512_bf16 yes, amx_bf16 yes, amx_tile yes" in header

@@ -8,7 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -88,7 +88,7 @@ def test_a_written_result_is_named_by_date_script_config_and_cpu_and_summarised(
 ) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(XEON)
-    info = machine.machine_info(cpuinfo, now=datetime(2026, 11, 29, 9, 30, tzinfo=timezone.utc))
+    info = machine.machine_info(cpuinfo, now=datetime(2026, 11, 29, 9, 30, tzinfo=UTC))
     assert list(info) == list(machine.MACHINE_FIELDS)
     folder = tmp_path / "results"
     terms = ("load", "augment", "forward", "backward", "optimizer")
@@ -108,7 +108,7 @@ def test_a_written_result_is_named_by_date_script_config_and_cpu_and_summarised(
     assert written["rows"] == record["rows"] and written["source"] == machine.WRITTEN
 
     # the same script and configuration a day later on the same CPU replaces it in the summary; --out goes elsewhere
-    later = machine.machine_info(cpuinfo, now=datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc))
+    later = machine.machine_info(cpuinfo, now=datetime(2026, 11, 30, 8, 0, tzinfo=UTC))
     machine.write_result("profile_step", "frozen", {**record, "images_per_s": 70.0}, later)
     out = machine.write_result("profile_step", "unfrozen", record, later, out=tmp_path / "elsewhere.json")
     assert out == tmp_path / "elsewhere.json" and len(list(folder.glob("*.json"))) == 2

@@ -19,10 +19,12 @@ from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "petbreeds"
-PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", "track.tracking", "track.live", "runtime"}
+# The MLflow parent run: the store, the DVC outputs read, the run's identity, the run itself.
+TRACKING = frozenset({"track.store", "track.outputs", "track.identity", "track.parent_run"})
+PLUMBING = {"__init__", "config", "atomic", "errors", "stage", "cli", *TRACKING, "track.live", "runtime"}
 # A stage whose work is a plumbing module depends on it, and on what it runs: the MLflow run (and its model), the
 # validation of params.yaml.
-OWN_PLUMBING = {"mlflow_log": frozenset({"track.tracking"}), "check_params": frozenset({"config"})}
+OWN_PLUMBING = {"mlflow_log": TRACKING, "check_params": frozenset({"config"})}
 
 
 def module_file(module: str) -> Path:

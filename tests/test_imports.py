@@ -6,8 +6,8 @@ function runs.
 
 The subpackages are layers, in pipeline order: ``data`` < ``learn`` < ``serve`` < ``track``. A module may import
 its own subpackage and the ones below it, never one above; the top-level plumbing splits in two: the base
-(``config``, ``errors``, ``atomic``, ``runtime``, ``machine``, ``world``) imports no subpackage, and the entry points
-(``stage``, ``cli``, the package's ``__init__``) may import any.
+(``config``, ``errors``, ``atomic``, ``digest``, ``runtime``, ``machine``, ``world``) imports no subpackage, and the
+entry points (``stage``, ``cli``, the package's ``__init__``) may import any.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_subpackages_import_only_their_own_layer_and_those_below() -> None:
 
 def test_every_module_lives_in_a_layer_or_is_top_level_plumbing() -> None:
     top_level = {m for m in MODULES if "." not in m} - set(LAYERS)
-    assert top_level == {"config", "errors", "atomic", "runtime", "machine", "world", *ENTRY_POINTS}
+    assert top_level == {"config", "errors", "atomic", "digest", "runtime", "machine", "world", *ENTRY_POINTS}
 
 
 def test_layering_names_an_import_that_goes_up() -> None:

@@ -2,7 +2,7 @@
 served.
 
 One pipeline result (the tiny model of tests/conftest.py, real breed JPEGs, params.yaml, dvc.lock) is logged once by
-petbreeds.track.tracking into a real sqlite store; the model is loaded in fresh processes and served by a real
+petbreeds.track.parent_run into a real sqlite store; the model is loaded in fresh processes and served by a real
 `mlflow models serve` on a free localhost port.
 """
 
@@ -41,7 +41,9 @@ from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import Compute
 from petbreeds.learn.training import get_preds
 from petbreeds.serve.predict import predict
-from petbreeds.track import registry, tracking
+from petbreeds.track import registry
+from petbreeds.track.identity import RunIdentity
+from petbreeds.track.parent_run import log_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -50,8 +52,8 @@ DATA_MD5 = "0" * 32 + ".dir"
 METRICS = {"error_rate": 0.0, "valid_loss": 0.05}
 
 
-def identity(name: str, exp: bool = True) -> tracking.RunIdentity:
-    return tracking.RunIdentity(name=name, exp_name=name if exp else None, baseline_rev=BASELINE, git_commit=BASELINE)
+def identity(name: str, exp: bool = True) -> RunIdentity:
+    return RunIdentity(name=name, exp_name=name if exp else None, baseline_rev=BASELINE, git_commit=BASELINE)
 
 
 def write_result(root: Path, model: Path | None, write_breed_images) -> None:
@@ -95,7 +97,7 @@ def store(project: Path) -> MlflowClient:
 @pytest.fixture(scope="module")
 def run_id(project: Path) -> str:
     """The result logged by the mlflow_log stage's code."""
-    return tracking.log_pipeline(project, identity("exp-a"), project)
+    return log_pipeline(project, identity("exp-a"), project)
 
 
 @pytest.fixture(scope="module")
@@ -141,16 +143,16 @@ def test_the_run_logs_its_model_with_metrics_signature_and_input_example(
 
 
 def test_logging_a_result_again_logs_no_second_model(project: Path, store: MlflowClient, run_id: str) -> None:
-    assert tracking.log_pipeline(project, identity("exp-a"), project) == run_id
+    assert log_pipeline(project, identity("exp-a"), project) == run_id
     experiment_id = store.get_run(run_id).info.experiment_id
     assert len(store.search_logged_models(experiment_ids=[experiment_id])) == 1
 
 
 def test_an_interrupted_attempt_is_replaced_with_its_model(project: Path, store: MlflowClient) -> None:
-    first = tracking.log_pipeline(project, identity("exp-interrupted"), project)
+    first = log_pipeline(project, identity("exp-interrupted"), project)
     (old,) = store.get_run(first).outputs.model_outputs
     store.update_run(first, status="FAILED")  # as a stage killed while logging leaves it
-    second = tracking.log_pipeline(project, identity("exp-interrupted"), project)
+    second = log_pipeline(project, identity("exp-interrupted"), project)
     assert second != first and store.get_run(second).outputs.model_outputs
     with pytest.raises(MlflowException, match="not found"):
         store.get_logged_model(old.model_id)
@@ -226,7 +228,7 @@ def test_register_names_aliases_and_tags_a_version(
     # a run of plain `dvc repro`, found by its run name; no alias: only a new version. The store named by
     # MLFLOW_TRACKING_URI stays named (MLflow unsets it when it restores its fluent URI).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.tracking_uri)
-    repro_run = tracking.log_pipeline(project, identity("repro@1234567", exp=False), project)
+    repro_run = log_pipeline(project, identity("repro@1234567", exp=False), project)
     second = registry.register(project, "repro@1234567", "petbreeds", None)
     assert os.environ["MLFLOW_TRACKING_URI"] == store.tracking_uri
     assert int(second.version) == 2 and second.run_id == repro_run and "dvc.exp_name" not in second.tags
@@ -242,7 +244,7 @@ def test_register_says_what_to_run_when_the_run_or_its_model_is_missing(
         registry.register(project, "nope", "petbreeds", "champion")
 
     write_result(tmp_path / "no-model", None, write_breed_images)  # a result whose dvc.lock records no model
-    tracking.log_pipeline(tmp_path / "no-model", identity("exp-no-model"), project)
+    log_pipeline(tmp_path / "no-model", identity("exp-no-model"), project)
     with pytest.raises(PetbreedsError, match=r"run exp-no-model \(\w+\) has no logged model.*petbreeds mlflow-relog"):
         registry.register(project, "exp-no-model", "petbreeds", "champion")
 

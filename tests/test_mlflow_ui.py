@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from petbreeds.track import tracking
+from petbreeds.track.parent_run import log_pipeline
+from petbreeds.track.store import open_experiment, ui_url
 
 
 def chromium_flags() -> list[str]:
@@ -68,9 +69,9 @@ def test_the_printed_link_lists_the_runs_and_the_run_page_shows_one(
     project = tmp_path / "project"
     write_fake_outputs(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking.log_pipeline(project, exp_identity("exp-ui-other"), project)
-    run_id = tracking.log_pipeline(project, exp_identity("exp-ui"), project)
-    experiment_id = tracking.open_experiment(project)[1]
+    log_pipeline(project, exp_identity("exp-ui-other"), project)
+    run_id = log_pipeline(project, exp_identity("exp-ui"), project)
+    experiment_id = open_experiment(project)[1]
 
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
@@ -83,7 +84,7 @@ def test_the_printed_link_lists_the_runs_and_the_run_page_shows_one(
         wait_healthy(base, server)
         common = [browser, *chromium_flags(), f"--user-data-dir={tmp_path / 'chromium'}"]
         # the link `make ui` prints
-        runs_url = tracking.ui_url(project, base)
+        runs_url = ui_url(project, base)
         runs_dom = subprocess.run([*common, "--dump-dom", runs_url], capture_output=True, text=True, timeout=180).stdout
         url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
         dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout

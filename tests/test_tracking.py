@@ -1,5 +1,5 @@
-"""petbreeds.track.tracking, petbreeds.track.relog, petbreeds.track.live and the run_info/live-run side of
-petbreeds.stage, on real temporary sqlite stores.
+"""The MLflow side of petbreeds.track (the store, the DVC outputs read, the run's identity, the parent run, relog,
+live runs) and the run_info/live-run side of petbreeds.stage, on real temporary sqlite stores.
 
 The DVC outputs here are written by hand (the ``write_fake_outputs`` fixture, tests/conftest.py) in the layout of
 docs/architecture.md; tests/test_pipeline_e2e.py checks the same against a real `dvc exp run`.
@@ -13,16 +13,21 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+from petbreeds import runtime
 from petbreeds.errors import PetbreedsError
 from petbreeds.stage import run_stage
-from petbreeds.track import relog, tracking
+from petbreeds.track import relog
+from petbreeds.track.identity import current_identity
+from petbreeds.track.outputs import read_outputs
+from petbreeds.track.parent_run import log_pipeline
+from petbreeds.track.store import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +73,7 @@ def assert_no_stray_runs(root: Path) -> None:
 def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(
     project: Path, exp_identity, frozen_rows
 ) -> None:
-    run_id = tracking.log_pipeline(project, exp_identity(), project)
+    run_id = log_pipeline(project, exp_identity(), project)
 
     client = store(project)
     run = client.get_run(run_id)
@@ -115,7 +120,7 @@ def test_one_name_per_quantity_and_the_run_shows_the_final_numbers(project: Path
     finals = {**phase_metrics(history, None, None), "lr": 2e-3}  # type: ignore[arg-type]  # as the stage writes it
     (project / "reports/train_frozen.json").write_text(json.dumps(finals))
 
-    run_id = tracking.log_pipeline(project, exp_identity(), project)
+    run_id = log_pipeline(project, exp_identity(), project)
 
     client = store(project)
     metrics = client.get_run(run_id).data.metrics
@@ -161,25 +166,25 @@ def test_the_run_lasts_as_long_as_the_stages_it_executed(project: Path, exp_iden
             "train_frozen": ("2026-11-23T10:00:00+00:00", "2026-11-23T10:05:30+00:00"),  # executed by exp-a
         },
     )
-    run = store(project).get_run(tracking.log_pipeline(project, exp_identity(), project))
-    assert run.info.start_time == int(datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc).timestamp() * 1000)
+    run = store(project).get_run(log_pipeline(project, exp_identity(), project))
+    assert run.info.start_time == int(datetime(2026, 11, 23, 10, 0, tzinfo=UTC).timestamp() * 1000)
     assert run.info.end_time - run.info.start_time == 330_000
 
     # a result that executed nothing (all restored from the run cache): when its outputs were made
-    run = store(project).get_run(tracking.log_pipeline(project, exp_identity("exp-restored"), project))
-    assert run.info.start_time == int(datetime(2026, 11, 20, 8, 0, tzinfo=timezone.utc).timestamp() * 1000)
-    assert run.info.end_time == int(datetime(2026, 11, 23, 10, 5, 30, tzinfo=timezone.utc).timestamp() * 1000)
+    run = store(project).get_run(log_pipeline(project, exp_identity("exp-restored"), project))
+    assert run.info.start_time == int(datetime(2026, 11, 20, 8, 0, tzinfo=UTC).timestamp() * 1000)
+    assert run.info.end_time == int(datetime(2026, 11, 23, 10, 5, 30, tzinfo=UTC).timestamp() * 1000)
 
 
 def test_logging_the_same_result_twice_keeps_one_run_and_a_rerun_supersedes(project: Path, exp_identity) -> None:
-    first = tracking.log_pipeline(project, exp_identity(), project)
-    assert tracking.log_pipeline(project, exp_identity(), project) == first
+    first = log_pipeline(project, exp_identity(), project)
+    assert log_pipeline(project, exp_identity(), project) == first
 
     # `dvc exp run -f` of the same experiment: a new result (the lock changed) under the same name
     lock = json.loads((project / "dvc.lock").read_text())
     lock["stages"]["fetch"]["outs"][0]["md5"] = "1" * 32 + ".dir"
     (project / "dvc.lock").write_text(json.dumps(lock))
-    second = tracking.log_pipeline(project, exp_identity(), project)
+    second = log_pipeline(project, exp_identity(), project)
 
     assert second != first
     assert store(project).get_run(first).data.tags["dvc.superseded"] == "true"
@@ -233,20 +238,20 @@ def test_a_repro_of_uncommitted_params_or_code_is_not_named_after_the_commit(pro
     git(project, "add", "-f", "params.yaml", "dvc.lock")
     git(project, "commit", "-q", "-m", "baseline")
     commit = git(project, "rev-parse", "HEAD")[:7]
-    assert tracking.current_identity(project).name == f"repro@{commit}"
+    assert current_identity(project).name == f"repro@{commit}"
     lock = json.loads((project / "dvc.lock").read_text())
     lock["stages"]["mlflow_log"] = {"cmd": "python stages/mlflow_log.py"}  # DVC writes it after the stage ran
     (project / "dvc.lock").write_text(json.dumps(lock))
-    assert tracking.current_identity(project).name == f"repro@{commit}"
+    assert current_identity(project).name == f"repro@{commit}"
 
     params = project / "params.yaml"
     params.write_text(params.read_text().replace("seed: 42", "seed: 7", 1))
-    dirty = tracking.current_identity(project).name
+    dirty = current_identity(project).name
     assert dirty.startswith(f"repro@{commit}+dirty-") and len(dirty) == len(f"repro@{commit}+dirty-") + 8
     assert relog.workspace_identity(project).name == dirty  # a re-log of the workspace: the same name
     lock["stages"]["train_unfrozen"]["outs"] = [{"path": "models/model.pt", "md5": "1" * 32}]  # other results
     (project / "dvc.lock").write_text(json.dumps(lock))
-    assert tracking.current_identity(project).name not in (dirty, f"repro@{commit}")
+    assert current_identity(project).name not in (dirty, f"repro@{commit}")
 
 
 def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
@@ -271,7 +276,7 @@ def test_run_stage_streams_into_a_live_child_that_the_parent_adopts(
     assert child.info.status == "FINISHED" and child.info.run_name == "exp-a:train_frozen"
     assert [m.value for m in client.get_metric_history(child_id, "valid_loss")] == [2.5, 1.9]
 
-    parent_id = tracking.log_pipeline(project, exp_identity(), project)
+    parent_id = log_pipeline(project, exp_identity(), project)
     assert client.get_run(child_id).data.tags["mlflow.parentRunId"] == parent_id
     assert client.get_run(parent_id).data.tags["stage.train_frozen.live_run"] == child_id
     assert client.get_run(parent_id).data.tags["stage.train_frozen.precision"] == "bf16"  # what auto became
@@ -355,7 +360,7 @@ def test_stages_print_no_mlflow_info_lines_unless_verbose(project: Path) -> None
 
 @pytest.mark.slow
 def test_two_processes_on_a_fresh_database_both_succeed(tmp_path: Path) -> None:
-    script = "import pathlib, petbreeds.track.tracking as t; print(t.open_experiment(pathlib.Path.cwd())[1])"
+    script = "import pathlib, petbreeds.track.store as s; print(s.open_experiment(pathlib.Path.cwd())[1])"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     procs = [
         subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
@@ -370,16 +375,16 @@ def test_two_processes_on_a_fresh_database_both_succeed(tmp_path: Path) -> None:
 
 def test_tracking_uri_is_absolute_from_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
     # a relative sqlite path would land in a queued experiment's temporary copy: anchor it at the root
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")
-    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/team.db"
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path}/team.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    assert tracking.tracking_uri(tmp_path) == "http://mlflow.example:5000"
+    assert tracking_uri(tmp_path) == "http://mlflow.example:5000"
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.project_root() == tmp_path.resolve()
+    assert runtime.project_root() == tmp_path.resolve()
 
 
 def test_missing_outputs_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(PetbreedsError, match=r"params\.yaml: not found; run `dvc repro`"):
-        tracking.read_outputs(tmp_path)
+        read_outputs(tmp_path)

@@ -138,9 +138,11 @@ def run_stage(
         else:
             message = None
         if message is None:
+            if ranked and isinstance(e, Exception):
+                ddp.record_error(e)  # as torch's @record: the launcher's line names it, the traceback follows here
             raise
         # a rank under torchrun hands its message to the launcher, which reports it with the rank
-        if not (ranked and ddp.record_error(message)):
+        if not (ranked and ddp.record_error(PetbreedsError(message))):
             print(f"error: stage {name}: {message}", file=sys.stderr)
             if write_run_info and dvc_invocation() is not None:
                 # DVC deletes a stage's outputs (run_info among them) before running it; its cache keeps the previous

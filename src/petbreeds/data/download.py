@@ -8,7 +8,6 @@ becomes ``dest``. An unreachable host (refused, DNS, no route) fails at once: re
 from __future__ import annotations
 
 import errno
-import hashlib
 import http.client
 import os
 import socket
@@ -22,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from petbreeds.digest import file_digest
 from petbreeds.errors import PetbreedsError
 
 CHUNK = 1 << 20
@@ -35,14 +35,6 @@ _UNREACHABLE = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno
 
 class _Interrupted(Exception):
     """A transfer that stopped early for a reason worth retrying."""
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unreachable(reason: object) -> bool:
@@ -100,7 +92,7 @@ def download(url: str, dest: Path, *, md5: str, retries: int, timeout_s: float, 
     """
     dest = Path(dest)
     if dest.exists():
-        if md5sum(dest) == md5:
+        if file_digest(dest, "md5") == md5:
             return dest
         dest.unlink()  # stale or corrupt: fetch it again
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +117,7 @@ def download(url: str, dest: Path, *, md5: str, retries: int, timeout_s: float, 
         delay = backoff_s * 2**attempt
         print(f"{url}: {problem}; retrying in {delay:g} s", flush=True)
         time.sleep(delay)
-    actual = md5sum(part)
+    actual = file_digest(part, "md5")
     if actual != md5:
         part.unlink()
         raise PetbreedsError(

@@ -19,8 +19,9 @@ from pathlib import Path, PurePosixPath
 
 from petbreeds.atomic import atomic_directory
 from petbreeds.config import FetchParams
-from petbreeds.data.download import download, md5sum, safe_extract
+from petbreeds.data.download import download, safe_extract
 from petbreeds.data.sample_data import generate_sample
+from petbreeds.digest import file_digest
 from petbreeds.errors import PetbreedsError
 
 
@@ -70,7 +71,7 @@ def _fetch_local(params: FetchParams, path: Path, out_dir: Path) -> None:
     # A copy of an official archive is checked against the md5 in params, as a download would be.
     pet = params.oxford_iiit_pet
     expected = {_file_name(pet.images_url): pet.images_md5, _file_name(pet.annotations_url): pet.annotations_md5}
-    if path.name in expected and (actual := md5sum(path)) != expected[path.name]:
+    if path.name in expected and (actual := file_digest(path, "md5")) != expected[path.name]:
         raise PetbreedsError(
             f"{what}: md5 {actual}, but the official {path.name} has {expected[path.name]}; the copy is "
             "incomplete or corrupt: replace it, or rename it if it is another archive"

@@ -14,18 +14,17 @@ the same machine and torch build keep giving the same metrics.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from petbreeds.atomic import atomic_write_json
 from petbreeds.learn.device import autocast, reuse_freed_cpu_memory
@@ -141,24 +140,6 @@ def _read_cache(cache_file: Path) -> dict[str, Any]:
     return data["entries"]
 
 
-@contextlib.contextmanager
-def _locked(cache_file: Path) -> Iterator[None]:
-    """Hold an exclusive lock beside ``cache_file``: stages started together (``dvc queue start -j 2``) calibrate
-    one after the other, so the second reads the first's choice instead of timing a machine the first is loading."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, at worst two calibrations
-        yield
-        return
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache_file.with_name(cache_file.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def cpu_autocast_dtype(arch: str, size: int, batch: int, channels_last: bool, cache_file: Path) -> Calibration:
     """fp32 or bf16 autocast for training ``arch`` at ``size`` px, ``batch`` images per step on this CPU.
 
@@ -170,7 +151,10 @@ def cpu_autocast_dtype(arch: str, size: int, batch: int, channels_last: bool, ca
     if not has_native_bf16():
         return Calibration(None, cpu)
     key = cache_key(arch, size, batch, channels_last)
-    with _locked(cache_file):
+    # Stages started together (`dvc queue start -j 2`) calibrate one after the other: the second reads the first's
+    # choice instead of timing a machine the first is loading.
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache_file.with_name(cache_file.name + ".lock")):
         entries = _read_cache(cache_file)
         entry = entries.get(key)
         if isinstance(entry, dict) and entry.get("choice") in ("fp32", "bf16"):
@@ -182,7 +166,7 @@ def cpu_autocast_dtype(arch: str, size: int, batch: int, channels_last: bool, ca
             "choice": "bf16" if dtype is not None else "fp32",
             "fp32_s": round(fp32_s, 4),
             "bf16_s": round(bf16_s, 4),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         }
         atomic_write_json(cache_file, {"format": CACHE_FORMAT, "entries": entries})
     return Calibration(dtype, cpu, fp32_s, bf16_s)

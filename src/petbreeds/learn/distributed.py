@@ -19,17 +19,15 @@ and metrics, because they are reduced or gathered over the global batch.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import signal
 import sys
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -42,6 +40,9 @@ from petbreeds.errors import PetbreedsError
 from petbreeds.machine import usable_cores
 from petbreeds.runtime import verbose
 from petbreeds.world import SINGLE_PROCESS, World, under_torchrun, world_from_env, world_size_of
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 T = TypeVar("T")
 
@@ -146,7 +147,7 @@ def _end_with_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-# How a rank words the loss of a peer: a consequence of another rank's failure, never its cause (see launch).
+# How a rank words the loss of a peer: a consequence of another rank's failure, never its cause (see failure_message).
 LOST_PEER = "lost the other ranks"
 # gloo's RuntimeErrors: most name gloo (its source path), but a pair that timed out in a broadcast (DDP's buffer sync
 # before a forward) only says "Application timeout caused pair closure".
@@ -155,7 +156,7 @@ _GLOO_WORDS = ("gloo", "pair closure")
 
 def collective_failure(error: BaseException, params: DistributedParams) -> str | None:
     """The words for an error of torch.distributed itself (a peer that hung past the timeout, or vanished),
-    or None when ``error`` is something else."""
+    or None when ``error`` is something else. gloo raises plain RuntimeErrors: only their words tell."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     gloo = isinstance(error, RuntimeError) and any(word in text.lower() for word in _GLOO_WORDS)
     if not (isinstance(error, dist.DistError) or gloo):
@@ -173,57 +174,48 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def record_error(message: str) -> bool:
-    """Hand a rank's error message to its launcher: torchrun's error file, which the launcher reads into the failure
-    it reports with the rank. False when there is no launcher to read it (then the caller prints it)."""
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not error_file:
+def record_error(error: BaseException) -> bool:
+    """Hand a rank's error to its launcher: torch's error file (``TORCHELASTIC_ERROR_FILE``, written by torch's
+    handler as ``@record`` writes it), which the launcher reads into the failure it reports with the rank. False
+    when there is no launcher to read it (then the caller prints it)."""
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
         return False
-    Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}), encoding="utf-8")
+    get_error_handler().record_exception(error)
     return True
 
 
-def _failure_text(rank: int, failure: object) -> str:
-    exitcode = getattr(failure, "exitcode", None)
-    message = str(getattr(failure, "message", "") or "")
-    if isinstance(exitcode, int) and exitcode < 0:
-        how = f"killed by {signal.Signals(-exitcode).name}"
-    else:
-        how = f"exit code {exitcode}"
-    # without our error file torchrun makes up a message: a signal's, or a pointer to its docs
-    text = message.strip()
-    if not text or text.startswith("To enable traceback") or text.startswith("Signal "):
-        return f"rank {rank} failed ({how})"
-    return f"rank {rank} failed ({how}): {text.splitlines()[0]}"
+def _error_text(failure: ProcessFailure) -> str:
+    """What the rank's error file says, without the exception's type for a :class:`PetbreedsError` (its message is
+    written for people); empty without an error file (the rank was killed, or died before it could write one)."""
+    if not isinstance(failure.message, dict):  # torch made up a message: a signal's, or a pointer to its docs
+        return ""
+    return str(failure.message.get("message", "")).removeprefix(f"{PetbreedsError.__name__}: ")
 
 
-def _blame(item: tuple[int, object]) -> tuple[int, bool, int, int]:
-    """Sort key of the failures, the cause first: a rank's own error (or a hang it timed out on), then a rank
-    killed by a signal, then one stopped by SIGTERM (what the agent sends the survivors), then ranks that only
-    lost their peers. Within each: a rank that exited by itself before one the agent stopped while it was still
-    exiting (both wrote their error, the first to exit is the one the agent saw), then the earliest, then the
-    lowest rank."""
-    rank, failure = item
-    message = str(getattr(failure, "message", "") or "")
-    exitcode = getattr(failure, "exitcode", 0)
-    killed = isinstance(exitcode, int) and exitcode < 0
-    if message.startswith(LOST_PEER):
-        kind = 3
-    elif killed and (not message or message.startswith("Signal ")):
-        kind = 2 if exitcode == -signal.SIGTERM else 1
-    else:
-        kind = 0
-    return kind, killed, int(getattr(failure, "timestamp", 0)), rank
+def _stopped_by_another(failure: ProcessFailure) -> bool:
+    """A rank stopped because another failed: the agent's SIGTERM to the survivors, or a peer lost in a collective."""
+    return failure.exitcode == -signal.SIGTERM or _error_text(failure).startswith(LOST_PEER)
 
 
-def failure_message(failures: Mapping[int, object]) -> str:
-    """The one line a failed launch ends with: the rank that caused it and its message, the ranks stopped with it."""
-    first = min(failures.items(), key=_blame)
-    others = sorted(rank for rank in failures if rank != first[0])
+def failure_message(failures: Mapping[int, ProcessFailure]) -> str:
+    """The one line a failed launch ends with: the rank that caused it and its message, the ranks stopped with it.
+
+    The cause is torch's root cause (``ChildFailedError.get_first_failure``: the earliest failure) among the ranks
+    that failed by themselves: a rank that only lost its peers, or that the agent stopped, often wrote its error
+    before the agent noticed the rank that caused it.
+    """
+    causes = [rank for rank, failure in failures.items() if not _stopped_by_another(failure)] or list(failures)
+    rank = min(causes, key=lambda r: failures[r].timestamp)
+    failure = failures[rank]
+    how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+    text = _error_text(failure).strip()
+    others = sorted(r for r in failures if r != rank)
     also = f"; rank(s) {', '.join(map(str, others))} stopped too" if others else ""
     return (
-        f"{_failure_text(*first)}{also}. No rank wrote an output (rank 0 writes only after the last collective); "
-        "fix the cause and re-run (`dvc repro`)"
+        f"rank {rank} failed ({how}){f': {text.splitlines()[0]}' if text else ''}{also}. No rank wrote an output "
+        "(rank 0 writes only after the last collective); fix the cause and re-run (`dvc repro`)"
     )
 
 

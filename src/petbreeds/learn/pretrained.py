@@ -13,7 +13,6 @@ Where the weights come from:
 
 from __future__ import annotations
 
-import hashlib
 import urllib.error
 from pathlib import Path
 
@@ -23,22 +22,15 @@ from torch import nn
 
 from petbreeds.atomic import atomic_directory, atomic_write_json
 from petbreeds.config import ModelParams
+from petbreeds.digest import file_digest
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.model import body_of, create_imagenet_net
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_hash_in_name(path: Path) -> None:
     """Weights files named ``<name>-<first hex digits of the sha256>.pth`` (torchvision's, the package's) must match."""
     match = torch.hub.HASH_REGEX.search(path.name)
-    if match and not sha256_of(path).startswith(match.group(1)):
+    if match and not file_digest(path, "sha256").startswith(match.group(1)):
         raise PetbreedsError(f"{path}: sha256 does not start with {match.group(1)}; delete the file and run again")
 
 
@@ -166,7 +158,7 @@ def prepare_pretrained(
         else:
             net, source, path = resnet_imagenet(model, url, cache_dir)
         body_state = body_of(model.arch, net).state_dict()
-        meta["source"], meta["sha256"] = source, sha256_of(path)
+        meta["source"], meta["sha256"] = source, file_digest(path, "sha256")
     with atomic_directory(out_dir) as tmp:
         if body_state is not None:
             torch.save(body_state, tmp / "weights.pt")

@@ -37,6 +37,7 @@ from ruamel.yaml import YAML
 
 from petbreeds.atomic import atomic_output
 from petbreeds.config import Params
+from petbreeds.digest import file_digest
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.distributed import from_rank_0
 from petbreeds.machine import cpu_model
@@ -45,11 +46,6 @@ from petbreeds.world import World
 
 STATE_FORMAT = "petbreeds-resume/1"
 FOLDER = "resume"
-
-
-def _digest_file(path: Path, h: Any) -> None:
-    with path.open("rb") as f:
-        h.update(hashlib.file_digest(f, "sha256").digest())
 
 
 def _dep_files(dep: Path) -> Iterator[Path]:
@@ -79,7 +75,7 @@ def stage_key(stage: str, root: Path) -> str:
     for dep in sorted(d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", [])):
         for path in _dep_files(root / dep):
             h.update(str(path.relative_to(root)).encode())
-            _digest_file(path, h)
+            h.update(file_digest(path, "sha256").encode())
     params_file = yaml.load((root / "params.yaml").read_text()) or {}
     for entry in spec.get("params", []):
         keys = [entry] if isinstance(entry, str) else [k for ks in entry.values() for k in (ks or ["."])]

@@ -40,7 +40,6 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 from PIL import Image
 
@@ -172,13 +171,14 @@ def _check_pixels(data: bytes, row: int, max_pixels: int) -> None:
 @contextmanager
 def fluent_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's fluent tracking URI set to ``uri`` meanwhile, for the MLflow functions that read it instead of taking a
-    client. ``MLFLOW_TRACKING_URI`` is kept as it was: MLflow overwrites it when setting the URI and unsets it when
-    restoring, and petbreeds reads it to find the store."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+    client; afterwards the URI they read before. ``MLFLOW_TRACKING_URI`` is kept as it was: MLflow's
+    ``set_tracking_uri`` overwrites it, and petbreeds reads it to find the store."""
+    env, before = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
     try:
-        with _use_tracking_uri(uri):
-            yield
+        yield
     finally:
+        mlflow.set_tracking_uri(before)
         if env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

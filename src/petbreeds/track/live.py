@@ -2,8 +2,8 @@
 
 ``run_stage`` opens one for the stages that ask for it (``live_run=True``) unless ``PETBREEDS_MLFLOW_LIVE=0``;
 its id goes into the stage's ``reports/run_info/<stage>.json`` sidecar, through which the parent run built by
-``mlflow_log`` (``petbreeds.track.tracking``) adopts it. The store and the run's name come from
-``petbreeds.track.tracking``.
+``mlflow_log`` (``petbreeds.track.parent_run``) adopts it. The store comes from ``petbreeds.track.store``, the run's
+name from ``petbreeds.track.identity``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from petbreeds.runtime import project_root
-from petbreeds.track.tracking import MAX_METRICS, chunks, current_identity, open_experiment
+from petbreeds.track.identity import current_identity
+from petbreeds.track.store import log_batch, open_experiment
 
 
 class LiveRun:
@@ -74,8 +75,8 @@ class LiveRun:
         batch, self.pending = self.pending, []
         self.flushed = time.monotonic()
         try:
-            for metrics in [] if self.broken else chunks(batch, MAX_METRICS):
-                self.client.log_batch(self.run_id, metrics=list(metrics))
+            if not self.broken:
+                log_batch(self.client, self.run_id, metrics=batch)
         except Exception as e:  # best effort by design
             self.broken = True
             print(f"warning: live MLflow logging stopped ({type(e).__name__}: {e}); training goes on", file=sys.stderr)

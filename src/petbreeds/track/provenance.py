@@ -2,7 +2,7 @@
 
 ``run_stage`` writes the sidecar after a stage succeeds. It is a DVC output of every stage, so when DVC restores
 the stage from its run cache the sidecar comes back with the outputs and still names the execution that made
-them; ``petbreeds.track.tracking`` reads it to tag executed vs restored stages.
+them; ``petbreeds.track.identity`` reads it to tag executed vs restored stages.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def _device_used() -> str:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
 
 
 def run_info(

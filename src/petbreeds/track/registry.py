@@ -21,8 +21,9 @@ from mlflow.tracking import MlflowClient
 from petbreeds.errors import PetbreedsError
 from petbreeds.runtime import project_root
 from petbreeds.serve.mlflow_model import fluent_tracking_uri
+from petbreeds.track.parent_run import MODEL_TAGS
 from petbreeds.track.provenance import git_commit
-from petbreeds.track.tracking import MODEL_TAGS, open_experiment, tracking_uri
+from petbreeds.track.store import open_experiment, tracking_uri
 
 
 def find_run(client: MlflowClient, experiment_id: str, name: str, head: str | None) -> Run:

@@ -3,7 +3,7 @@
 For when the store was unreachable while ``mlflow_log`` ran. Without arguments it logs the workspace's outputs
 (named after the experiment whose committed dvc.lock they are, else as ``dvc repro`` names them); with experiment
 names it reads each one's outputs from its git commit (``refs/exps/...``) and ``plots/``, ``reports/`` from DVC's
-cache. The run is built by ``petbreeds.track.tracking.log_pipeline``, so a result already logged is left as it is.
+cache. The run is built by ``petbreeds.track.parent_run.log_pipeline``, so a result already logged is left as it is.
 """
 
 from __future__ import annotations
@@ -21,19 +21,10 @@ from ruamel.yaml import YAML
 
 from petbreeds.errors import PetbreedsError
 from petbreeds.runtime import project_root
+from petbreeds.track.identity import RunIdentity, repro_name, result_stages, uncommitted_results
+from petbreeds.track.outputs import MODEL_FILE, SPLIT_TABLE, example_image, has_model, read_yaml
+from petbreeds.track.parent_run import log_pipeline
 from petbreeds.track.provenance import git_commit
-from petbreeds.track.tracking import (
-    MODEL_FILE,
-    PARENT_STAGE,
-    SPLIT_TABLE,
-    RunIdentity,
-    example_image,
-    has_model,
-    log_pipeline,
-    read_yaml,
-    repro_name,
-    uncommitted_results,
-)
 
 
 @dataclass(frozen=True)
@@ -63,8 +54,7 @@ def _git(root: Path, *args: str) -> str:
 
 
 def _lock_stages(text: str) -> Any:
-    stages = (YAML(typ="safe").load(text) or {}).get("stages", {})
-    return {k: v for k, v in stages.items() if k != PARENT_STAGE}
+    return result_stages(YAML(typ="safe").load(text) or {})
 
 
 def workspace_identity(root: Path) -> RunIdentity:
