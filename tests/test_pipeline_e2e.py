@@ -114,10 +114,11 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
         assert run_.data.tags["stage.train_frozen.status"] == "executed"
         assert_history_matches_csv(repo, run_.info.run_id, "train_frozen", name)
         assert_history_matches_csv(repo, run_.info.run_id, "train_unfrozen", name)
-    # e1 and e2 changed only train_frozen.lr: DVC keeps the baseline's lr_find outputs, and the runs say so
+    # e1 and e2 changed train_frozen.lr, which lr_find depends on (lr_find.run auto decides by it): under the default,
+    # always, it sweeps again, to the same report, and the runs say so
     for name in ("e1", "e2"):
-        assert runs[name].data.tags["stage.lr_find.status"] == "reused"
-        assert runs[name].data.tags["stage.lr_find.producer"].startswith("repro@"), name
+        assert runs[name].data.tags["stage.lr_find.status"] == "executed"
+        assert runs[name].data.tags["stage.lr_find.producer"].startswith(f"{name} at "), name
 
     # The first experiment's params again: DVC restores e1's training and evaluation from its run cache without
     # running them, the run says so for each stage, and it holds e1's results.
@@ -126,8 +127,7 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     e3, e1 = parents(repo)["e3"], parents(repo)["e1"]
     for stage in ("lr_find", "train_frozen", "lr_find_unfrozen", "train_unfrozen", "evaluate"):
         assert e3.data.tags[f"stage.{stage}.status"] == "reused", stage
-        producer = "repro@" if stage == "lr_find" else "e1 at "  # lr_find's outputs are the baseline's, as for e1
-        assert e3.data.tags[f"stage.{stage}.producer"].startswith(producer), stage
+        assert e3.data.tags[f"stage.{stage}.producer"].startswith("e1 at "), stage
     timing = ("seconds", "images_per_s")
     results = {k: v for k, v in e1.data.metrics.items() if not k.endswith(timing)}
     assert {k: v for k, v in e3.data.metrics.items() if not k.endswith(timing)} == results
@@ -241,3 +241,44 @@ def test_an_experiment_on_two_processes_writes_every_output_and_logs_one_run(rep
     logged_error_rate, live = json.loads(out)
     assert logged_error_rate == pytest.approx(error_rate)
     assert live == ["lr_find", "lr_find_unfrozen", "train_frozen", "train_unfrozen"]  # rank 0's
+
+
+@pytest.mark.slow
+def test_an_experiment_without_sweeps_writes_every_output_and_compares_with_one_that_swept(repo: Path) -> None:
+    """`lr_find.run=auto` with both lrs set: neither finder sweeps, every output dvc.yaml declares is there saying so,
+    the results are those of the same run with its (unused) sweeps, and DVC and MLflow compare the two."""
+    same = ("train_frozen.lr=0.001", "distributed.nproc_per_node=1")  # an earlier test's experiment may be applied
+    exp_run(repo, *same, name="swept")  # the default, always: both finders sweep
+    swept_lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
+    swept_metrics = (repo / "metrics" / "evaluate.json").read_bytes()
+    out = exp_run(repo, *same, "lr_find.run=auto", name="unswept")
+    assert "lr_find: not run: train_frozen.lr is set (1e-3) and lr_find.run is auto" in out, out
+    why = "train_unfrozen.lr is set (slice(1e-5, 1e-3)) and lr_find.run is auto"
+    assert f"lr_find_unfrozen: not run: {why}" in out, out
+    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
+    outs = [out["path"] for stage in lock.values() for out in stage.get("outs", [])]
+    assert all((repo / path).exists() for path in outs)  # show_batch pictures included
+    assert json.loads((repo / "reports" / "lr_find_unfrozen.json").read_text()) == {"not_run": why}
+    # the sweeps' suggestions were not used: the same model and numbers
+    model = [
+        out["md5"]
+        for stage in (lock, swept_lock)
+        for out in stage["train_unfrozen"]["outs"]
+        if out["path"] == "models/model.pt"
+    ]
+    assert model[0] == model[1] and (repo / "metrics" / "evaluate.json").read_bytes() == swept_metrics
+
+    # dvc plots diff: the finders' curves of the experiment that swept, every training curve of both
+    plots = json.loads(run(repo, DVC, "plots", "diff", "--json", "swept", "unswept"))
+    assert not plots.get("errors"), plots
+    for name in ("lr_find", "lr_find_unfrozen"):
+        assert [plot["revisions"] for plot in plots["data"][name]] == [["swept"]], name
+    assert [plot["revisions"] for plot in plots["data"]["loss"]] == [["swept", "unswept"]]
+    table = run(repo, DVC, *COMPARE, COLUMNS="120")
+    assert "!" not in table and "lr_find.run" in table, table
+
+    # MLflow: the run says why, and has no finder curve
+    unswept = parents(repo)["unswept"]
+    assert unswept.data.tags["stage.lr_find_unfrozen.not_run"] == why
+    assert not [key for key in unswept.data.metrics if key.startswith(("lr_find/", "lr_find_unfrozen/"))]
+    assert "lr_find/loss" in parents(repo)["swept"].data.metrics
