@@ -41,6 +41,7 @@ from ruamel.yaml import YAML
 
 from petbreeds.config import flatten
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.lr_find import NOT_RUN
 from petbreeds.runtime import project_root
 from petbreeds.serve.mlflow_model import log_model
 from petbreeds.track.provenance import RUN_INFO_DIR, dvc_invocation, git_commit
@@ -196,6 +197,8 @@ def _read_json(path: Path) -> Any:
 def _numbers(path: Path) -> dict[str, float]:
     values = {}
     for key, value in flatten(_read_json(path)).items():
+        if key == NOT_RUN:
+            continue  # why a stage did not do its work: a tag and the note say it (_not_run), not a metric
         if isinstance(value, (int, float)):  # bool included: True -> 1.0
             values[key] = float(value)
         else:
@@ -390,6 +393,17 @@ def result_key(outputs: PipelineOutputs, identity: RunIdentity) -> str:
 # The parent run
 
 
+def _not_run(root: Path) -> dict[str, str]:
+    """``{stage: why}`` for each stage whose report says it did not do its work (an lr finder that did not sweep,
+    ``lr_find.run``): the run says why, where its curve has no points and its picture says "not run"."""
+    found = {}
+    for path in sorted((root / "reports").glob("*.json")):
+        report = _read_json(path)
+        if isinstance(report, dict) and NOT_RUN in report:
+            found[path.stem] = str(report[NOT_RUN])
+    return found
+
+
 def _tags(outputs: PipelineOutputs, identity: RunIdentity, key: str) -> dict[str, str]:
     tags = {
         "petbreeds.run_type": "pipeline",
@@ -414,6 +428,9 @@ def _tags(outputs: PipelineOutputs, identity: RunIdentity, key: str) -> dict[str
     what = f"DVC experiment `{identity.exp_name}`" if identity.exp_name else "`dvc repro`"
     lines = [f"{what} at commit `{(identity.git_commit or '?')[:7]}`, built from the DVC outputs by `mlflow_log`."]
     lines += [f"- {status}: {', '.join(stages)}" for status, stages in sorted(by_status.items())]
+    for stage, why in _not_run(outputs.root).items():
+        tags[f"stage.{stage}.not_run"] = why
+        lines.append(f"- {stage} not run: {why}")
     tags["mlflow.note.content"] = "\n".join(lines)
     return {k: v for k, v in tags.items() if v}
 
