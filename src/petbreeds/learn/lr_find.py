@@ -11,9 +11,9 @@ loss (reset at the start); the sweep stops after ``num_it`` batches, or once the
 The model's weights and BatchNorm buffers are put back bit-for-bit afterwards. With several processes the loss
 is the global batch's (averaged over the ranks), so every rank records the same curve and stops at the same batch.
 
-A finder that does not sweep (``lr_find.run``: ``auto`` where its phase's lr is set, ``never``) still writes its
-outputs, which DVC declares: the curve's header alone (``dvc plots`` draws no line for it), a picture and a report
-saying why (``{"not_run": why}``).
+A finder that does not sweep (``lr_find.run``: ``auto`` where its phase's lr is set, ``never``, a list without it)
+still writes its outputs, which DVC declares: the curve's header alone (``dvc plots`` draws no line for it), a
+picture and a report saying why (``{"not_run": why}``).
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ def lr_text(lr: float | list[float]) -> str:
 
 @dataclass(frozen=True)
 class SweepPlan:
+    """What a finder's stage does (:func:`plan_sweep`), and the words for it."""
+
     finder: Finder
     runs: bool  # lr_find.run lets it sweep
     note: str  # what the sweep is for, or why it does not run
