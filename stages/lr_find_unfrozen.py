@@ -4,7 +4,8 @@
 As fastai's finder on an unfrozen learner (docs/fastai.md §6): one lr for every parameter group, the whole model
 training, with the unfrozen phase's weight decay and batches and the beta1 the frozen phase's one cycle ended on.
 Writes plots/lr_find_unfrozen.csv (lr, smoothed loss), reports/lr_find_unfrozen.png and
-reports/lr_find_unfrozen.json (every suggestion; the chosen one is what a null train_unfrozen.lr trains at).
+reports/lr_find_unfrozen.json (every suggestion; the chosen one is what a null train_unfrozen.lr trains at). Where
+lr_find.run leaves the sweep out, the same outputs say "not run" and why (petbreeds.learn.lr_find).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from petbreeds.config import Params
 from petbreeds.data.splitting import read_split_table, read_vocab
 from petbreeds.learn.checkpoint import load_checkpoint
-from petbreeds.learn.lr_find import LR_FIND_BETA1, lr_find, write_lr_find
+from petbreeds.learn.lr_find import LR_FIND_BETA1, lr_find, plan_sweep, write_lr_find
 from petbreeds.learn.model import unfreeze
 from petbreeds.learn.schedule import last_beta1
 from petbreeds.learn.training import training_data
@@ -25,6 +26,14 @@ from petbreeds.stage import StageContext, run_stage
 
 
 def main(params: Params, ctx: StageContext) -> None:
+    plan = plan_sweep(params, "lr_find_unfrozen")
+    curve, plot = Path("plots/lr_find_unfrozen.csv"), Path("reports/lr_find_unfrozen.png")
+    report = Path("reports/lr_find_unfrozen.json")
+    if not plan.runs:
+        if ctx.world.is_main:
+            write_lr_find(None, plan, curve=curve, plot=plot, report=report)
+            print(plan.summary(None))
+        return
     seed = params.seed + 1  # the unfrozen phase's batches and dropout masks (stages/train_unfrozen.py)
     table, vocab = read_split_table(Path("data/split.csv")), read_vocab(Path("data/vocab.json"))
     data = training_data(params, table, vocab, Path("data/raw"), seed=seed, world=ctx.world)
@@ -45,14 +54,8 @@ def main(params: Params, ctx: StageContext) -> None:
     ctx.record(sweep_seconds=f"{time.perf_counter() - started:.1f}")
     if not ctx.world.is_main:
         return
-    chosen = params.lr_find.suggestion
-    curve, plot = Path("plots/lr_find_unfrozen.csv"), Path("reports/lr_find_unfrozen.png")
-    write_lr_find(result, chosen, curve=curve, plot=plot, report=Path("reports/lr_find_unfrozen.json"))
-    print(
-        "lr_find_unfrozen: "
-        + ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items())
-        + f"; {chosen} is what train_unfrozen.lr null uses"
-    )
+    write_lr_find(result, plan, curve=curve, plot=plot, report=report)
+    print(plan.summary(result))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,13 @@ def test_an_unknown_key_stops_the_first_stage_with_its_name(repo: Path) -> None:
     assert "error: stage check_params: params.yaml: unknown key extra_section (known keys under the top level" in out
 
 
+@pytest.mark.slow
+def test_a_null_lr_whose_finder_is_left_out_stops_the_first_stage_with_its_name(repo: Path) -> None:
+    # the default train_frozen.lr is null: it trains at lr_find's suggestion, which lr_find.run never leaves out
+    out = dvc(repo, "exp", "run", "-S", "lr_find.run=never", ok=False)
+    assert "error: stage check_params: params.yaml: train_frozen.lr is null, which trains at lr_find's " in out, out
+
+
 def test_params_yaml_is_in_the_form_dvc_writes_back(tmp_path: Path) -> None:
     """What `-S` does to the file (DVC's writer, dvc.utils.hydra.apply_overrides) with a key set to its own value:
     nothing may change. A one-line list, a quoted string, `null` or a list ending its section would be rewritten,

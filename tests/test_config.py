@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from petbreeds.config import ParamsError, flatten, load_params, parse_params
+from petbreeds.config import ParamsError, flatten, load_params, parse_params, sweep_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,3 +198,57 @@ def test_stage_reports_bad_params_without_traceback(tmp_path):
     assert r.returncode == 1
     assert "error: stage split: params.yaml: split.valid_pct" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("run", "frozen_lr", "unfrozen_lr", "sweeps"),
+    [
+        ("always", None, [1e-5, 1e-3], ["lr_find", "lr_find_unfrozen"]),  # the book's text: both, used or not
+        ("always", [2e-3], [1e-5, 1e-3], ["lr_find", "lr_find_unfrozen"]),
+        ("auto", None, [1e-5, 1e-3], ["lr_find"]),  # only where a null lr trains at the suggestion
+        ("auto", 3e-3, None, ["lr_find_unfrozen"]),
+        ("auto", [2e-3], [1e-5, 1e-3], []),  # fine_tune: no sweep
+        ("never", 3e-3, 1e-5, []),
+        (["lr_find_unfrozen"], 3e-3, 1e-5, ["lr_find_unfrozen"]),  # the book's unfreeze run: lr_find() after unfreeze()
+        (["lr_find", "lr_find_unfrozen"], 3e-3, 1e-5, ["lr_find", "lr_find_unfrozen"]),
+        ([], 3e-3, 1e-5, []),
+    ],
+)
+def test_lr_find_run_says_which_finders_sweep(run, frozen_lr, unfrozen_lr, sweeps):
+    raw = raw_params()
+    raw["lr_find"]["run"], raw["train_frozen"]["lr"], raw["train_unfrozen"]["lr"] = run, frozen_lr, unfrozen_lr
+    p = parse_params(raw)
+    assert [finder for finder in ("lr_find", "lr_find_unfrozen") if sweep_runs(p, finder)] == sweeps
+
+
+def test_the_default_runs_both_finders_as_the_books_text():
+    p = load_params(ROOT / "params.yaml")
+    assert p.lr_find.run == "always" and sweep_runs(p, "lr_find") and sweep_runs(p, "lr_find_unfrozen")
+    raw = raw_params()
+    del raw["lr_find"]["run"]  # a params.yaml from before the key: as before, both sweep
+    assert parse_params(raw).lr_find.run == "always"
+
+
+@pytest.mark.parametrize(
+    ("run", "phase", "shown"),
+    [("never", "train_frozen", "never"), (["lr_find"], "train_unfrozen", "[lr_find]")],
+)
+def test_a_null_lr_whose_finder_does_not_sweep_names_the_key(run, phase, shown):
+    raw = raw_params()
+    raw["lr_find"]["run"], raw["train_frozen"]["lr"], raw["train_unfrozen"]["lr"] = run, 3e-3, 1e-5
+    raw[phase]["lr"] = None
+    finder = {"train_frozen": "lr_find", "train_unfrozen": "lr_find_unfrozen"}[phase]
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert str(e.value) == (
+        f"params.yaml: {phase}.lr is null, which trains at {finder}'s suggestion, but lr_find.run is {shown}, which "
+        f"does not run {finder}: set {phase}.lr, or lr_find.run to auto"
+    )
+
+
+@pytest.mark.parametrize("run", ["sometimes", ["lr_find", "lr_find"], ["train_frozen"], True])
+def test_lr_find_run_is_a_rule_or_a_list_of_finders(run):
+    raw = raw_params()
+    raw["lr_find"]["run"] = run
+    with pytest.raises(ParamsError, match=r"^params.yaml: lr_find.run must be always, auto .* got "):
+        parse_params(raw)

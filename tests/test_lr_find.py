@@ -3,21 +3,26 @@ the model bit-for-bit as it was."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from PIL import Image
+from ruamel.yaml import YAML
 from tiny import ROOT, VOCAB, tiny_net
 from torch.utils.data import DataLoader, TensorDataset
 
-from petbreeds.config import load_params
+from petbreeds.config import load_params, parse_params
 from petbreeds.data.augment import BatchAugment
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.device import Compute
 from petbreeds.learn.lr_find import (
+    LrFindResult,
     lr_find,
     minimum,
     phase_lr,
+    plan_sweep,
     slide,
     steep,
     suggest,
@@ -149,9 +154,17 @@ def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path, frozen: b
     assert all(p.grad is None for p in model.parameters())
     assert model.body[0].weight.requires_grad is not frozen  # the freeze state is untouched
     paths = {"curve": tmp_path / "lr_find.csv", "plot": tmp_path / "lr_find.png", "report": tmp_path / "lr_find.json"}
-    write_lr_find(result, "valley", **paths)
+    write_lr_find(result, plan_sweep(load_params(ROOT / "params.yaml"), "lr_find"), **paths)
     assert (tmp_path / "lr_find.png").stat().st_size > 0
     assert (tmp_path / "lr_find.csv").read_text().splitlines()[0] == "lr,loss"
+    assert set(json.loads(paths["report"].read_text())) == {
+        "valley",
+        "minimum",
+        "steep",
+        "slide",
+        "chosen",
+        "iterations",
+    }
     assert phase_lr("train_frozen", None, paths["report"], "steep") == result.suggestions["steep"]
 
 
@@ -170,3 +183,67 @@ def test_lr_find_stops_when_the_loss_diverges() -> None:
     assert 17 <= len(result.losses) < 100  # stopped long before num_it, with points left for the suggestions
     assert result.losses[-1] > 4 * min(result.losses[:-1])  # the batch that crossed 4x the best is the last
     assert all(v <= 4 * min(result.losses[: i + 1]) for i, v in enumerate(result.losses[:-1]))
+
+
+def with_params(**sets: object):
+    """params.yaml's defaults with ``section.key`` values set (validated as check_params does)."""
+    raw = YAML(typ="safe").load((ROOT / "params.yaml").read_text())
+    for key, value in sets.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    return parse_params(raw)
+
+
+FOUND = LrFindResult(lrs=[], losses=[], suggestions={"valley": 1.2e-3, "minimum": 3e-4, "steep": 5e-4, "slide": 2e-3})
+
+
+def test_a_finder_says_what_its_sweep_is_for() -> None:
+    plan = plan_sweep(with_params(), "lr_find")  # the default: always, and a null train_frozen.lr
+    assert plan.runs and plan.summary(FOUND) == (
+        "lr_find: valley 1.20e-03, minimum 3.00e-04, steep 5.00e-04, slide 2.00e-03; "
+        "train_frozen.lr is null: train_frozen trains at the valley"
+    )
+    plan = plan_sweep(with_params(train_frozen__lr=[2e-3], lr_find__suggestion="steep"), "lr_find")
+    assert plan.runs and plan.summary(FOUND).endswith(
+        "; train_frozen.lr is set (slice(2e-3)): the sweep is shown, not used"
+    )
+    plan = plan_sweep(with_params(), "lr_find_unfrozen")  # the default train_unfrozen.lr: [1e-5, 1e-3]
+    assert plan.summary(FOUND).endswith("; train_unfrozen.lr is set (slice(1e-5, 1e-3)): the sweep is shown, not used")
+
+
+@pytest.mark.parametrize(
+    ("sets", "finder", "line"),
+    [
+        (
+            {"lr_find__run": "auto"},
+            "lr_find_unfrozen",
+            "lr_find_unfrozen: not run: train_unfrozen.lr is set (slice(1e-5, 1e-3)) and lr_find.run is auto",
+        ),
+        (
+            {"lr_find__run": ["lr_find_unfrozen"], "train_frozen__lr": 3e-3},
+            "lr_find",
+            "lr_find: not run: train_frozen.lr is set (3e-3) and lr_find.run is [lr_find_unfrozen]",
+        ),
+    ],
+)
+def test_a_finder_that_does_not_sweep_says_why(sets, finder, line) -> None:
+    plan = plan_sweep(with_params(**sets), finder)
+    assert not plan.runs and plan.summary(None) == line
+
+
+def test_a_finder_that_does_not_sweep_writes_every_output_saying_so(tmp_path) -> None:
+    plan = plan_sweep(with_params(lr_find__run="never", train_frozen__lr=[2e-3]), "lr_find")
+    paths = {"curve": tmp_path / "lr_find.csv", "plot": tmp_path / "lr_find.png", "report": tmp_path / "lr_find.json"}
+    write_lr_find(None, plan, **paths)
+    assert paths["curve"].read_text().splitlines() == ["lr,loss"]  # no points: dvc plots draws no line for it
+    with Image.open(paths["plot"]) as picture:  # a picture saying "not run", not an empty plot
+        assert picture.format == "PNG" and picture.size == (600, 400)
+        assert picture.convert("L").getextrema()[0] < 64  # dark text on it
+    why = "train_frozen.lr is set (slice(2e-3)) and lr_find.run is never"
+    assert json.loads(paths["report"].read_text()) == {"not_run": why}
+    assert phase_lr("train_frozen", [2e-3], paths["report"], "valley") == [2e-3]
+    with pytest.raises(PetbreedsError) as e:  # params.yaml changed by hand after the stage: no KeyError
+        phase_lr("train_frozen", None, paths["report"], "valley")
+    assert str(e.value) == (
+        f"{paths['report']}: lr_find did not sweep ({why}) and train_frozen.lr is null; run `dvc repro lr_find`"
+    )

@@ -34,6 +34,8 @@ from ruamel.yaml import YAML
 
 from petbreeds.track.relog import experiment_refs
 
+MODEL = "models/model.pt"
+
 # The README's comparison of experiments
 COMPARE = (
     "exp",
@@ -105,9 +107,10 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
         assert run_.data.tags["stage.train_frozen.status"] == "executed"
         assert_history_matches_csv(repo, run_.info.run_id, "train_frozen", name)
         assert_history_matches_csv(repo, run_.info.run_id, "train_unfrozen", name)
-        # e1 and e2 changed only train_frozen.lr: DVC keeps the baseline's lr_find outputs, and the runs say so
-        assert run_.data.tags["stage.lr_find.status"] == "reused"
-        assert run_.data.tags["stage.lr_find.producer"].startswith("repro@"), name
+        # e1 and e2 changed train_frozen.lr, which lr_find depends on (lr_find.run auto decides by it): under the
+        # default, always, it sweeps again, to the same report, and the runs say so
+        assert run_.data.tags["stage.lr_find.status"] == "executed"
+        assert run_.data.tags["stage.lr_find.producer"].startswith(f"{name} at "), name
     # `-S` rewrote only the key it set: the experiment's params.yaml differs from the baseline's by one line
     (e1,) = [r.commit for r in experiment_refs(repo) if r.name == "e1"]
     baseline, e1_params = (run(repo, "git", "show", f"{rev}:params.yaml") for rev in ("HEAD", e1))
@@ -147,7 +150,8 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     assert "up to date" in run(repo, DVC, "status", "train_frozen")
     # a stage that fails under DVC: DVC removed its outputs before running it, and the error says how to restore them
     frozen = (repo / "models/frozen.pt").read_bytes()
-    failed = run_command(repo, DVC, "exp", "run", "-S", "train_frozen.lr=1e30", "train_frozen")
+    # (-s: train_frozen alone; lr_find, which depends on train_frozen.lr too, is left as it is)
+    failed = run_command(repo, DVC, "exp", "run", "-S", "train_frozen.lr=1e30", "-s", "train_frozen")
     assert failed.returncode != 0 and "error: stage train_frozen: train_frozen diverged" in failed.stderr, failed.stderr
     assert "`dvc checkout train_frozen` restores them" in failed.stderr and not (repo / "models/frozen.pt").exists()
     run(repo, "git", "checkout", "params.yaml")
@@ -171,11 +175,40 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     e3, e1_run = parents(repo)["e3"], parents(repo)["e1"]
     for stage in ("lr_find", "train_frozen", "lr_find_unfrozen", "train_unfrozen", "evaluate"):
         assert e3.data.tags[f"stage.{stage}.status"] == "reused", stage
-        producer = "repro@" if stage == "lr_find" else "e1 at "  # lr_find's outputs are the baseline's, as for e1
-        assert e3.data.tags[f"stage.{stage}.producer"].startswith(producer), stage
+        assert e3.data.tags[f"stage.{stage}.producer"].startswith("e1 at "), stage
     timing = ("seconds", "images_per_s")
     results = {k: v for k, v in e1_run.data.metrics.items() if not k.endswith(timing)}
     assert {k: v for k, v in e3.data.metrics.items() if not k.endswith(timing)} == results
+
+    # lr_find.run=auto with both lrs set: neither finder sweeps, every output dvc.yaml declares is there saying so,
+    # the results are e1's (the same lrs; its sweeps were not used), and DVC and MLflow compare the two
+    out = exp_run(repo, "train_frozen.lr=0.001", "lr_find.run=auto", name="unswept")
+    assert "lr_find: not run: train_frozen.lr is set (1e-3) and lr_find.run is auto" in out, out
+    why = "train_unfrozen.lr is set (slice(1e-5, 1e-3)) and lr_find.run is auto"
+    assert f"lr_find_unfrozen: not run: {why}" in out, out
+    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())["stages"]
+    outs = [out["path"] for stage in lock.values() for out in stage.get("outs", [])]
+    assert all((repo / path).exists() for path in outs)  # show_batch pictures included
+    assert json.loads((repo / "reports" / "lr_find_unfrozen.json").read_text()) == {"not_run": why}
+    e1_lock = YAML(typ="safe").load(run(repo, "git", "show", f"{e1}:dvc.lock"))["stages"]
+    model = [
+        out["md5"] for stages in (lock, e1_lock) for out in stages["train_unfrozen"]["outs"] if out["path"] == MODEL
+    ]
+    assert model[0] == model[1]
+    assert (repo / "metrics" / "evaluate.json").read_text() == run(repo, "git", "show", f"{e1}:metrics/evaluate.json")
+    # dvc plots diff: the finders' curves of the experiment that swept, every training curve of both
+    plots = json.loads(run(repo, DVC, "plots", "diff", "--json", e1, "unswept"))
+    assert not plots.get("errors"), plots
+    for name in ("lr_find", "lr_find_unfrozen"):
+        assert [plot["revisions"] for plot in plots["data"][name]] == [[e1]], name
+    assert [plot["revisions"] for plot in plots["data"]["loss"]] == [[e1, "unswept"]]
+    table = run(repo, DVC, *COMPARE, COLUMNS="120")
+    assert "!" not in table and "lr_find.run" in table, table
+    # MLflow: the run says why, and has no finder curve
+    unswept = parents(repo)["unswept"]
+    assert unswept.data.tags["stage.lr_find_unfrozen.not_run"] == why
+    assert not [key for key in unswept.data.metrics if key.startswith(("lr_find/", "lr_find_unfrozen/"))]
+    assert "lr_find/loss" in e1_run.data.metrics
 
     # e1 applied to the workspace and reproduced before it is committed: nothing runs, and the run is not named
     # after the commit, whose name the baseline's results have (parents() checks that no name is taken twice)

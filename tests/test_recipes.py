@@ -15,7 +15,7 @@ import pytest
 from dvc.utils.hydra import apply_overrides
 
 from petbreeds import cli
-from petbreeds.config import Params, load_params
+from petbreeds.config import FINDER_PHASES, Params, load_params, sweep_runs
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.schedule import group_lrs
 from petbreeds.track.recipes import find_recipe, recipes
@@ -49,13 +49,14 @@ class BookRun:
     precision: str
     frozen: Phase
     unfrozen: Phase
+    sweeps: tuple[str, ...] = ()  # the lr_find() calls of the run's code: fine_tune makes none
 
 
 # docs/fastai.md §9: each run on a new vision_learner(dls, arch) of the chapter's data
 BOOK = {
     "book-fine-tune": BookRun("resnet34", "fp32", *fine_tune(2)),  # (a) learn.fine_tune(2)
     "book-unfreeze": BookRun(  # (f) fit_one_cycle(3, 3e-3); unfreeze(); lr_find(); fit_one_cycle(6, lr_max=1e-5)
-        "resnet34", "fp32", Phase(3, (3e-3, 3e-3, 3e-3)), Phase(6, (1e-5, 1e-5, 1e-5))
+        "resnet34", "fp32", Phase(3, (3e-3, 3e-3, 3e-3)), Phase(6, (1e-5, 1e-5, 1e-5)), sweeps=("lr_find_unfrozen",)
     ),
     "book-discriminative-lr": BookRun(  # (g) ...; unfreeze(); fit_one_cycle(12, lr_max=slice(1e-6, 1e-4))
         "resnet34", "fp32", Phase(3, (3e-3, 3e-3, 3e-3)), Phase(12, (1e-6, 1e-5, 1e-4))
@@ -80,6 +81,7 @@ def check_book_numbers(params: Params, run: BookRun) -> None:
     assert params.train.precision == run.precision
     sweep = params.lr_find  # lr_find()'s defaults
     assert (sweep.start_lr, sweep.end_lr, sweep.num_it, sweep.stop_div) == (1e-7, 10, 100, True)
+    assert tuple(finder for finder in FINDER_PHASES if sweep_runs(params, finder)) == run.sweeps
     for phase, book in ((params.train_frozen, run.frozen), (params.train_unfrozen, run.unfrozen)):
         assert phase.lr is not None
         assert group_lrs(phase.lr, 3) == pytest.approx(book.lrs, rel=1e-12)

@@ -104,6 +104,17 @@ def test_parent_run_holds_params_metrics_histories_dataset_and_artifacts(
     assert_no_stray_runs(project)
 
 
+def test_a_finder_that_did_not_sweep_says_why_and_logs_no_curve(project: Path, exp_identity, capsys) -> None:
+    why = "train_frozen.lr is set (slice(2e-3)) and lr_find.run is auto"
+    (project / "plots/lr_find.csv").write_text("lr,loss\n")  # as petbreeds.learn.lr_find.write_lr_find leaves them
+    (project / "reports/lr_find.json").write_text(json.dumps({"not_run": why}))
+    run = store(project).get_run(log_pipeline(project, exp_identity(), project))
+    assert run.data.tags["stage.lr_find.not_run"] == why
+    assert f"- lr_find not run: {why}" in run.data.tags["mlflow.note.content"].splitlines()
+    assert not [key for key in run.data.metrics if key.startswith("lr_find/")]
+    assert "warning" not in capsys.readouterr().err  # the reason is no metric that failed to log
+
+
 def test_one_name_per_quantity_and_the_run_shows_the_final_numbers(project: Path, exp_identity) -> None:
     """plots/train_frozen.csv, plots/train_frozen_batches.csv and reports/train_frozen.json as the training code
     writes them, logged together."""

@@ -33,6 +33,7 @@ PadMode = Literal["zeros", "border", "reflection"]
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite0"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Suggestion = Literal["valley", "minimum", "steep", "slide"]
+Finder = Literal["lr_find", "lr_find_unfrozen"]
 EvalSplit = Literal["valid", "test"]
 Backend = Literal["auto", "nccl", "gloo"]
 
@@ -163,12 +164,25 @@ class TrainParams(_Model):
     deterministic: bool = False
 
 
+# lr_find.run: which finders sweep, by rule or by name
+LrFindRun = Literal["always", "auto", "never"] | Annotated[list[Finder], _require(lambda v: len(set(v)) == len(v))]
+
+
 class LrFindParams(_Model):
+    run: LrFindRun = Field(
+        "always",
+        description="always, auto (a finder sweeps where its phase's lr is null), never, or a list of the finders "
+        "that sweep (lr_find, lr_find_unfrozen), e.g. [lr_find_unfrozen]",
+    )
     start_lr: Positive
     end_lr: Number
     num_it: int = Field(ge=6, description="an integer >= 6 (fastai's minimum)")
     stop_div: bool
     suggestion: Suggestion
+
+    def run_text(self) -> str:
+        """``run`` as params.yaml writes it: ``auto``, ``[lr_find_unfrozen]``."""
+        return self.run if isinstance(self.run, str) else "[" + ", ".join(self.run) + "]"
 
 
 class OneCycleParams(_Model):
@@ -236,6 +250,21 @@ class Params(_Model):
     resume: ResumeParams
 
 
+# Each lr finder (a stage) and the training phase whose null lr trains at its suggestion.
+FINDER_PHASES: dict[Finder, Literal["train_frozen", "train_unfrozen"]] = {
+    "lr_find": "train_frozen",
+    "lr_find_unfrozen": "train_unfrozen",
+}
+
+
+def sweep_runs(p: Params, finder: Finder) -> bool:
+    """Whether ``finder`` sweeps, as ``lr_find.run`` says: ``auto`` where its phase's lr is null."""
+    run = p.lr_find.run
+    if run == "auto":
+        return getattr(p, FINDER_PHASES[finder]).lr is None
+    return run == "always" or (isinstance(run, list) and finder in run)
+
+
 def _cross_checks(p: Params) -> list[str]:
     """Checks that involve more than one key."""
     problems = []
@@ -245,6 +274,12 @@ def _cross_checks(p: Params) -> list[str]:
         problems.append("augment.max_zoom must be >= augment.min_zoom")
     if p.lr_find.end_lr <= p.lr_find.start_lr:
         problems.append("lr_find.end_lr must be > lr_find.start_lr")
+    for finder, phase in FINDER_PHASES.items():
+        if getattr(p, phase).lr is None and not sweep_runs(p, finder):
+            problems.append(
+                f"{phase}.lr is null, which trains at {finder}'s suggestion, but lr_find.run is "
+                f"{p.lr_find.run_text()}, which does not run {finder}: set {phase}.lr, or lr_find.run to auto"
+            )
     if p.fetch.source == "local" and not p.fetch.local_path:
         problems.append(
             "fetch.local_path is empty but fetch.source is local: set it to an archive or a folder "

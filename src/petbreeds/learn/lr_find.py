@@ -1,14 +1,19 @@
 """fastai's learning-rate finder and its four suggestions (docs/fastai.md §6), and its outputs.
 
-    result = lr_find(model, data, params.lr_find, wd=0.01)
-    result.suggestions["valley"]
-    write_lr_find(result, "valley", curve=..., plot=..., report=Path("reports/lr_find.json"))
+    plan = plan_sweep(params, "lr_find")  # lr_find.run: whether it sweeps, and what for
+    result = lr_find(model, data, params.lr_find, wd=0.01) if plan.runs else None  # .suggestions["valley"]
+    write_lr_find(result, plan, curve=..., plot=..., report=Path("reports/lr_find.json"))  # None: says "not run"
+    print(plan.summary(result))  # lr_find: valley 1.20e-03, ...; train_frozen.lr is null: train_frozen trains at ...
     phase_lr("train_frozen", params.train_frozen.lr, Path("reports/lr_find.json"), "valley")  # null -> suggestion
 
 Training batch i runs at start·(end/start)^(i/num_it) on every group; the recorded loss is the smoothed training
 loss (reset at the start); the sweep stops after ``num_it`` batches, or once the smoothed loss exceeds 4× its best.
 The model's weights and BatchNorm buffers are put back bit-for-bit afterwards. With several processes the loss
 is the global batch's (averaged over the ranks), so every rank records the same curve and stops at the same batch.
+
+A finder that does not sweep (``lr_find.run``: ``auto`` where its phase's lr is set, ``never``, a list without it)
+still writes its outputs, which DVC declares: the curve's header alone (``dvc plots`` draws no line for it), a
+picture and a report saying why (``{"not_run": why}``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no disp
 from torch.optim.lr_scheduler import LambdaLR
 
 from petbreeds.atomic import atomic_output, atomic_write_json
-from petbreeds.config import LrFindParams
+from petbreeds.config import FINDER_PHASES, Finder, LrFindParams, Params, sweep_runs
 from petbreeds.data.dataloaders import batch_stream, mark_consumed
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.distributed import mean, wrap
@@ -38,6 +43,8 @@ from petbreeds.learn.training import SmoothLoss, TrainingData, batch_inputs, tra
 # beta1 that fit's schedule ended on).
 LR_FIND_BETA1 = 0.9
 DIVERGENCE_FACTOR = 4.0
+NOT_RUN = "not_run"  # the key of a finder's report when it did not sweep: why
+CURVE_COLUMNS = ("lr", "loss")
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,50 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], num_it: int) -> dict[
 
 
 # --------------------------------------------------------------------------------------------------
+# Whether a finder sweeps (lr_find.run), and what its sweep is for
+
+
+def lr_text(lr: float | list[float]) -> str:
+    """A phase's lr as fastai's code writes it: ``3e-3``, ``slice(2e-3)``, ``slice(1e-5, 1e-3)``."""
+
+    def number(value: float) -> str:
+        return str(np.format_float_scientific(value, trim="-", exp_digits=1))
+
+    return number(lr) if isinstance(lr, float) else f"slice({', '.join(number(v) for v in lr)})"
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a finder's stage does (:func:`plan_sweep`), and the words for it."""
+
+    finder: Finder
+    runs: bool  # lr_find.run lets it sweep
+    note: str  # what the sweep is for, or why it does not run
+    suggestion: str  # lr_find.suggestion: what a null lr trains at
+
+    def summary(self, result: LrFindResult | None) -> str:
+        """The line the stage prints: every suggestion and what the sweep is for, or why it did not run."""
+        if result is None:
+            return f"{self.finder}: not run: {self.note}"
+        found = ", ".join(f"{name} {lr:.2e}" for name, lr in result.suggestions.items())
+        return f"{self.finder}: {found}; {self.note}"
+
+
+def plan_sweep(params: Params, finder: Finder) -> SweepPlan:
+    """Whether ``finder`` sweeps, and the note saying why: its phase's lr is null (it trains at the suggestion), or
+    set (the sweep is shown, not used; or, as ``lr_find.run`` says, not run)."""
+    phase = FINDER_PHASES[finder]
+    lr, runs, suggestion = getattr(params, phase).lr, sweep_runs(params, finder), params.lr_find.suggestion
+    if lr is None:
+        note = f"{phase}.lr is null: {phase} trains at the {suggestion}"
+    elif runs:
+        note = f"{phase}.lr is set ({lr_text(lr)}): the sweep is shown, not used"
+    else:
+        note = f"{phase}.lr is set ({lr_text(lr)}) and lr_find.run is {params.lr_find.run_text()}"
+    return SweepPlan(finder, runs, note, suggestion)
+
+
+# --------------------------------------------------------------------------------------------------
 # The sweep
 
 
@@ -200,18 +251,34 @@ def save_lr_find_plot(result: LrFindResult, chosen: str, path: Path) -> None:
         fig.savefig(tmp)
 
 
-def write_lr_find(result: LrFindResult, chosen: str, *, curve: Path, plot: Path, report: Path) -> None:
+def save_not_run_picture(plan: SweepPlan, path: Path) -> None:
+    """In place of the curve: a picture that says the finder did not sweep, and why."""
+    fig = Figure(figsize=(6, 4), dpi=100)
+    fig.text(0.5, 0.6, f"{plan.finder}: not run", ha="center", va="center", fontsize=14)
+    fig.text(0.5, 0.4, plan.note, ha="center", va="center", wrap=True)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp)
+
+
+def write_lr_find(result: LrFindResult | None, plan: SweepPlan, *, curve: Path, plot: Path, report: Path) -> None:
     """A finder's outputs: ``curve`` (CSV ``lr,loss``), its ``plot`` (PNG), and ``report`` (JSON: every
     suggestion, ``chosen`` = the one ``lr_find.suggestion`` names, ``iterations``), which a phase whose lr is null
     reads (:func:`phase_lr`). The report is a DVC dep of that phase, so it holds only what the sweep computed: the
     same sweep run again leaves it byte for byte the same, and the phase up to date (the sweep's seconds go to
-    ``reports/run_info/``, ``StageContext.record``)."""
+    ``reports/run_info/``, ``StageContext.record``).
+
+    ``result`` None (the finder did not sweep): the curve's header alone, a picture saying why, and the report
+    ``{"not_run": why}``."""
     with atomic_output(curve) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["lr", "loss"])
-        writer.writerows(zip(result.lrs, result.losses, strict=True))
-    save_lr_find_plot(result, chosen, plot)
-    numbers = {**result.suggestions, "chosen": result.suggestions[chosen], "iterations": len(result.lrs)}
+        writer.writerow(CURVE_COLUMNS)
+        writer.writerows(zip(result.lrs, result.losses, strict=True) if result is not None else [])
+    if result is None:
+        save_not_run_picture(plan, plot)
+        atomic_write_json(report, {NOT_RUN: plan.note})
+        return
+    save_lr_find_plot(result, plan.suggestion, plot)
+    numbers = {**result.suggestions, "chosen": result.suggestions[plan.suggestion], "iterations": len(result.lrs)}
     atomic_write_json(report, numbers)
 
 
@@ -222,4 +289,10 @@ def phase_lr(phase: str, lr: float | list[float] | None, report: Path, suggestio
         return lr
     if not report.is_file():
         raise PetbreedsError(f"{report} not found and {phase}.lr is null; run `dvc repro {report.stem}`")
-    return float(json.loads(report.read_text(encoding="utf-8"))[suggestion])
+    found = json.loads(report.read_text(encoding="utf-8"))
+    if NOT_RUN in found:
+        raise PetbreedsError(
+            f"{report}: {report.stem} did not sweep ({found[NOT_RUN]}) and {phase}.lr is null; run `dvc repro "
+            f"{report.stem}`"
+        )
+    return float(found[suggestion])

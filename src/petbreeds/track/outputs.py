@@ -23,6 +23,7 @@ from ruamel.yaml import YAML
 
 from petbreeds.config import flatten
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.lr_find import NOT_RUN
 from petbreeds.track.provenance import RUN_INFO_DIR
 
 # plots/<stage>.csv -> its columns renamed in the parent run. Each column becomes the step series ``<stage>/<column>``,
@@ -79,6 +80,8 @@ def _read_json(path: Path) -> Any:
 def _numbers(path: Path) -> dict[str, float]:
     values = {}
     for key, value in flatten(_read_json(path)).items():
+        if key == NOT_RUN:
+            continue  # why a stage did not do its work: a tag and the note say it (not_run_stages), not a metric
         if isinstance(value, (int, float)):  # bool included: True -> 1.0
             values[key] = float(value)
         else:
@@ -93,6 +96,17 @@ def _stage_numbers(root: Path) -> dict[str, dict[str, float]]:
     for path in [*sorted((root / "metrics").glob("*.json")), *sorted((root / "reports").glob("*.json"))]:
         numbers.setdefault(path.stem, {}).update(_numbers(path))
     return numbers
+
+
+def not_run_stages(root: Path) -> dict[str, str]:
+    """``{stage: why}`` for each stage whose report says it did not do its work (an lr finder that did not sweep,
+    ``lr_find.run``): the run says why, where its curve has no points and its picture says "not run"."""
+    found = {}
+    for path in sorted((root / "reports").glob("*.json")):
+        report = _read_json(path)
+        if isinstance(report, dict) and NOT_RUN in report:
+            found[path.stem] = str(report[NOT_RUN])
+    return found
 
 
 def read_outputs(root: Path) -> PipelineOutputs:

@@ -31,6 +31,7 @@ from petbreeds.track.outputs import (
     epoch_ms,
     example_image,
     has_model,
+    not_run_stages,
     out_md5,
     param_texts,
     read_outputs,
@@ -70,6 +71,9 @@ def _tags(outputs: PipelineOutputs, identity: RunIdentity, key: str) -> dict[str
     what = f"DVC experiment `{identity.exp_name}`" if identity.exp_name else "`dvc repro`"
     lines = [f"{what} at commit `{(identity.git_commit or '?')[:7]}`, built from the DVC outputs by `mlflow_log`."]
     lines += [f"- {status}: {', '.join(stages)}" for status, stages in sorted(by_status.items())]
+    for stage, why in not_run_stages(outputs.root).items():
+        tags[f"stage.{stage}.not_run"] = why
+        lines.append(f"- {stage} not run: {why}")
     tags["mlflow.note.content"] = "\n".join(lines)
     return {k: v for k, v in tags.items() if v}
 
