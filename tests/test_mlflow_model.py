@@ -39,7 +39,7 @@ from petbreeds.data.dataloaders import make_loader
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import Compute
-from petbreeds.learn.training import get_preds
+from petbreeds.learn.inference import get_preds
 from petbreeds.serve.predict import predict
 from petbreeds.track import registry, tracking
 
