@@ -312,8 +312,8 @@ class Probe:
     ``callback()`` steps it after every batch. ``torch.profiler`` records a window of ``active`` steps after
     ``wait`` + 1 (cuDNN's autotuning, the workers' first batches and the allocator's growth stay outside); from it
     come the GPU-busy share (the union of the kernels' intervals over the window's wall time) and the data-wait share
-    (the DataLoader's ``__next__`` calls over the same). On CUDA every synchronising call the whole call makes is counted
-    through ``torch.cuda.set_sync_debug_mode("warn")``, with the line it comes from.
+    (the DataLoader's ``__next__`` calls over the same). On CUDA every synchronising call the whole call makes is
+    counted through ``torch.cuda.set_sync_debug_mode("warn")``, with the line it comes from.
     """
 
     def __init__(self, device: Any, steps: int) -> None:
