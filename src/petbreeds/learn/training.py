@@ -97,14 +97,14 @@ def training_data(
 
 
 def training_compute(params: Params, device: torch.device, world: World, cache_file: Path | None = None) -> Compute:
-    """How the training stages and evaluate compute: ``train.precision``, ``train.channels_last``, ``train.compile``.
+    """How the training stages compute: ``train.precision``, ``train.channels_last``, ``train.compile``.
 
     ``auto`` on a CPU is what a calibration measured faster on this CPU model for ``model.arch`` at ``data.size``
     with a rank's share of ``data.batch_size`` (:func:`petbreeds.learn.calibration.cpu_autocast_dtype`, cached in
-    ``cache_file``, by default the project's ``.cache/cpu_precision.json``). The share comes from
-    ``distributed:``, not from ``world``: evaluate, one process, then reads the entry the training ranks used and
-    evaluates in their precision. With several ranks, rank 0's choice holds for all of them (``auto`` only: the
-    other names mean the same everywhere), so that ranks on different CPUs or GPUs never mix precisions.
+    ``cache_file``, by default the project's ``.cache/cpu_precision.json``); the share comes from
+    ``distributed:``, not from ``world``. The stages record what it became, and evaluate computes in it. With
+    several ranks, rank 0's choice holds for all of them (``auto`` only: the other names mean the same everywhere),
+    so that ranks on different CPUs or GPUs never mix precisions.
     """
     name = params.train.precision
 
