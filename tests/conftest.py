@@ -68,7 +68,7 @@ def _write_fake_outputs(
         "schema": "2.0",
         "stages": {
             "fetch": {"cmd": "python stages/fetch.py", "outs": [{"path": "data/raw", "md5": "0" * 32 + ".dir"}]},
-            "train_unfrozen": {"cmd": "python stages/train_unfrozen.py", "outs": [{"path": "models/model.pt"}]},
+            "train_unfrozen": {"cmd": "python stages/train.py unfrozen", "outs": [{"path": "models/model.pt"}]},
         },
     }
     (root / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML

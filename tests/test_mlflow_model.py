@@ -67,7 +67,7 @@ def write_result(root: Path, model: Path | None, write_breed_images) -> None:
         shutil.copy(model, root / "models/model.pt")
         md5 = hashlib.md5((root / "models/model.pt").read_bytes()).hexdigest()
         stages["train_unfrozen"] = {
-            "cmd": "python stages/train_unfrozen.py",
+            "cmd": "python stages/train.py unfrozen",
             "outs": [{"path": "models/model.pt", "md5": md5}],
         }
     (root / "dvc.lock").write_text(json.dumps({"schema": "2.0", "stages": stages}))  # JSON is YAML

@@ -21,6 +21,7 @@ from petbreeds.learn.callbacks import Callback, DivergenceStop, LiveEpochs, Reco
 from petbreeds.learn.inference import get_preds
 from petbreeds.learn.schedule import combined_cos
 from petbreeds.learn.training import TrainingData, fit_one_cycle, training_data, validate
+from petbreeds.stage import phase_argument
 from petbreeds.world import SINGLE_PROCESS
 
 CPU = torch.device("cpu")
@@ -267,3 +268,10 @@ def test_compiled_training_learns_like_eager_and_reuses_its_cache(pets, tmp_path
     assert torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"] > hits_before
     assert files_again == files
     assert [r["valid_loss"] for r in again] == [r["valid_loss"] for r in compiled]
+
+
+def test_a_two_phase_script_without_its_phase_stops_with_a_usage_line() -> None:
+    assert phase_argument(["unfrozen"]) == "unfrozen"
+    for wrong in ([], ["thawed"], ["frozen", "unfrozen"]):
+        with pytest.raises(SystemExit, match=r"usage: python .* frozen\|unfrozen"):
+            phase_argument(wrong)
