@@ -64,7 +64,7 @@ def one_epoch(data_root: Path, workers: int, threads: int | None, args: argparse
     model = create_model("efficientnet_lite0", len(vocab), None)
     unfreeze(model)
     phase = OneCycleParams(epochs=1, pct_start=0.3, div=5.0, div_final=1e5, wd=0.01)
-    history = fit_one_cycle(model, data, phase, group_lrs([1e-5, 1e-3], 3), stage="bench")
+    history = fit_one_cycle(model, data, phase, group_lrs([1e-5, 1e-3], 3))
     return history[0]["images_per_s"]
 
 

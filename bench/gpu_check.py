@@ -309,13 +309,13 @@ def union_us(intervals: list[tuple[float, float]], start: float, end: float) -> 
 
 
 class Probe:
-    """Watches one library call (``lr_find``, ``fit_one_cycle``) through the per-step callback it already has.
+    """Watches one library call (``lr_find``, ``fit_one_cycle``) through the callbacks it already takes.
 
-    ``step()`` goes in that callback. ``torch.profiler`` records a window of ``active`` steps after ``wait`` + 1
-    (cuDNN's autotuning, the workers' first batches and the allocator's growth stay outside); from it come the
-    GPU-busy share (the union of the kernels' intervals over the window's wall time) and the data-wait share (the
-    DataLoader's ``__next__`` calls over the same). On CUDA every synchronising call the whole call makes is counted
-    through ``torch.cuda.set_sync_debug_mode("warn")``, with the line it comes from.
+    ``callback()`` steps it after every batch. ``torch.profiler`` records a window of ``active`` steps after
+    ``wait`` + 1 (cuDNN's autotuning, the workers' first batches and the allocator's growth stay outside); from it
+    come the GPU-busy share (the union of the kernels' intervals over the window's wall time) and the data-wait share
+    (the DataLoader's ``__next__`` calls over the same). On CUDA every synchronising call the whole call makes is
+    counted through ``torch.cuda.set_sync_debug_mode("warn")``, with the line it comes from.
     """
 
     def __init__(self, device: Any, steps: int) -> None:
@@ -348,6 +348,16 @@ class Probe:
     def step(self, *_: Any) -> None:
         self.steps += 1
         self.profiler.step()
+
+    def callback(self) -> Any:
+        """A ``petbreeds.learn.callbacks.Callback`` that calls :meth:`step` after every batch."""
+        from petbreeds.learn.callbacks import Callback
+
+        class Step(Callback):
+            def after_batch(_, fit: Any, record: Any) -> None:
+                self.step()
+
+        return Step()
 
     def __exit__(self, *exc: object) -> None:
         import torch
@@ -671,7 +681,7 @@ class Check:
         data, params = self.training_data(), self.params(arch)
         model = self.models[arch] = self.new_model(arch)
         with Probe(data.compute.device, params.lr_find.num_it) as probe:
-            result = lr_find(model, data, params.lr_find, params.train_frozen.wd, on_step=probe.step)
+            result = lr_find(model, data, params.lr_find, params.train_frozen.wd, [probe.callback()])
         probe.fill(row)
         steps = len(result.lrs)
         row.images_per_s = steps * self.scale.batch_size / probe.seconds
@@ -682,6 +692,7 @@ class Check:
         row.result = f"ok: {steps} steps in {probe.seconds:.1f} s; {params.lr_find.suggestion} {suggestion:.2e}"
 
     def fit(self, row: Row, arch: str, phase_name: str) -> None:
+        from petbreeds.learn.callbacks import DivergenceStop
         from petbreeds.learn.model import param_groups, unfreeze
         from petbreeds.learn.schedule import group_lrs
         from petbreeds.learn.training import fit_one_cycle
@@ -695,8 +706,8 @@ class Check:
             phase, lr = params.train_unfrozen, params.train_unfrozen.lr or [1e-5, 1e-3]
         with Probe(data.compute.device, len(data.train_loader)) as probe:
             history = fit_one_cycle(
-                model, data, phase, group_lrs(lr, len(param_groups(model))), stage=f"gpu_check {arch}",
-                on_batch=probe.step,
+                model, data, phase, group_lrs(lr, len(param_groups(model))),
+                [DivergenceStop(f"gpu_check {arch}"), probe.callback()],
             )  # fmt: skip
         self.models[arch] = model
         probe.fill(row)
@@ -718,10 +729,8 @@ class Check:
         """The library's training loader by itself, one epoch: how fast the CPU workers decode and presize."""
         import torch
 
-        from petbreeds.data.dataloaders import batch_stream
-
         loader = self.training_data().train_loader
-        stream = batch_stream(loader)
+        stream = iter(loader)  # endless (EpochShuffle): epoch after epoch
         images, seconds = timed(itertools.islice(stream, len(loader) + 2), lambda b: len(b[1]), torch.device("cpu"), 2)
         row.images_per_s, row.s_per_epoch = images / seconds, seconds
         row.result = f"ok: {loader.num_workers} workers, {images} images in {seconds:.1f} s"
@@ -748,14 +757,15 @@ class Check:
 
     def model_alone(self, row: Row) -> None:
         """resnet34 alone on pre-augmented batches held on the device: the model's own speed, no data path."""
-        from petbreeds.data.dataloaders import batch_stream
+        from petbreeds.learn.feed import train_batches
+        from petbreeds.learn.inference import batch_inputs
         from petbreeds.learn.model import param_groups, unfreeze
         from petbreeds.learn.schedule import make_optimizer
-        from petbreeds.learn.training import batch_inputs, train_step
+        from petbreeds.learn.training import train_step
 
         data, s = self.training_data(), self.scale
         compute = data.compute
-        stream = batch_stream(data.train_loader)
+        stream = train_batches(data.train_loader, compute.device)
         batches = [batch_inputs(next(stream), data.augment, compute, train=True) for _ in range(s.model_batches)]
         model = self.new_model("resnet34")
         unfreeze(model)
@@ -783,6 +793,7 @@ class Check:
         library gives each of 8 processes; resnet34, one unfrozen epoch with validation. The gradients' all-reduce
         is left out (one process): this is the rank's own step and data path."""
         from petbreeds.data.dataloaders import default_num_workers
+        from petbreeds.learn.callbacks import DivergenceStop
         from petbreeds.learn.model import param_groups, unfreeze
         from petbreeds.learn.schedule import group_lrs
         from petbreeds.learn.training import fit_one_cycle, training_data
@@ -804,7 +815,7 @@ class Check:
         with Probe(data.compute.device, len(data.train_loader)) as probe:
             history = fit_one_cycle(
                 model, data, phase, group_lrs(phase.lr or [1e-5, 1e-3], len(param_groups(model))),
-                stage="gpu_check ddp proxy", on_batch=probe.step,
+                [DivergenceStop("gpu_check ddp proxy"), probe.callback()],
             )  # fmt: skip
         probe.fill(row)
         epoch = history[0]

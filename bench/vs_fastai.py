@@ -195,6 +195,7 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
     import torch
 
     from petbreeds.config import LrFindParams, OneCycleParams, load_params
+    from petbreeds.learn.callbacks import DivergenceStop, Table
     from petbreeds.learn.lr_find import lr_find
     from petbreeds.learn.model import create_model, freeze, unfreeze
     from petbreeds.learn.schedule import group_lrs
@@ -231,12 +232,14 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
     found = lr_find(model, data, sweep, WD)
     lr_find_s = time.perf_counter() - started
     frozen = OneCycleParams(epochs=1, pct_start=FROZEN_PCT, div=DIV, div_final=DIV_FINAL, wd=WD)
-    history = fit_one_cycle(model, data, frozen, group_lrs([BASE_LR], 3), stage="frozen")  # fastai's slice(base_lr)
+    # fastai's slice(base_lr)
+    history = fit_one_cycle(model, data, frozen, group_lrs([BASE_LR], 3), [DivergenceStop("frozen"), Table()])
     unfreeze(model)
     unfrozen = OneCycleParams(
         epochs=recipe.unfrozen_epochs, pct_start=UNFROZEN_PCT, div=UNFROZEN_DIV, div_final=DIV_FINAL, wd=WD
     )
-    history += fit_one_cycle(model, data, unfrozen, group_lrs(list(UNFROZEN_LR_SLICE), 3), stage="unfrozen")
+    unfrozen_lrs = group_lrs(list(UNFROZEN_LR_SLICE), 3)
+    history += fit_one_cycle(model, data, unfrozen, unfrozen_lrs, [DivergenceStop("unfrozen"), Table()])
     train = data.train_loader
     images = len(train) * recipe.batch_size  # drop_last: every epoch trains on full batches only
     epochs = [(images / row["images_per_s"], images) for row in history]  # training time, validation excluded
@@ -257,12 +260,14 @@ def model_only_images_per_s(model: torch.nn.Module, data: TrainingData, steps: i
     import copy
     import statistics
 
+    from petbreeds.learn.feed import train_batches
+    from petbreeds.learn.inference import batch_inputs
     from petbreeds.learn.model import freeze, param_groups, unfreeze
     from petbreeds.learn.schedule import make_optimizer
-    from petbreeds.learn.training import batch_inputs, train_step
+    from petbreeds.learn.training import train_step
 
     compute = data.compute
-    x, y = batch_inputs(next(iter(data.train_loader)), data.augment, compute, train=True)
+    x, y = batch_inputs(next(train_batches(data.train_loader, compute.device)), data.augment, compute, train=True)
     rates = {}
     for phase, set_phase in (("frozen", freeze), ("unfrozen", unfreeze)):
         net = copy.deepcopy(model)

@@ -18,6 +18,7 @@ from petbreeds.data.splitting import read_split_table
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import pick_device
+from petbreeds.learn.inference import compute_as_trained, get_preds
 from petbreeds.learn.interpret import (
     classification_metrics,
     confusion_matrix,
@@ -31,7 +32,6 @@ from petbreeds.learn.interpret import (
     write_confusion_json,
     write_csv,
 )
-from petbreeds.learn.training import get_preds, training_compute
 from petbreeds.stage import StageContext, run_stage
 
 RAW = Path("data/raw")
@@ -70,7 +70,7 @@ def metrics_and_report(per_split: dict[str, dict[str, float | int]]) -> tuple[di
 def main(params: Params, ctx: StageContext) -> None:
     device = pick_device()
     model, ckpt = load_checkpoint(Path("models/model.pt"), device)
-    compute = training_compute(params, device, ctx.world)  # as trained: auto on a CPU reads its calibration
+    compute = compute_as_trained(params.train, device, Path("reports/run_info/train_unfrozen.json"))
     ctx.record(**compute.facts())
     table = read_split_table(Path("data/split.csv"))
     # The model's own transforms; batching as params.data says.

@@ -78,7 +78,7 @@ def _write_fake_outputs(
         "schema": "2.0",
         "stages": {
             "fetch": {"cmd": "python stages/fetch.py", "outs": [{"path": "data/raw", "md5": "0" * 32 + ".dir"}]},
-            "train_unfrozen": {"cmd": "python stages/train_unfrozen.py", "outs": [{"path": "models/model.pt"}]},
+            "train_unfrozen": {"cmd": "python stages/train.py unfrozen", "outs": [{"path": "models/model.pt"}]},
         },
     }
     (root / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
@@ -199,15 +199,14 @@ def _as_predicted(root: Path, table: pd.DataFrame, data: DataParams) -> tuple[to
     """(model inputs, class indices) of the table's images, through predict's and evaluate's transforms."""
     import torch
 
-    from petbreeds.data.augment import BatchAugment
+    from petbreeds.data.augment import ValidAugment
     from petbreeds.data.presizing import PresizedImages
 
     items = PresizedImages(
         [root / p for p in table["path"]], [BREEDS.index(b) for b in table["label"]], data, train=False, seed=0
     )
     x = torch.stack([items[i][0] for i in range(len(items))])
-    # The valid path reads no augmentation params (as petbreeds.serve.predict.valid_augment).
-    augment = BatchAugment(None, data.size, seed=0, device=torch.device("cpu"))  # type: ignore[arg-type]
+    augment = ValidAugment(data.size, torch.device("cpu"))  # the valid path, as Checkpoint.valid_augment
     return augment(x, train=False), torch.tensor(items.targets)
 
 

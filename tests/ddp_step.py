@@ -19,9 +19,10 @@ from tiny import ROOT, VOCAB, tiny_net
 
 from petbreeds.config import load_params
 from petbreeds.learn.distributed import gather, join, leave, mean, wrap
+from petbreeds.learn.inference import batch_inputs
 from petbreeds.learn.model import param_groups
 from petbreeds.learn.schedule import make_optimizer
-from petbreeds.learn.training import batch_inputs, train_step, training_data
+from petbreeds.learn.training import train_step, training_data
 
 
 def main(project: Path, out: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from petbreeds.config import AugmentParams
-from petbreeds.data.augment import BatchAugment, Draws, affine_matrices, sampling_grid, warp_matrices
+from petbreeds.data.augment import BatchAugment, Draws, ValidAugment, affine_matrices, sampling_grid, warp_matrices
 from petbreeds.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 BOOK = AugmentParams(
@@ -219,3 +219,11 @@ def test_large_downscale_prefilter_removes_aliasing_without_moving_anything() ->
     grid = sampling_grid(warp_matrices(d) @ affine_matrices(d), 32, 160)
     unfiltered = F.grid_sample(ramp, grid, mode="bilinear", padding_mode="border", align_corners=False)
     assert (filtered - unfiltered).abs().max() < 0.1  # an area reduction by 160/42 moves content by 0.39
+
+
+def test_the_valid_path_alone_needs_no_params_and_has_no_training_path() -> None:
+    x = smooth_images(3, 64)
+    alone = ValidAugment(48, CPU)
+    assert torch.equal(alone(x, train=False), BatchAugment(BOOK, 48, seed=0, device=CPU)(x, train=False))
+    with pytest.raises(ValueError, match="no training path"):
+        alone(x, train=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from tiny import ROOT, VOCAB, tiny_net, tiny_project, write_pets
+from tiny import ROOT, VOCAB, stage_argv, tiny_net, tiny_project, write_pets
 
 from petbreeds.config import load_params
 from petbreeds.data.augment import BatchAugment
@@ -125,9 +125,8 @@ def _set(project: Path, **values: object) -> None:
 
 
 def _stage(project: Path, name: str) -> subprocess.Popen[str]:
-    script = str(ROOT / "stages" / f"{name}.py")
     return subprocess.Popen(
-        [sys.executable, script], cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        stage_argv(name), cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 

@@ -12,6 +12,7 @@ model through the predict code).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -69,22 +70,50 @@ def reachable(script: Path, own_plumbing: frozenset[str] = frozenset()) -> set[s
 
 
 STAGES = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+# One script per kind of stage: `python stages/<name>.py`, or for a stage of one phase `python stages/<kind>.py <phase>`
+CMD = re.compile(r"python (stages/\w+\.py)(?: (frozen|unfrozen))?")
+PHASE_STAGES = {
+    "lr_find": "frozen",
+    "lr_find_unfrozen": "unfrozen",
+    "train_frozen": "frozen",
+    "train_unfrozen": "unfrozen",
+}
+
+
+def stage_script(cmd: str) -> str:
+    match = CMD.fullmatch(cmd)
+    assert match, f"cmd {cmd!r} is not `python stages/<script>.py [frozen|unfrozen]`"
+    return match[1]
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_each_stage_runs_its_script_for_its_phase(name):
+    match = CMD.fullmatch(STAGES[name]["cmd"])
+    assert match, STAGES[name]["cmd"]
+    script, phase = match[1], match[2]
+    assert phase == PHASE_STAGES.get(name), f"stage {name}: cmd gives phase {phase}"
+    assert script == (f"stages/{name}.py" if phase is None else f"stages/{name.replace(f'_{phase}', '')}.py")
+
+
+def test_no_two_stages_scripts_are_one_script_copied():
+    """One script per kind of stage: the phases' stages run one script with the phase as its argument."""
+    scripts = [stage_script(stage["cmd"]) for stage in STAGES.values()]
+    assert sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "stages").glob("*.py")) == sorted(set(scripts))
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_deps_match_imports(name):
     stage = STAGES[name]
-    script = ROOT / "stages" / f"{name}.py"
-    assert stage["cmd"] == f"python stages/{name}.py"
-    assert script.exists(), f"{script} missing"
+    script = stage_script(stage["cmd"])
+    assert (ROOT / script).exists(), f"{script} missing"
     deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
-    assert f"stages/{name}.py" in deps
+    assert script in deps
     listed = {
         ".".join(Path(d).relative_to("src/petbreeds").with_suffix("").parts)
         for d in deps
         if d.startswith("src/petbreeds/")
     }
-    expected = reachable(script, OWN_PLUMBING.get(name, frozenset()))
+    expected = reachable(ROOT / script, OWN_PLUMBING.get(name, frozenset()))
     assert listed == expected, f"stage {name}: deps list {sorted(listed)} but the script runs {sorted(expected)}"
 
 

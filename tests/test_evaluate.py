@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from petbreeds.config import load_params
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.inference import compute_as_trained
 from petbreeds.stage import StageContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +99,16 @@ def test_a_test_split_is_compared_under_its_name():
     assert metrics == {"error_rate": 0.25, "valid_loss": 0.5, "test": {"error_rate": 0.25, "loss": 0.5}}
     rest = {"accuracy": 0.75, "top5_accuracy": 1.0}
     assert report == {**rest, "n_items": 4, "test": {**rest, "n_items": 8}}
+
+
+def test_auto_evaluates_on_a_cpu_in_the_precision_training_recorded(tmp_path: Path) -> None:
+    train = load_params(ROOT / "params.yaml").train.model_copy(update={"precision": "auto"})
+    run_info = tmp_path / "train_unfrozen.json"
+    cpu = torch.device("cpu")
+    with pytest.raises(PetbreedsError, match=r"train_unfrozen\.json: no precision .* `dvc repro train_unfrozen`"):
+        compute_as_trained(train, cpu, run_info)
+    run_info.write_text(json.dumps({"facts": {"precision": "bf16", "precision_choice": "calibrated on X"}}))
+    compute = compute_as_trained(train, cpu, run_info)
+    assert compute.dtype == torch.bfloat16 and "calibrated on X" in compute.precision_choice
+    fp32 = compute_as_trained(train.model_copy(update={"precision": "fp32"}), cpu, tmp_path / "absent.json")
+    assert fp32.dtype is None  # a named precision means the same here as in training: nothing is read

@@ -157,3 +157,31 @@ def test_find_cycle_names_the_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"x": {"y"}, "y": {"y"}}) == ["y", "y"]
+
+
+# What a trained model's predictions need, and what they must not: the training loop and all it alone runs.
+INFERENCE_USERS = ("stages/evaluate.py", "serve.predict", "serve.mlflow_model")
+TRAINING_ONLY = {"learn.training", "learn.callbacks", "learn.lr_find", "learn.schedule", "learn.resume"}
+TRAINING_ONLY |= {"learn.calibration", "learn.distributed"}
+
+
+def reaches(start: set[str], graph: Mapping[str, set[str]]) -> set[str]:
+    """Every module ``start``'s modules import, directly or through others (``start`` included). The walk stops at
+    the entry points: the stage runner imports the distributed code only for the stages that train."""
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        if (module := todo.pop()) not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()) if module not in ENTRY_POINTS else ())
+    return seen
+
+
+def test_evaluate_predict_and_the_served_model_import_nothing_of_training() -> None:
+    """A change to how the model trains (its loop, schedule, resume state, precision calibration, the distributed
+    code) neither re-runs evaluate nor reaches the predict code and the MLflow model."""
+    graph = import_graph()
+    for user in INFERENCE_USERS:
+        start = petbreeds_imports(ROOT / user) if user.endswith(".py") else {user}
+        assert start <= graph.keys() | {"__init__"}, user
+        assert reaches(start, graph) & TRAINING_ONLY == set(), f"{user} imports training code"

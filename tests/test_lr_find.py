@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from petbreeds.config import load_params, parse_params
 from petbreeds.data.augment import BatchAugment
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.callbacks import Callback, Fit
 from petbreeds.learn.device import Compute
 from petbreeds.learn.lr_find import (
     LrFindResult,
@@ -110,7 +111,7 @@ def _uint8_loader(n: int = 32, side: int = 40, batch_size: int = 8) -> DataLoade
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, drop_last=True, generator=g)
 
 
-def _sweep(model: torch.nn.Module, channels_last: bool, on_step=None, **settings):
+def _sweep(model: torch.nn.Module, channels_last: bool, callbacks=(), **settings):
     params = load_params(ROOT / "params.yaml")
     cpu = torch.device("cpu")
     # 4 batches per epoch: longer sweeps cycle the loader through several epochs
@@ -122,7 +123,7 @@ def _sweep(model: torch.nn.Module, channels_last: bool, on_step=None, **settings
         compute=Compute(cpu, None, channels_last),
         world=SINGLE_PROCESS,
     )
-    return lr_find(model, data, params.lr_find.model_copy(update=settings), wd=0.01, on_step=on_step)
+    return lr_find(model, data, params.lr_find.model_copy(update=settings), wd=0.01, callbacks=callbacks)
 
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["lr_find", "lr_find_unfrozen"])
@@ -134,6 +135,11 @@ def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path, frozen: b
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     steps = []
+
+    class Steps(Callback):
+        def after_batch(self, fit: Fit, record: dict[str, float]) -> None:
+            steps.append(fit.batch)
+
     result = _sweep(
         model,
         start_lr=1e-5,
@@ -141,7 +147,7 @@ def test_lr_find_restores_weights_and_bn_buffers_bit_for_bit(tmp_path, frozen: b
         num_it=14,
         stop_div=False,
         channels_last=True,
-        on_step=lambda i, lr, loss: steps.append(i),
+        callbacks=[Steps()],
     )
     assert steps == list(range(14))
     assert result.lrs == pytest.approx([1e-5 * 1e5 ** (i / 14) for i in range(14)], rel=1e-12)

@@ -39,7 +39,7 @@ from petbreeds.data.dataloaders import make_loader
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import Compute
-from petbreeds.learn.training import get_preds
+from petbreeds.learn.inference import get_preds
 from petbreeds.serve.predict import predict
 from petbreeds.track import registry
 from petbreeds.track.identity import RunIdentity
@@ -69,7 +69,7 @@ def write_result(root: Path, model: Path | None, write_breed_images) -> None:
         shutil.copy(model, root / "models/model.pt")
         md5 = hashlib.md5((root / "models/model.pt").read_bytes()).hexdigest()
         stages["train_unfrozen"] = {
-            "cmd": "python stages/train_unfrozen.py",
+            "cmd": "python stages/train.py unfrozen",
             "outs": [{"path": "models/model.pt", "md5": md5}],
         }
     (root / "dvc.lock").write_text(json.dumps({"schema": "2.0", "stages": stages}))  # JSON is YAML

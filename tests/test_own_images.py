@@ -73,7 +73,7 @@ def _train(table: pd.DataFrame, raw: Path) -> list[dict[str, float]]:
     model = tiny_net()
     loaders = training_data(params, table, VOCAB, raw, seed=0, world=SINGLE_PROCESS)
     phase = params.train_frozen.model_copy(update={"epochs": 2})
-    history = fit_one_cycle(model, loaders, phase, [1e-2] * 3, stage="train_frozen")
+    history = fit_one_cycle(model, loaders, phase, [1e-2] * 3)
     return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in history]
 
 

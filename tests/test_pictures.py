@@ -22,7 +22,7 @@ MD5 = "0123456789abcdef0123456789abcdef"
 LOCK = f"""schema: '2.0'
 stages:
   train_unfrozen:
-    cmd: python stages/train_unfrozen.py
+    cmd: python stages/train.py unfrozen
     outs:
     - path: models/model.pt
       hash: md5

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from petbreeds.config import DataParams
-from petbreeds.data.dataloaders import batch_stream, default_num_workers, make_loader, mark_consumed, to_device
+from petbreeds.data.dataloaders import default_num_workers, make_loader
 from petbreeds.data.presizing import PresizedImages, load_rgb, presize
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.feed import train_batches
 
 DATA = DataParams(item_size=32, size=24, resize_method="crop", pad_mode="reflection", batch_size=4, num_workers=0)
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -160,7 +161,7 @@ def test_dataset_crops_randomly_on_train_per_epoch_and_centred_on_valid(tmp_path
 
 
 def batches(loader: torch.utils.data.DataLoader, epochs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(itertools.islice(batch_stream(loader), epochs * len(loader)))
+    return list(itertools.islice(train_batches(loader, torch.device("cpu")), epochs * len(loader)))
 
 
 def test_train_loader_shuffles_drops_last_and_is_seeded(tmp_path: Path) -> None:
@@ -207,8 +208,8 @@ def test_one_stream_crosses_epochs_and_a_later_start_draws_that_epochs_order(tmp
 def test_a_pass_after_some_batches_starts_past_every_epoch_they_reached(tmp_path: Path) -> None:
     table = write_items(tmp_path, 10, ["a", "b", "c"])
     loader = make_loader(table, tmp_path, ["a", "b", "c"], DATA, train=True, seed=3)  # 2 batches per epoch
-    taken = list(itertools.islice(batch_stream(loader), 3))  # an lr_find of 3 steps: epoch 0 and half of epoch 1
-    mark_consumed(loader, len(taken))
+    stream = train_batches(loader, torch.device("cpu"))
+    list(itertools.islice(stream, 3))  # an lr_find of 3 steps: epoch 0 and half of epoch 1
     assert loader.sampler.epoch == 2  # as fastai's DataLoader, a fit after it draws a new order
     fresh = batches(make_loader(table, tmp_path, ["a", "b", "c"], DATA, train=True, seed=3), 3)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(fresh[4:], batches(loader, 1), strict=True))
@@ -238,8 +239,3 @@ def test_a_file_broken_after_indexing_fails_naming_it(tmp_path: Path) -> None:
     (tmp_path / table["path"][2]).write_bytes(b"truncated")
     with pytest.raises(PetbreedsError, match=r"a_2\.jpg"):
         batches(make_loader(table, tmp_path, ["a"], DATA, train=False, seed=0), 1)
-
-
-def test_to_device_moves_both() -> None:
-    x, y = to_device((torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1])), torch.device("cpu"))
-    assert x.device.type == "cpu" and y.tolist() == [0, 1]

@@ -27,6 +27,7 @@ from tiny import ROOT, tiny_net, write_pets
 
 from petbreeds.config import load_params
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.callbacks import Callback, Fit, Recorder, ResumeState
 from petbreeds.learn.resume import Resume, resume_cli, stage_key
 from petbreeds.learn.training import fit_one_cycle, training_data
 from petbreeds.world import SINGLE_PROCESS
@@ -54,15 +55,15 @@ def _fit(root: Path, table: pd.DataFrame, state: Path, stop_at_batch: int | None
     data = training_data(params, table, ["blue", "green", "red"], root, seed=0, world=SINGLE_PROCESS)
     phase = params.train_frozen.model_copy(update={"epochs": 3})
     resume = Resume("train_frozen", state, 1, SINGLE_PROCESS)
-    batches: list[dict[str, float]] = []
+    recorder = Recorder()
 
-    def record(row: dict[str, float]) -> None:
-        if row["iteration"] == stop_at_batch:
-            raise KeyboardInterrupt
-        batches.append(row)
+    class Kill(Callback):
+        def after_batch(self, fit: Fit, record: dict[str, float]) -> None:
+            if record["iteration"] == stop_at_batch:
+                raise KeyboardInterrupt
 
-    history = fit_one_cycle(model, data, phase, [1e-2] * 3, stage="train_frozen", on_batch=record, resume=resume)
-    return model.state_dict(), history, batches, resume
+    history = fit_one_cycle(model, data, phase, [1e-2] * 3, [ResumeState(resume), Kill(), recorder])
+    return model.state_dict(), history, recorder.batches, resume
 
 
 def _without_timing(rows: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -83,7 +84,7 @@ def test_a_fit_stopped_mid_epoch_resumes_at_its_last_epoch_and_ends_identical(tm
     assert resumed_weights.keys() == weights.keys()
     assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights), "weights differ from the reference's"
     assert _without_timing(resumed_history) == _without_timing(history)
-    assert resumed_batches == batches  # replayed through on_batch, then trained on
+    assert resumed_batches == batches  # the records before the stop from the state, then trained on
 
 
 def test_a_damaged_state_is_an_error_naming_it_and_how_to_discard_it(tmp_path) -> None:

@@ -98,7 +98,7 @@ def _syncs(run) -> list[str]:
 def _fit_syncs(root: Path, per_class: int) -> tuple[int, list[str]]:
     params, model, data = _data(root, per_class)
     phase = params.train_frozen.model_copy(update={"epochs": 1})
-    where = _syncs(lambda: fit_one_cycle(model, data, phase, [1e-3] * 3, stage="train_frozen"))
+    where = _syncs(lambda: fit_one_cycle(model, data, phase, [1e-3] * 3))
     return len(data.train_loader), where
 
 

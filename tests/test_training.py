@@ -7,19 +7,21 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from tiny import COLOURS, ROOT, VOCAB, tiny_net, tiny_project, write_pets
+from tiny import COLOURS, ROOT, VOCAB, stage_argv, tiny_net, tiny_project, write_pets
 
 from petbreeds.config import load_params
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.callbacks import Callback, DivergenceStop, LiveEpochs, Recorder, SmoothLoss, Table
+from petbreeds.learn.inference import get_preds
 from petbreeds.learn.schedule import combined_cos
-from petbreeds.learn.training import SmoothLoss, TrainingData, fit_one_cycle, get_preds, training_data, validate
+from petbreeds.learn.training import TrainingData, fit_one_cycle, training_data, validate
+from petbreeds.stage import phase_argument
 from petbreeds.world import SINGLE_PROCESS
 
 CPU = torch.device("cpu")
@@ -39,11 +41,11 @@ def _setup(root: Path, table: pd.DataFrame, seed: int = 0) -> tuple[torch.nn.Mod
     return tiny_net(), training_data(params, table, VOCAB, root, seed=seed, world=SINGLE_PROCESS)
 
 
-def _fit(model, data, epochs: int, lr: float = 1e-2, stage: str = "train_frozen", on_epoch=None, on_batch=None):
+def _fit(model, data, epochs: int, lr: float = 1e-2, stage: str = "train_frozen", callbacks: list[Callback] = ()):
     phase = load_params(ROOT / "params.yaml").train_frozen.model_copy(
         update={"epochs": epochs, "pct_start": 0.25, "div": 25.0, "div_final": 1e5, "wd": 0.01}
     )
-    return fit_one_cycle(model, data, phase, [lr] * 3, stage=stage, on_epoch=on_epoch, on_batch=on_batch)
+    return fit_one_cycle(model, data, phase, [lr] * 3, [DivergenceStop(stage), *callbacks])
 
 
 def test_smooth_loss_is_fastais_debiased_ema() -> None:
@@ -55,8 +57,9 @@ def test_smooth_loss_is_fastais_debiased_ema() -> None:
 def test_fit_one_cycle_learns_and_reports_the_books_columns(pets, capsys) -> None:
     model, data = _setup(*pets)
     loss_before, _ = validate(model, data)
-    seen, batches = [], []
-    history = _fit(model, data, epochs=4, on_epoch=seen.append, on_batch=batches.append)
+    seen, recorder = [], Recorder()
+    history = _fit(model, data, epochs=4, callbacks=[recorder, Table(), LiveEpochs(seen.append)])
+    batches = recorder.batches
     assert [row["epoch"] for row in history] == [0, 1, 2, 3]
     assert seen == history
     columns = {"epoch", "train_loss", "valid_loss", "error_rate", "lr", "seconds", "images_per_s", "iteration"}
@@ -108,9 +111,7 @@ def test_get_preds_in_loader_order(pets) -> None:
 
 def _run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PETBREEDS_MLFLOW_LIVE": "0", "OMP_NUM_THREADS": "2"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd, env=env, capture_output=True, text=True
-    )
+    return subprocess.run(stage_argv(name), cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def _results(project: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
@@ -229,9 +230,9 @@ def test_the_phases_take_fastais_lr_forms(tmp_path: Path) -> None:
 
 def _losses(model: torch.nn.Module, data: TrainingData) -> tuple[list[dict[str, float]], list[float]]:
     """Two epochs: the history and the smoothed training loss after each batch."""
-    batches: list[float] = []
-    history = _fit(model, data, epochs=2, on_batch=lambda row: batches.append(row["train_loss"]))
-    return history, batches
+    recorder = Recorder()
+    history = _fit(model, data, epochs=2, callbacks=[recorder])
+    return history, [row["train_loss"] for row in recorder.batches]
 
 
 def _compiled_fit(
@@ -267,3 +268,10 @@ def test_compiled_training_learns_like_eager_and_reuses_its_cache(pets, tmp_path
     assert torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"] > hits_before
     assert files_again == files
     assert [r["valid_loss"] for r in again] == [r["valid_loss"] for r in compiled]
+
+
+def test_a_two_phase_script_without_its_phase_stops_with_a_usage_line() -> None:
+    assert phase_argument(["unfrozen"]) == "unfrozen"
+    for wrong in ([], ["thawed"], ["frozen", "unfrozen"]):
+        with pytest.raises(SystemExit, match=r"usage: python .* frozen\|unfrozen"):
+            phase_argument(wrong)

@@ -43,6 +43,7 @@ from petbreeds.data import sample_data  # noqa: E402
 from petbreeds.data.augment import BatchAugment, Draws, affine_matrices, warp_matrices  # noqa: E402
 from petbreeds.data.presizing import crop_position, load_rgb, presize  # noqa: E402
 from petbreeds.data.splitting import random_split  # noqa: E402
+from petbreeds.learn.callbacks import SmoothLoss  # noqa: E402
 from petbreeds.learn.interpret import (  # noqa: E402
     TopLoss,
     confusion_matrix,
@@ -55,7 +56,6 @@ from petbreeds.learn.interpret import (  # noqa: E402
 from petbreeds.learn.lr_find import suggest  # noqa: E402
 from petbreeds.learn.model import ParamGroup, create_head  # noqa: E402
 from petbreeds.learn.schedule import group_lrs, last_beta1, make_one_cycle, make_optimizer  # noqa: E402
-from petbreeds.learn.training import SmoothLoss  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # lr_find's suggestions (docs/fastai.md §6)

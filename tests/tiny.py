@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,15 @@ from petbreeds.learn.model import PetModel, create_head
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 50, 40)}
 VOCAB = sorted(COLOURS)
+
+
+def stage_argv(name: str) -> list[str]:
+    """The command that runs stage ``name`` as dvc.yaml's ``cmd`` says (``python stages/train.py frozen``), with
+    this interpreter and the checkout's script."""
+    from ruamel.yaml import YAML
+
+    _, script, *args = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"][name]["cmd"].split()
+    return [sys.executable, str(ROOT / script), *args]
 
 
 def tiny_net(n_classes: int = 3) -> PetModel:

@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # `petbreeds.predict(...)` works after a bare `import petbreeds`, which stays cheap: torch loads on first use.
-    # The submodule is callable (see petbreeds.serve.predict), so the name means the same thing however it was reached.
+    # `petbreeds.predict(...)` (petbreeds.serve.predict.predict) after a bare `import petbreeds`, which stays cheap:
+    # torch loads on first use.
     if name == "predict":
-        return importlib.import_module("petbreeds.serve.predict")
+        return importlib.import_module("petbreeds.serve.predict").predict
     raise AttributeError(f"module 'petbreeds' has no attribute {name!r}")

@@ -255,6 +255,9 @@ FINDER_PHASES: dict[Finder, Literal["train_frozen", "train_unfrozen"]] = {
     "lr_find": "train_frozen",
     "lr_find_unfrozen": "train_unfrozen",
 }
+# The key of a finder's report (reports/<finder>.json) when it did not sweep: why. Written by petbreeds.learn.lr_find,
+# read by petbreeds.track.outputs (which keeps the training code out of the mlflow_log stage).
+NOT_RUN = "not_run"
 
 
 def sweep_runs(p: Params, finder: Finder) -> bool:

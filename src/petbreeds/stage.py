@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -84,6 +84,15 @@ class StageContext:
             print(f"{self.name}: " + ", ".join(f"{key} {value}" for key, value in facts.items()), flush=True)
 
 
+def phase_argument(argv: Sequence[str] | None = None) -> str:
+    """The phase a stage script that serves both phases is run for: its one argument, ``frozen`` or ``unfrozen``
+    (``python stages/train.py frozen``, as dvc.yaml's ``cmd`` says); anything else ends with a usage line."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) != 1 or args[0] not in ("frozen", "unfrozen"):
+        sys.exit(f"usage: python {Path(sys.argv[0]).as_posix()} frozen|unfrozen (got {' '.join(args) or 'nothing'})")
+    return args[0]
+
+
 def _open_live_run(name: str, root: Path) -> MetricsSink | None:
     if os.environ.get(LIVE_ENV, "1") == "0":
         return None
@@ -122,7 +131,8 @@ def run_stage(
             from petbreeds.learn import distributed as ddp
 
             if world_size_of(params.distributed) > 1 and not under_torchrun():
-                ddp.launch(Path(sys.argv[0]).resolve(), params.distributed, name)  # rank 0 writes the outputs
+                # rank 0 writes the outputs; the ranks run the script with its arguments (a phase)
+                ddp.launch(Path(sys.argv[0]).resolve(), params.distributed, name, sys.argv[1:])
                 return
             world = ddp.join(params.distributed)
         live = _open_live_run(name, root) if live_run and world.is_main else None

@@ -181,11 +181,47 @@ def lighting_(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor)
     return x.logit_(eps=1e-7).add_(shift).mul_(contrast[:, None, None, None]).sigmoid_()
 
 
-class BatchAugment:
+class ValidAugment:
+    """The batch stage's valid path: uint8 ``[B, 3, H, W]`` on ``device`` → normalised float32 ``[B, 3, size, size]``,
+    an antialiased resize of the centre square. It draws nothing and reads no augmentation params: what a trained
+    model's predictions need (``Checkpoint.valid_augment``). :class:`BatchAugment` adds the training path.
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size = size
+        self.device = torch.device(device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, x: torch.Tensor, *, train: bool) -> torch.Tensor:
+        if train:
+            raise ValueError("ValidAugment has no training path: a training batch needs BatchAugment")
+        return self.valid(x)
+
+    def valid(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` → centre square, one antialiased bilinear resize to ``size``, normalised.
+
+        See :func:`antialiased_resize` for its dtype on CPU and CUDA.
+        """
+        img = TF.center_crop(x, [min(x.shape[-2:])])
+        if img.shape[-1] != self.size:
+            img = antialiased_resize(img, self.size)
+        return self.normalize_(img.float() / 255)  # a new tensor: never write into the caller's batch
+
+    def normalize_(self, x: torch.Tensor) -> torch.Tensor:
+        """float ``[B, 3, H, W]`` in [0, 1] → ImageNet-normalised, in place."""
+        return x.sub_(self.mean).div_(self.std)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float ``[B, 3, H, W]`` → float in [0, 1] for display."""
+        return (x * self.std + self.mean).clamp(0, 1)
+
+
+class BatchAugment(ValidAugment):
     """uint8 ``[B, 3, H, W]`` batches on ``device`` → normalised float32 ``[B, 3, size, size]``.
 
     Train: random flip, rotate, zoom, warp, random resized crop (one resample) and lighting, per image. Valid:
-    an antialiased resize of the centre square to ``size``. Random draws come from an own generator seeded with
+    :class:`ValidAugment`'s path. Random draws come from an own generator seeded with
     ``seed``, on the host: the same seed gives the same sequence of batches on every device, and the batch's plan
     (its projective maps and lighting, 11 numbers per image) is computed there and reaches the device as one
     non-blocking copy, so that augmenting never makes the host wait for the device.
@@ -198,13 +234,10 @@ class BatchAugment:
     def __init__(
         self, aug: AugmentParams, size: int, seed: int, device: torch.device, shard: tuple[int, int] = (0, 1)
     ) -> None:
+        super().__init__(size, device)
         self.aug = aug
-        self.size = size
-        self.device = torch.device(device)
         self.rank, self.world_size = shard
         self.generator = torch.Generator().manual_seed(seed)  # on the host: see the class's docstring
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor, *, train: bool) -> torch.Tensor:
         if not train:
@@ -275,21 +308,3 @@ class BatchAugment:
         if self.aug.max_lighting * self.aug.mult > 0 and self.aug.p_lighting > 0:
             out = lighting_(out, brightness, contrast)
         return self.normalize_(out)
-
-    def valid(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, 3, H, W]`` → centre square, one antialiased bilinear resize to ``size``, normalised.
-
-        See :func:`antialiased_resize` for its dtype on CPU and CUDA.
-        """
-        img = TF.center_crop(x, [min(x.shape[-2:])])
-        if img.shape[-1] != self.size:
-            img = antialiased_resize(img, self.size)
-        return self.normalize_(img.float() / 255)  # a new tensor: never write into the caller's batch
-
-    def normalize_(self, x: torch.Tensor) -> torch.Tensor:
-        """float ``[B, 3, H, W]`` in [0, 1] → ImageNet-normalised, in place."""
-        return x.sub_(self.mean).div_(self.std)
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float ``[B, 3, H, W]`` → float in [0, 1] for display."""
-        return (x * self.std + self.mean).clamp(0, 1)

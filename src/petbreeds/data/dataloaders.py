@@ -79,10 +79,11 @@ class EpochShuffle(Sampler[tuple[int, int]]):
     The epoch travels with each index so that :class:`PresizedImages` can draw that epoch's crop position even
     inside persistent workers, which hold their own copy of the dataset and never see an epoch counter.
 
-    Endless, so that one iterator over the loader (:func:`batch_stream`) serves a whole fit: its workers go on
-    decoding the next epoch's first batches while the last ones train and the model validates, instead of starting
-    cold at every epoch. Epoch e's permutation is the e-th drawn from ``seed``, whatever was iterated before, so
-    that :attr:`epoch` alone says where a resumed fit goes on; the consumer advances it as it finishes epochs.
+    Endless, so that one iterator over the loader (``petbreeds.learn.feed.train_batches``) serves a whole fit: its
+    workers go on decoding the next epoch's first batches while the last ones train and the model validates, instead
+    of starting cold at every epoch. Epoch e's permutation is the e-th drawn from ``seed``, whatever was iterated
+    before, so that :attr:`epoch` alone says where a resumed fit goes on. An iteration reads it once, when it starts;
+    ``train_batches`` advances it as it hands out epochs.
     """
 
     def __init__(self, n: int, seed: int, batch_size: int, world: World) -> None:
@@ -98,31 +99,14 @@ class EpochShuffle(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed)
+        first = self.epoch
         for epoch in itertools.count():
             order = torch.randperm(self.n, generator=generator).tolist()
-            if epoch < self.epoch:
+            if epoch < first:
                 continue  # drawn only to reach this epoch's permutation
             for start in range(0, len(self) // self.share * self.batch_size, self.batch_size):
                 for index in order[start + self.offset : start + self.offset + self.share]:
                     yield index, epoch
-
-
-def batch_stream(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's batches, epoch after epoch, from one iterator: ``itertools.islice(stream, len(loader))`` is an
-    epoch. A training loader (:class:`EpochShuffle`) is endless already; any other loader is iterated again."""
-    if isinstance(loader.sampler, EpochShuffle):
-        yield from loader
-        return
-    while True:
-        yield from loader
-
-
-def mark_consumed(loader: DataLoader, batches: int) -> None:
-    """Tell a training loader that ``batches`` were taken from a :func:`batch_stream`: its next pass starts after
-    every epoch they reached into (one begun counts whole), so a later fit in this process draws new orders and
-    crops, as fastai's DataLoader does after ``lr_find``. Other loaders keep no epoch."""
-    if isinstance(loader.sampler, EpochShuffle):
-        loader.sampler.epoch += -(-batches // len(loader))
 
 
 def seed_worker(worker_id: int) -> None:
@@ -186,9 +170,3 @@ def make_loader(
         worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move ``(x, y)`` to ``device``; non-blocking, so a pinned batch's copy overlaps with compute on CUDA."""
-    x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -18,7 +18,7 @@ import torch
 
 from petbreeds.atomic import atomic_output
 from petbreeds.config import DataParams
-from petbreeds.data.augment import BatchAugment
+from petbreeds.data.augment import ValidAugment
 from petbreeds.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.model import PetModel, create_model
@@ -50,12 +50,9 @@ class Checkpoint:
             num_workers=num_workers,
         )
 
-    def valid_augment(self, device: torch.device) -> BatchAugment:
-        """The batch stage's valid path for the model's input size (it draws nothing, so no seed matters).
-
-        The valid path never reads the augmentation params, hence None (no params.yaml is needed to predict).
-        """
-        return BatchAugment(None, self.size, seed=0, device=device)  # type: ignore[arg-type]
+    def valid_augment(self, device: torch.device) -> ValidAugment:
+        """The batch stage's valid path for the model's input size (no params.yaml is needed to predict)."""
+        return ValidAugment(self.size, device)
 
 
 def save_checkpoint(path: Path, model: PetModel, *, arch: str, vocab: list[str], data: DataParams) -> None:

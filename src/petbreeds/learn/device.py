@@ -8,9 +8,10 @@
         logits = model(x)
     loss = loss_fn(logits.float(), y)                            # the loss always in fp32
 
-Weights stay fp32 in every mode; only autocast regions compute in the lower precision. The training stages and
-evaluate build their Compute with ``petbreeds.learn.training.training_compute``, where ``auto`` on a CPU is timed
-per CPU model (``petbreeds.learn.calibration``); here ``auto`` on a CPU is fp32, what serving uses.
+Weights stay fp32 in every mode; only autocast regions compute in the lower precision. The training stages
+build their Compute with ``petbreeds.learn.training.training_compute``, where ``auto`` on a CPU is timed per CPU
+model (``petbreeds.learn.calibration``), and evaluate computes in the precision they recorded
+(``petbreeds.learn.inference.compute_as_trained``); here ``auto`` on a CPU is fp32, what serving uses.
 """
 
 from __future__ import annotations

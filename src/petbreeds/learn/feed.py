@@ -1,18 +1,21 @@
 """How batches reach the device: the next one copied while this one computes, the validation set kept after its
 first pass.
 
-    for x, y in ahead_to_device(batch_stream(train_loader), device): ...     # training
+    for x, y in train_batches(train_loader, device): ...     # training: one stream per fit, epoch after epoch
     valid = KeptBatches(valid_loader, device, local_processes)    # validation, every epoch
     for x, y in valid: ...
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
+
+from petbreeds.data.dataloaders import EpochShuffle
 
 Tensors = tuple[torch.Tensor, ...]
 # The share of the device's memory (the GPU's, or the machine's RAM for a CPU, split among the training processes
@@ -47,6 +50,24 @@ def ahead_to_device(batches: Iterable[Tensors], device: torch.device) -> Iterato
         coming = sent
     if coming is not None:
         yield coming
+
+
+def train_batches(loader: DataLoader, device: torch.device) -> Iterator[Tensors]:
+    """A training loader's batches on ``device`` (:func:`ahead_to_device`), epoch after epoch, from one iterator:
+    ``itertools.islice(stream, len(loader))`` is an epoch, and the loader's workers go on decoding across epoch ends
+    and validation (its :class:`EpochShuffle` is endless; any other loader is iterated again).
+
+    The epoch count lives in the loader's :class:`EpochShuffle` (where its next pass starts), and only this stream
+    moves it: each epoch counts as taken when its first batch is handed out (one begun counts whole), so a later
+    stream in this process (the fit after ``lr_find``, as with fastai's DataLoader) draws new orders and crops.
+    """
+    sampler = loader.sampler
+    counted = isinstance(sampler, EpochShuffle)
+    endless = loader if counted else itertools.chain.from_iterable(itertools.repeat(loader))
+    for i, batch in enumerate(ahead_to_device(endless, device)):
+        if counted and i % len(loader) == 0:  # after the copy read ahead: counts what the consumer took
+            sampler.epoch += 1
+        yield batch
 
 
 def memory_bytes(device: torch.device) -> int:

@@ -1,7 +1,8 @@
 """fastai's learning-rate finder and its four suggestions (docs/fastai.md §6), and its outputs.
 
     plan = plan_sweep(params, "lr_find")  # lr_find.run: whether it sweeps, and what for
-    result = lr_find(model, data, params.lr_find, wd=0.01) if plan.runs else None  # .suggestions["valley"]
+    live = [LiveSweep(ctx.log_metrics)]
+    result = lr_find(model, data, params.lr_find, wd=0.01, callbacks=live) if plan.runs else None  # .suggestions
     write_lr_find(result, plan, curve=..., plot=..., report=Path("reports/lr_find.json"))  # None: says "not run"
     print(plan.summary(result))  # lr_find: valley 1.20e-03, ...; train_frozen.lr is null: train_frozen trains at ...
     phase_lr("train_frozen", params.train_frozen.lr, Path("reports/lr_find.json"), "valley")  # null -> suggestion
@@ -30,20 +31,20 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no disp
 from torch.optim.lr_scheduler import LambdaLR
 
 from petbreeds.atomic import atomic_output, atomic_write_json
-from petbreeds.config import FINDER_PHASES, Finder, LrFindParams, Params, sweep_runs
-from petbreeds.data.dataloaders import batch_stream, mark_consumed
+from petbreeds.config import FINDER_PHASES, NOT_RUN, Finder, LrFindParams, Params, sweep_runs
 from petbreeds.errors import PetbreedsError
+from petbreeds.learn.callbacks import Callback, Fit, run
 from petbreeds.learn.distributed import mean, wrap
-from petbreeds.learn.feed import ahead_to_device
+from petbreeds.learn.feed import train_batches
+from petbreeds.learn.inference import batch_inputs
 from petbreeds.learn.model import PetModel, param_groups
 from petbreeds.learn.schedule import make_optimizer
-from petbreeds.learn.training import SmoothLoss, TrainingData, batch_inputs, train_step
+from petbreeds.learn.training import TrainingData, train_step
 
 # fastai's Adam default mom: lr_find does not schedule momentum, so a fresh learner's 0.9 applies (after a fit, the
 # beta1 that fit's schedule ended on).
 LR_FIND_BETA1 = 0.9
 DIVERGENCE_FACTOR = 4.0
-NOT_RUN = "not_run"  # the key of a finder's report when it did not sweep: why
 CURVE_COLUMNS = ("lr", "loss")
 
 
@@ -186,7 +187,7 @@ def lr_find(
     data: TrainingData,
     sweep: LrFindParams,
     wd: float,
-    on_step: Callable[[int, float, float], None] | None = None,
+    callbacks: Sequence[Callback] = (),
     *,
     beta1: float = LR_FIND_BETA1,
 ) -> LrFindResult:
@@ -194,8 +195,9 @@ def lr_find(
     it was given.
 
     ``wd`` and ``beta1``: the weight decay and momentum of fastai's optimizer at this point (``beta1``: a fresh
-    learner's 0.9, or what the fit before left, :func:`petbreeds.learn.schedule.last_beta1`). ``on_step(i, lr,
-    smoothed_loss)`` is called after every batch (on rank 0).
+    learner's 0.9, or what the fit before left, :func:`petbreeds.learn.schedule.last_beta1`). ``callbacks`` see the
+    sweep as a fit of no epochs: ``before_fit``, ``after_batch`` (``iteration`` 1.., ``lr``, the smoothed
+    ``train_loss``) and ``after_fit``.
     """
     compute, world = data.compute, data.world
     compute.place(model)
@@ -205,31 +207,30 @@ def lr_find(
     groups = param_groups(model)
     opt = make_optimizer(groups, [sweep.start_lr] * len(groups), wd, beta1=beta1)
     sched = LambdaLR(opt, lambda i: (sweep.end_lr / sweep.start_lr) ** (i / sweep.num_it))
-    scaler = compute.grad_scaler()
-    smooth = SmoothLoss()
+    generators = {"augment": data.augment.generator}
+    fit = Fit(model, opt, sched, compute.grad_scaler(), data.train_loader.sampler, generators, epochs=0)
     best = math.inf
-    lrs: list[float] = []
-    losses: list[float] = []
+    run(callbacks, "before_fit", fit)
     try:
         net.train()
-        for i, batch in enumerate(ahead_to_device(batch_stream(data.train_loader), compute.device)):
+        for fit.batch, batch in enumerate(train_batches(data.train_loader, compute.device)):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
-            loss = smooth.add(mean(world, train_step(net, opt, scaler, x, y, compute)).item())
-            lrs.append(lr)
-            losses.append(loss)
-            if on_step is not None and world.is_main:
-                on_step(i, lr, loss)
+            loss = fit.smooth.add(mean(world, train_step(net, opt, fit.scaler, x, y, compute)).item())
+            fit.iteration += 1
+            fit.records.append({"iteration": fit.iteration, "train_loss": loss, "lr": lr})
+            run(callbacks, "after_batch", fit, fit.records[-1])
             if loss < best:  # never true for NaN: a NaN loss neither sets the best nor stops the sweep (fastai)
                 best = loss
-            if (sweep.stop_div and loss > DIVERGENCE_FACTOR * best) or i + 1 == sweep.num_it:
+            if (sweep.stop_div and loss > DIVERGENCE_FACTOR * best) or fit.iteration == sweep.num_it:
                 break
             sched.step()
     finally:
-        mark_consumed(data.train_loader, len(lrs))
         model.load_state_dict(saved)
         opt.zero_grad(set_to_none=True)
         model.train(was_training)
+    run(callbacks, "after_fit", fit)
+    lrs, losses = [r["lr"] for r in fit.records], [r["train_loss"] for r in fit.records]
     return LrFindResult(lrs=lrs, losses=losses, suggestions=suggest(lrs, losses, sweep.num_it))
 
 

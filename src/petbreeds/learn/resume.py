@@ -2,11 +2,11 @@
 outputs an uninterrupted run writes, byte for byte (same machine, same torch build).
 
     resume = Resume.open("train_frozen", params, world)   # None with resume.every_epochs: 0
-    history = fit_one_cycle(model, data, phase, lrs, stage="train_frozen", resume=resume)
+    history = fit_one_cycle(model, data, phase, lrs, [ResumeState(resume), ...])   # petbreeds.learn.callbacks
     ...write the stage's outputs...
     resume.finish()                                          # the stage is done: its state goes
 
-The state (``fit_one_cycle`` decides what it holds: model, optimizer, schedule, GradScaler, every RNG of every rank,
+The state (``ResumeState`` decides what it holds: model, optimizer, schedule, GradScaler, every RNG of every rank,
 the epoch, the history and the per-batch records so far) is ``.cache/resume/<stage>/<key>.pt`` in the project,
 written atomically by rank 0. The key is a digest of everything the stage's result depends on, as dvc.yaml lists
 it: the command, the content of every dep (code, data, models) and the value of every param. A state of other

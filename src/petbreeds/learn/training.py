@@ -1,53 +1,48 @@
-"""The training loop: fastai's fit_one_cycle as one readable loop, plus validation and predictions.
+"""The training loop: fastai's fit_one_cycle as one readable loop, and validation.
 
     data = training_data(params, table, vocab, raw, seed=params.seed, world=world)
-    history = fit_one_cycle(model, data, params.train_frozen, lrs=[3e-3] * 3, stage="train_frozen")
-    logits, targets = get_preds(model, loader, augment, compute)
+    history = fit_one_cycle(model, data, params.train_frozen, [3e-3] * 3, [DivergenceStop("train_frozen"), Table()])
 
 Each training batch: augment on the device -> forward under autocast -> cross-entropy in fp32 -> backward (scaled
 for fp16; gradients averaged over the ranks by DDP) -> AdamW step -> one-cycle step (docs/fastai.md §10.2). Every
 fit gets a new optimizer and schedule, which is what fastai's freeze()/unfreeze() give (they clear the optimizer
 state) in the book's recipes. With several processes (``petbreeds.learn.distributed``) each rank trains on its
 share of every global batch; losses are averaged and validation predictions gathered, so every rank reports the
-global numbers.
+global numbers. Printing, recording, the live run, saving the resume state and stopping on divergence are callbacks
+(``petbreeds.learn.callbacks``); predictions are ``petbreeds.learn.inference``'s.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
-import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from petbreeds.atomic import atomic_output
 from petbreeds.config import OneCycleParams, Params
 from petbreeds.data.augment import BatchAugment
-from petbreeds.data.dataloaders import EpochShuffle, batch_stream, make_loader, mark_consumed, to_device
-from petbreeds.errors import PetbreedsError
+from petbreeds.data.dataloaders import make_loader
 from petbreeds.learn.calibration import CACHE_NAME, cpu_autocast_dtype
+from petbreeds.learn.callbacks import Callback, Fit, Row, run
+from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import Compute, HostCopy, configure_gpu, pick_device, resolve_precision
 from petbreeds.learn.distributed import from_rank_0, gather, mean, sync_buffers, wrap
-from petbreeds.learn.feed import KeptBatches, ahead_to_device
-from petbreeds.learn.model import PetModel, create_model, freeze, param_groups
-from petbreeds.learn.resume import Resume
+from petbreeds.learn.feed import KeptBatches, train_batches
+from petbreeds.learn.inference import batch_inputs, predict_on_device
+from petbreeds.learn.model import PetModel, create_model, freeze, param_groups, unfreeze
 from petbreeds.learn.schedule import make_one_cycle, make_optimizer
 from petbreeds.runtime import cache_dir
 from petbreeds.world import World, world_size_of
 
-# The augment stage: uint8 [B, 3, item, item] on the device -> float32 normalised [B, 3, size, size].
-Augment = Callable[..., torch.Tensor]
-Batch = tuple[torch.Tensor, torch.Tensor]
 # plots/<stage>.csv: the per-epoch history for `dvc plots`. `epoch` is numbered 0..n-1 within each phase;
 # `global_epoch` counts on over the phases (the unfrozen phase's first follows the frozen phase's last), so that the
 # plots of dvc.yaml draw one phase after the other on one axis. `global_iteration`: the batches trained by the epoch's
@@ -56,21 +51,6 @@ CSV_COLUMNS = ("epoch", "global_epoch", "global_iteration", "train_loss", "valid
 # plots/<stage>_batches.csv: per training batch, fastai's Recorder.losses and .lrs. `iteration` = batches trained in
 # the phase with this one (1..n), `global_iteration` the same over the phases.
 BATCH_CSV_COLUMNS = ("iteration", "global_iteration", "train_loss", "lr")
-
-
-class SmoothLoss:
-    """fastai's AvgSmoothLoss: an EMA of the batch losses (β 0.98), debiased by 1 - β^count (docs/fastai.md §10.3)."""
-
-    def __init__(self, beta: float = 0.98) -> None:
-        self.beta = beta
-        self.avg = 0.0
-        self.count = 0
-
-    def add(self, loss: float) -> float:
-        """Take one batch loss; return the smoothed value."""
-        self.count += 1
-        self.avg = self.beta * self.avg + (1 - self.beta) * loss
-        return self.avg / (1 - self.beta**self.count)
 
 
 @dataclass
@@ -117,14 +97,14 @@ def training_data(
 
 
 def training_compute(params: Params, device: torch.device, world: World, cache_file: Path | None = None) -> Compute:
-    """How the training stages and evaluate compute: ``train.precision``, ``train.channels_last``, ``train.compile``.
+    """How the training stages compute: ``train.precision``, ``train.channels_last``, ``train.compile``.
 
     ``auto`` on a CPU is what a calibration measured faster on this CPU model for ``model.arch`` at ``data.size``
     with a rank's share of ``data.batch_size`` (:func:`petbreeds.learn.calibration.cpu_autocast_dtype`, cached in
-    ``cache_file``, by default the project's ``.cache/cpu_precision.json``). The share comes from
-    ``distributed:``, not from ``world``: evaluate, one process, then reads the entry the training ranks used and
-    evaluates in their precision. With several ranks, rank 0's choice holds for all of them (``auto`` only: the
-    other names mean the same everywhere), so that ranks on different CPUs or GPUs never mix precisions.
+    ``cache_file``, by default the project's ``.cache/cpu_precision.json``); the share comes from
+    ``distributed:``, not from ``world``. The stages record what it became, and evaluate computes in it. With
+    several ranks, rank 0's choice holds for all of them (``auto`` only: the other names mean the same everywhere),
+    so that ranks on different CPUs or GPUs never mix precisions.
     """
     name = params.train.precision
 
@@ -150,21 +130,29 @@ def _calibrated(params: Params, world: World, cache_file: Path) -> tuple[torch.d
     return calibration.dtype, calibration.describe()
 
 
-def new_frozen_model(params: Params, n_classes: int, pretrained: Path) -> PetModel:
-    """The learner's model as vision_learner makes it: pretrained body, fresh head seeded from params, frozen."""
-    torch.manual_seed(params.seed)
-    model = create_model(params.model.arch, n_classes, pretrained)
-    freeze(model)
+# The two phases of the book's run: the body frozen (a new head on the pretrained body), then the whole model.
+PHASES = ("frozen", "unfrozen")
+
+
+def phase_seed(params: Params, phase: str) -> int:
+    """The seed of a phase's batches, crops, augmentation and dropout: the unfrozen phase's is its own, so that it
+    draws new batches instead of replaying the frozen phase's (fastai's phases share one DataLoader)."""
+    return params.seed if phase == "frozen" else params.seed + 1
+
+
+def phase_model(params: Params, phase: str, n_classes: int, start: Path, device: torch.device) -> PetModel:
+    """The model a phase's lr_find and training start from. frozen: the learner's model as vision_learner makes it,
+    the pretrained body in ``start``, a fresh head seeded from params, frozen. unfrozen: the frozen phase's
+    checkpoint ``start``, unfrozen, torch's RNG then seeded with the phase's seed (its dropout masks)."""
+    if phase == "frozen":
+        torch.manual_seed(params.seed)
+        model = create_model(params.model.arch, n_classes, start)
+        freeze(model)
+        return model
+    model, _ = load_checkpoint(start, device)
+    unfreeze(model)
+    torch.manual_seed(phase_seed(params, phase))
     return model
-
-
-def batch_inputs(batch: Batch, augment: Augment, compute: Compute, train: bool) -> Batch:
-    """Loader batch (uint8 [B,3,item,item], int64 [B]) -> (float32 normalised [B,3,size,size], int64 [B]) on device."""
-    x, y = to_device(batch, compute.device)
-    x = augment(x, train=train)
-    if compute.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y
 
 
 def train_step(
@@ -186,39 +174,12 @@ def train_step(
     return loss.detach()
 
 
-@torch.no_grad()
-def get_preds(
-    model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits float32 [N, C] and targets int64 [N], on the CPU, in loader order; leaves ``model`` in eval mode."""
-    logits, targets = _predict(model, ahead_to_device(batches, compute.device), augment, compute)
-    return logits.cpu(), targets.cpu()
-
-
-@torch.no_grad()
-def _predict(
-    model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`get_preds`'s logits and targets over ``batches`` fed to the device (``ahead_to_device``,
-    ``KeptBatches``), left there: no batch waits for the one before."""
-    compute.place(model)
-    model.eval()
-    logits, targets = [], []
-    for batch in batches:
-        x, y = batch_inputs(batch, augment, compute, train=False)
-        with compute.autocast():
-            out = model(x)
-        logits.append(out.float())
-        targets.append(y)
-    return torch.cat(logits), torch.cat(targets)
-
-
 def validate(model: nn.Module, data: TrainingData) -> tuple[float, float]:
     """(mean cross-entropy, error rate) over every validation item of every rank (fastai's valid_loss and
     error_rate): each rank predicts its share with rank 0's BatchNorm statistics, the shares are gathered.
     Both numbers reach the host in one read, after the last batch."""
     sync_buffers(data.world, model)
-    logits, targets = _predict(model, data.valid_batches, data.augment, data.compute)
+    logits, targets = predict_on_device(model, data.valid_batches, data.augment, data.compute)
     logits, targets = gather(data.world, logits), gather(data.world, targets)
     loss = F.cross_entropy(logits, targets)
     error_rate = (logits.argmax(dim=1) != targets).float().mean()
@@ -226,175 +187,69 @@ def validate(model: nn.Module, data: TrainingData) -> tuple[float, float]:
     return valid_loss, error
 
 
-def _format_row(values: Sequence[Any]) -> str:
-    return "".join(f"{v:<12.6f}" if isinstance(v, float) else f"{v!s:<12}" for v in values).rstrip()
-
-
 def fit_one_cycle(
-    model: PetModel,
-    data: TrainingData,
-    phase: OneCycleParams,
-    lrs: Sequence[float],
-    *,
-    stage: str,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    on_batch: Callable[[dict[str, float]], None] | None = None,
-    resume: Resume | None = None,
-) -> list[dict[str, float]]:
+    model: PetModel, data: TrainingData, phase: OneCycleParams, lrs: Sequence[float], callbacks: Sequence[Callback] = ()
+) -> list[Row]:
     """Train ``model`` (its current freeze state) for ``phase.epochs`` of one cycle; a history row per epoch.
 
     ``lrs``: the max lr of each of the model's parameter groups. A row holds the book's columns (train_loss =
     the smoothed loss at the epoch's end, reset per fit; valid_loss; error_rate), ``lr`` (the last group's, last
     batch), ``seconds`` (training + validation), ``images_per_s`` (training, all ranks) and ``iteration`` (the
-    batches trained so far in the fit). Rank 0 prints the book's table and calls ``on_epoch``, and ``on_batch``
-    after every training batch with fastai's Recorder record: ``iteration`` (1..n), the smoothed ``train_loss``,
-    the batch's ``lr`` (the last group's). A non-finite loss stops every rank with a :class:`PetbreedsError`
-    naming ``stage``, the epoch, the batch and the lr.
-
-    ``resume``: after every ``resume.every_epochs`` epochs (not the last) the loop's whole state is saved; a fit that
-    finds one continues after its epoch, its history and batch records first replayed through the table and the
-    callbacks, and trains on to the end exactly as the fit that saved it would have.
+    batches trained so far in the fit). ``callbacks`` (``petbreeds.learn.callbacks``) see the fit at each event.
     """
     if phase.epochs == 0:
         return []
     world, compute = data.world, data.compute
-    show = world.is_main
-    no_bar = None if show else True  # a bar on rank 0, only on a terminal (None): queue logs get the table alone
     compute.place(model)
     net = compute.for_training(wrap(world, model, compute.device))
     opt = make_optimizer(param_groups(model), lrs, phase.wd)
-    sched = make_one_cycle(opt, phase.epochs * len(data.train_loader), phase.pct_start, phase.div, phase.div_final)
-    scaler = compute.grad_scaler()
-    smooth = SmoothLoss()
-    history: list[dict[str, float]] = []
-    records: list[dict[str, float]] = []  # on_batch's, kept for the resume state
-    iteration = start = 0
-    generators = {"augment": data.augment.generator}  # the data's own RNG; the shuffle follows from seed, epoch
-    loop = _Loop(model, opt, sched, scaler, smooth, data.train_loader.sampler)
-    state = resume.load(phase.epochs) if resume is not None else None
-    if resume is not None and state is not None:
-        start, iteration, history, records = state["epoch"], state["iteration"], state["history"], state["records"]
-        loop.restore(state, resume, generators)
-        if show:
-            print(f"{stage}: resuming at {resume.resumed_at} from {resume.path}", flush=True)
-    if show:
-        print(_format_row(("epoch", "train_loss", "valid_loss", "error_rate", "time")))
-        for row in history:
-            _print_row(row)
-            if on_epoch is not None:
-                on_epoch(row)
-        if on_batch is not None:
-            for saved in records:
-                on_batch(saved)
-
-    def record(epoch: int, i: int, lr: float, loss: HostCopy) -> float:
-        """Batch i's loss, read once the next batch is queued: checked, smoothed, recorded; the smoothed loss."""
-        nonlocal iteration
-        value = loss.value()
-        if not math.isfinite(value):
-            raise PetbreedsError(
-                f"{stage} diverged: the training loss is {value} at epoch {epoch}, batch {i} (lr {lr:.3g}); "
-                f"lower the learning rate under {stage} in params.yaml"
-            )
-        iteration += 1
-        records.append({"iteration": iteration, "train_loss": smooth.add(value), "lr": lr})
-        if show and on_batch is not None:
-            on_batch(records[-1])
-        return records[-1]["train_loss"]
-
-    # One iterator for the whole fit: the loader's workers go on preparing batches across epoch ends and validation.
-    stream = ahead_to_device(batch_stream(data.train_loader), compute.device)
     per_epoch = len(data.train_loader)
-    for epoch in range(start, phase.epochs):
+    sched = make_one_cycle(opt, phase.epochs * per_epoch, phase.pct_start, phase.div, phase.div_final)
+    generators = {"augment": data.augment.generator}  # the data's own RNG; the shuffle follows from seed, epoch
+    fit = Fit(model, opt, sched, compute.grad_scaler(), data.train_loader.sampler, generators, phase.epochs)
+    run(callbacks, "before_fit", fit)  # a resume state puts the fit where it stopped
+
+    def record(i: int, lr: float, loss: HostCopy) -> None:
+        """Batch i's loss, read once the next batch is queued (the host never waits for the device): smoothed,
+        recorded, handed to the callbacks."""
+        fit.batch, fit.iteration = i, fit.iteration + 1
+        fit.records.append({"iteration": fit.iteration, "train_loss": fit.smooth.add(loss.value()), "lr": lr})
+        run(callbacks, "after_batch", fit, fit.records[-1])
+
+    stream = train_batches(data.train_loader, compute.device)  # one iterator for the whole fit
+    for epoch in range(fit.epoch, phase.epochs):  # from 0, or where a resume state put the fit
+        fit.epoch = epoch
+        run(callbacks, "before_epoch", fit)
         started = time.perf_counter()
         net.train()
-        images = 0
-        batches = tqdm(
-            itertools.islice(stream, per_epoch),
-            total=per_epoch,
-            desc=f"{stage} epoch {epoch}",
-            leave=False,
-            unit="batch",
-            disable=no_bar,
-        )
-        queued: tuple[int, int, float, HostCopy] | None = None  # the batch before: read after this one's step
-        for i, batch in enumerate(batches):
+        queued: tuple[int, float, HostCopy] | None = None  # the batch before: recorded after this one's step
+        for i, batch in enumerate(itertools.islice(stream, per_epoch)):
             x, y = batch_inputs(batch, data.augment, compute, train=True)
             lr = opt.param_groups[-1]["lr"]
-            loss = HostCopy(mean(world, train_step(net, opt, scaler, x, y, compute)))
+            loss = HostCopy(mean(world, train_step(net, opt, fit.scaler, x, y, compute)))
             sched.step()
-            images += len(y) * world.world_size
             if queued is not None:
                 record(*queued)
-            queued = (epoch, i, lr, loss)
+            queued = (i, lr, loss)
         assert queued is not None  # the loader has at least one batch (make_loader checks)
-        train_loss = record(*queued)
-        mark_consumed(data.train_loader, per_epoch)  # where a later pass (another fit, a resumed one) goes on
+        record(*queued)
         train_seconds = time.perf_counter() - started
         valid_loss, error_rate = validate(model, data)
-        seconds = time.perf_counter() - started
+        last = fit.records[-1]
         row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
+            "epoch": fit.epoch,
+            "train_loss": last["train_loss"],
             "valid_loss": valid_loss,
             "error_rate": error_rate,
-            "lr": lr,
-            "seconds": seconds,
-            "images_per_s": images / train_seconds,
-            "iteration": iteration,
+            "lr": last["lr"],
+            "seconds": time.perf_counter() - started,
+            "images_per_s": per_epoch * data.train_loader.batch_size * world.world_size / train_seconds,
+            "iteration": fit.iteration,
         }
-        history.append(row)
-        if show:
-            _print_row(row)
-            if on_epoch is not None:
-                on_epoch(row)
-        if resume is not None and resume.due(epoch + 1, phase.epochs):
-            records_so_far = {"epoch": epoch + 1, "iteration": iteration, "history": history, "records": records}
-            resume.save({**records_so_far, **loop.state()}, generators)
-    return history
-
-
-def _print_row(row: dict[str, float]) -> None:
-    minutes, secs = divmod(round(row["seconds"]), 60)
-    values = (int(row["epoch"]), row["train_loss"], row["valid_loss"], row["error_rate"], f"{minutes:02d}:{secs:02d}")
-    print(_format_row(values), flush=True)
-
-
-@dataclass
-class _Loop:
-    """The objects a fit's resume state is taken from and put back into (``Resume.save``, ``Resume.load``)."""
-
-    model: nn.Module
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    smooth: SmoothLoss
-    sampler: object  # the train loader's; an EpochShuffle carries the epoch its next permutation is for
-
-    def state(self) -> dict[str, Any]:
-        """What the fit needs, besides its epoch, records and RNGs, to go on exactly where it is."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "schedule": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "smooth": [self.smooth.avg, self.smooth.count],
-            "shuffle_epoch": getattr(self.sampler, "epoch", 0),
-        }
-
-    def restore(self, state: dict[str, Any], resume: Resume, generators: dict[str, torch.Generator]) -> None:
-        """Put :meth:`state` and this rank's RNG states back (after DDP's wrap, which reseeds ranks > 0)."""
-        try:
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["schedule"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.smooth.avg, self.smooth.count = state["smooth"]
-            if isinstance(self.sampler, EpochShuffle):
-                self.sampler.epoch = state["shuffle_epoch"]
-            resume.restore_rng(state, generators)
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise resume.damaged(f"{type(e).__name__}: {e}") from None
+        fit.history.append(row)
+        run(callbacks, "after_epoch", fit, row)
+    run(callbacks, "after_fit", fit)
+    return fit.history
 
 
 def phase_metrics(history: list[dict[str, float]], model: nn.Module, data: TrainingData) -> dict[str, float]:
@@ -426,8 +281,8 @@ def write_history(path: Path, history: list[dict[str, float]], first_epoch: int 
 
 
 def write_batches(path: Path, batches: list[dict[str, float]], first_iteration: int = 0) -> None:
-    """The per-batch records of ``fit_one_cycle``'s ``on_batch`` as CSV (:data:`BATCH_CSV_COLUMNS`), for the
-    loss-per-batch plot (fastai's ``plot_loss``); ``first_iteration``: the batches the phases before trained."""
+    """The per-batch records of a fit (``petbreeds.learn.callbacks.Recorder``) as CSV (:data:`BATCH_CSV_COLUMNS`),
+    for the loss-per-batch plot (fastai's ``plot_loss``); ``first_iteration``: the batches the phases before trained."""
     with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=BATCH_CSV_COLUMNS)
         writer.writeheader()

@@ -1,7 +1,7 @@
 """Breeds for new images: fastai's ``learn.predict``, from Python and from the command line.
 
-    from petbreeds.serve.predict import predict
-    for p in predict(Path("my_pets"), top_k=3):
+    import petbreeds
+    for p in petbreeds.predict(Path("my_pets"), top_k=3):   # petbreeds.serve.predict.predict
         print(p.path, p.top_k)            # [("beagle", 0.93), ("basset_hound", 0.04), ("harrier", 0.01)]
 
     petbreeds predict photo.jpg                      # one image: the top-k breeds, one per line
@@ -24,7 +24,6 @@ import csv
 import io
 import logging
 import sys
-import types
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from petbreeds.data.presizing import ImageSource, PresizedImages
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import Compute, pick_device, resolve_precision
-from petbreeds.learn.training import get_preds
+from petbreeds.learn.inference import get_preds
 from petbreeds.runtime import project_root
 
 log = logging.getLogger(__name__)
@@ -219,13 +218,3 @@ def cli(argv: list[str]) -> int:
         for breed, prob in predictions[0].top_k:
             print(f"{breed} {prob:.3f}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``petbreeds.predict(...)`` call :func:`predict`: the module and its function share the name."""
-
-    def __call__(self, *args: object, **kwargs: object) -> list[Prediction]:
-        return predict(*args, **kwargs)  # type: ignore[arg-type]
-
-
-sys.modules[__name__].__class__ = _CallableModule

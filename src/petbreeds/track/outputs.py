@@ -21,9 +21,8 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
 from ruamel.yaml import YAML
 
-from petbreeds.config import flatten
+from petbreeds.config import NOT_RUN, flatten
 from petbreeds.errors import PetbreedsError
-from petbreeds.learn.lr_find import NOT_RUN
 from petbreeds.track.provenance import RUN_INFO_DIR
 
 # plots/<stage>.csv -> its columns renamed in the parent run. Each column becomes the step series ``<stage>/<column>``,
