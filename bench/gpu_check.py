@@ -156,8 +156,8 @@ FULL = Scale(
     lr_find_steps=100, bytes_workers=4, model_batches=8, model_warmup=5, model_steps=40,
 )  # fmt: skip
 TINY = Scale(
-    per_breed=4, min_side=64, max_side=120, noise=18.0, item_size=64, size=48, batch_size=16,
-    lr_find_steps=12, bytes_workers=1, model_batches=2, model_warmup=1, model_steps=4,
+    per_breed=3, min_side=48, max_side=96, noise=18.0, item_size=48, size=32, batch_size=16,
+    lr_find_steps=8, bytes_workers=1, model_batches=2, model_warmup=1, model_steps=4,
 )  # fmt: skip
 
 

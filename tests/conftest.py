@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SUBSET = ROOT.parent / "shared" / "data" / "oxford-iiit-pet-subset"
 
-# Keep the 2-core machines responsive when several test processes train at once.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One torch thread per test process, as in the pipelines the tests start (tests/dvc_project.py): two pytest-xdist
+# workers already use both cores of a 2-core machine, and OpenMP threads competing for a busy core wait on each
+# other (a training step of the tiny resnet took 3x as long with 2 threads as with 1 while another process ran).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 

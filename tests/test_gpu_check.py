@@ -36,7 +36,7 @@ sys.meta_path.insert(0, _NotOnTheGpuMachine())
 WRAPPER = (
     BLOCK
     + "import runpy\n"
-    + "sys.argv = [sys.argv[1], '--device', 'cpu', '--tiny', '--budget-s', '240', '--grace-s', '40', '--out', "
+    + "sys.argv = [sys.argv[1], '--device', 'cpu', '--tiny', '--budget-s', '480', '--grace-s', '60', '--out', "
     + "sys.argv[2]]\n"
     + "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
     + "finally:\n    assert not [m for m in sys.modules if m.startswith(('mlflow', 'dvc'))]\n"
@@ -67,7 +67,7 @@ def test_dry_run_on_cpu_without_mlflow_and_dvc(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # the budget (55 s on an idle 2-core AMD EPYC) with room for a loaded machine
     )
     seconds = time.monotonic() - started
     output = f"{run.stdout[-6000:]}\n{run.stderr[-6000:]}"
@@ -85,7 +85,7 @@ def test_dry_run_on_cpu_without_mlflow_and_dvc(tmp_path: Path) -> None:
         assert not rows[name]["result"].startswith("skipped"), f"{name}: {rows[name]['result']}"
     assert "FAILED" not in table
     assert rows["1 tests (pytest)"]["pytest"].get("passed", 0) > 0
-    assert rows["2 sample (generate, index, split)"]["images"] == 37 * 4
+    assert rows["2 sample (generate, index, split)"]["images"] == 37 * 3
     for name in sections[2:-1]:  # every measuring section
         assert rows[name]["images_per_s"] > 0, name
     for name in [n for n in sections if n.startswith(("3 ", "5 "))]:  # the library's calls, profiled

@@ -110,7 +110,7 @@ def test_get_preds_in_loader_order(pets) -> None:
 
 
 def _run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PETBREEDS_MLFLOW_LIVE": "0", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PETBREEDS_MLFLOW_LIVE": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run(stage_argv(name), cwd=cwd, env=env, capture_output=True, text=True)
 
 
