@@ -37,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # docs/img name -> what the picture shows (its caption's first words); the pipeline draws them under reports/
 PIPELINE_PNGS = {
     "lr_find.png": "The frozen model's lr_find sweep: smoothed training loss against learning rate, with the "
-    "suggestions",
+    "suggestions. `slide` sits far left, on the flat start, because that is what fastai's `slide` rule gives on such a "
+    "curve: it moves a 15-point window leftwards from the end while the loss's slopes at the window's two ends differ "
+    "by more than 0.005, and on this curve they do almost down to the start (`tests/test_vs_fastai.py` checks our "
+    "suggestions against fastai's own); the pipeline trains at `valley` (`lr_find.suggestion`)",
     "show_batch_train.png": "A training batch as the model sees it (presized, then augmented)",
     "show_batch_valid.png": "A validation batch as the model sees it (presized, centre crop)",
     "confusion_matrix.png": "The validation set's confusion matrix",
