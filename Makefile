@@ -78,8 +78,9 @@ bench-cpu: $(STAMP)
 bench-summary: $(STAMP)
 	$(BIN)/python bench/summary.py --write docs/performance.md
 
-# docs/img/*.png from a default run (`make repro`, about 5 min on 2 idle cores), then the pipeline's PNGs, the sample
-# grid and the MLflow run page (headless Chromium: apt-get install chromium) copied or drawn by scripts/pictures.py,
+# docs/img/*.png from a default run (`make repro`: 2 min 40 s on 2 cores of an AMD EPYC,
+# bench/results/2026-12-06-repro-amd-epyc.json), then the pipeline's PNGs, the sample grid and the run's curves in
+# MLflow (headless Chromium: apt-get install chromium) copied or drawn by scripts/pictures.py,
 # which also writes docs/img/PICTURES.md: each picture's caption names the commit, model md5 and metrics it shows.
 pictures: repro
 	$(BIN)/python scripts/pictures.py

@@ -123,7 +123,8 @@ TABLES: dict[str, tuple[str, Cells, Callable[[Record], list[Cells]]]] = {
         repro_rows,
     ),
     "vs_fastai": (
-        "The book's recipe with fastai 2.8.12 and with petbreeds, medians per side; ratios > 1: petbreeds better",
+        "The book's `fine_tune(2)` recipe at batch 32, on the row's network and data, with fastai 2.8.12 and with "
+        "petbreeds, medians per side; ratios > 1: petbreeds better",
         [
             "ours in",
             "train images/s fastai / ours",
@@ -217,7 +218,7 @@ def render(results: list[tuple[str, Record]]) -> str:
         if mine:
             sections.append(table(script, mine))
     if any(not record["source"].startswith("written by") for _, record in chosen):
-        sections.append("† Transcribed by hand from a report of the command, not written by it (the file says whose).")
+        sections.append("† Transcribed from a report of the command run on that machine, not written by the command.")
     return "\n\n".join(sections)
 
 

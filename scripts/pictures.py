@@ -37,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # docs/img name -> what the picture shows (its caption's first words); the pipeline draws them under reports/
 PIPELINE_PNGS = {
     "lr_find.png": "The frozen model's lr_find sweep: smoothed training loss against learning rate, with the "
-    "suggestions",
+    "suggestions. `slide` sits far left, on the flat start, because that is what fastai's `slide` rule gives on such a "
+    "curve: it moves a 15-point window leftwards from the end while the loss's slopes at the window's two ends differ "
+    "by more than 0.005, and on this curve they do almost down to the start (`tests/test_vs_fastai.py` checks our "
+    "suggestions against fastai's own); the pipeline trains at `valley` (`lr_find.suggestion`)",
     "show_batch_train.png": "A training batch as the model sees it (presized, then augmented)",
     "show_batch_valid.png": "A validation batch as the model sees it (presized, centre crop)",
     "confusion_matrix.png": "The validation set's confusion matrix",
@@ -67,7 +70,8 @@ UI_HOST = "127.0.0.2"
 class Run:
     """The run a picture comes from: what a reader needs to find or redo it."""
 
-    commit: str
+    commit: str  # the code's: the last commit that changed more than the results (see code_commit)
+    results_committed: bool  # HEAD is a commit of the results on top of it, as the README's "Baseline results"
     params_changed: bool  # params.yaml differs from the commit's: the commit alone does not say what ran
     model_md5: str
     error_rate: float
@@ -78,15 +82,28 @@ class Run:
     def caption(self) -> str:
         """The words every caption ends with."""
         changed = " with params.yaml changed" if self.params_changed else ""
+        committed = " with its results committed" if self.results_committed else ""
         return (
-            f"git commit `{self.commit[:7]}`{changed}, models/model.pt md5 `{self.model_md5}` (dvc.lock), validation "
-            f"error_rate {self.error_rate:.4f}, valid_loss {self.valid_loss:.4f}; {self.cpu}, {self.date}"
+            f"git commit `{self.commit[:7]}`{committed}{changed}, models/model.pt md5 `{self.model_md5}` (dvc.lock), "
+            f"validation error_rate {self.error_rate:.4f}, valid_loss {self.valid_loss:.4f}; {self.cpu}, {self.date}"
         )
 
 
 def fail(message: str) -> SystemExit:
     """The exit for a missing input: ``error:`` and what to do, no traceback."""
     return SystemExit(f"error: {message}")
+
+
+# What the README's quick start commits after `make repro` ("Baseline results"): the run's results, not its code
+RESULTS = ("dvc.lock", "metrics", "plots", "reports")
+
+
+def code_commit(project: Path) -> str | None:
+    """The last commit that changed more than :data:`RESULTS`: a commit of the results alone is the project's own, not
+    one a reader can find, so the captions name the code it ran."""
+    excluded = [f":(exclude){path}" for path in RESULTS]
+    log = ["git", "log", "-1", "--format=%H", "--", ".", *excluded]
+    return subprocess.run(log, cwd=project, capture_output=True, text=True, check=False).stdout.strip() or None
 
 
 def read_run(project: Path) -> Run:
@@ -105,8 +122,10 @@ def read_run(project: Path) -> Run:
     status = ["git", "status", "--porcelain", "--", "params.yaml"]  # modified, or not committed at all
     changed = subprocess.run(status, cwd=project, capture_output=True, text=True, check=False).stdout.strip()
     numbers = json.loads(metrics.read_text(encoding="utf-8"))
+    head, code = git_commit(project), code_commit(project)
     return Run(
-        commit=git_commit(project) or "no-git",
+        commit=code or head or "no-git",
+        results_committed=code is not None and code != head,
         params_changed=bool(changed),
         model_md5=md5,
         error_rate=numbers["error_rate"],
@@ -176,8 +195,8 @@ def wait_healthy(url: str, server: subprocess.Popen[bytes], timeout_s: float = 1
 
 def run_page(project: Path, base: str) -> tuple[str, str]:
     """The MLflow run of the project's outputs (the name mlflow_log gave it: ``repro@<commit>[+dirty-<hash>]``), not
-    merely the newest run of the store: its UI page (in the training view, see petbreeds.track.store.ui_url) and
-    its name."""
+    merely the newest run of the store: its "Model metrics" tab (in the training view, see
+    petbreeds.track.store.ui_url) and its name."""
     from mlflow import MlflowClient  # here, not at the top: importing mlflow takes seconds the captions do not need
 
     from petbreeds.track.identity import current_identity
@@ -190,12 +209,13 @@ def run_page(project: Path, base: str) -> tuple[str, str]:
     runs = [] if experiment is None else client.search_runs([experiment.experiment_id], where, max_results=1)
     if not runs:
         raise fail(f"{project / 'mlflow.db'}: no finished run {name}; run `dvc repro` (its mlflow_log stage) first")
-    page = f"{base}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}?workflowType=machine_learning"
+    run = f"{base}/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}"
+    page = f"{run}/model-metrics?workflowType=machine_learning"  # the run's curves
     return page, name
 
 
 def screenshot_mlflow_run(project: Path, path: Path) -> str:
-    """The newest run's MLflow page, served by a local ``mlflow ui`` on the project's store, as Chromium draws it
+    """The run's MLflow page of curves, served by a local ``mlflow ui`` on the project's store, as Chromium draws it
     with a fresh profile; returns the run's name."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -239,8 +259,8 @@ def pictures_md(run: Run, breeds: list[str], mlflow_run: str) -> str:
         f"before presizing; rows: {', '.join(breeds)}"
     )
     captions["mlflow_run.png"] = (
-        f"The run's MLflow page (`{mlflow_run}`), served by `mlflow ui` on the project's store, drawn by headless "
-        "Chromium"
+        f'The run\'s curves in MLflow, its "Model metrics" tab (`{mlflow_run}`), served by `mlflow ui` on the '
+        "project's store, drawn by headless Chromium"
     )
     for name, what in captions.items():
         lines += [f"## {name}", "", f"![{name}]({name})", "", f"{what}. Run: {run.caption()}.", ""]

@@ -32,6 +32,7 @@ from petbreeds.learn.interpret import (
     write_confusion_json,
     write_csv,
 )
+from petbreeds.progress import progress
 from petbreeds.stage import StageContext, run_stage
 
 RAW = Path("data/raw")
@@ -80,7 +81,8 @@ def main(params: Params, ctx: StageContext) -> None:
     for split in dict.fromkeys(["valid", *params.evaluate.splits]):
         rows = split_rows(table, split)
         loader = make_loader(rows, RAW, ckpt.vocab, data, train=False, seed=0)  # valid order = table order
-        logits, targets = get_preds(model, loader, ckpt.valid_augment(device), compute)
+        batches = progress(loader, f"evaluate {split}")
+        logits, targets = get_preds(model, batches, ckpt.valid_augment(device), compute)
         per_split[split] = classification_metrics(logits, targets)
         print(f"evaluate {split}: " + ", ".join(f"{k} {v:.4g}" for k, v in per_split[split].items()))
         if split != "valid":

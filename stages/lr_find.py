@@ -19,7 +19,7 @@ from pathlib import Path
 from petbreeds.config import Params
 from petbreeds.data.show import save_show_batch
 from petbreeds.data.splitting import read_split_table, read_vocab
-from petbreeds.learn.callbacks import LiveSweep
+from petbreeds.learn.callbacks import LiveSweep, SweepProgress
 from petbreeds.learn.lr_find import LR_FIND_BETA1, lr_find, plan_sweep, write_lr_find
 from petbreeds.learn.schedule import last_beta1
 from petbreeds.learn.training import phase_model, phase_seed, training_data
@@ -45,7 +45,8 @@ def main(params: Params, ctx: StageContext, phase: str) -> None:
             else LR_FIND_BETA1
         )
         started = time.perf_counter()
-        callbacks = [LiveSweep(ctx.log_metrics)] if ctx.world.is_main else []
+        shown = [LiveSweep(ctx.log_metrics), SweepProgress(stage, params.lr_find.num_it)]
+        callbacks = shown if ctx.world.is_main else []
         result = lr_find(model, data, params.lr_find, wd, callbacks, beta1=beta1)
         ctx.record(sweep_seconds=f"{time.perf_counter() - started:.1f}")
     if not ctx.world.is_main:

@@ -18,11 +18,16 @@
     ``index.labels_csv.path``; a list is a leaf), is documented: it appears in backticks, `` `train.channels_last` ``,
     in a table row (a line starting with ``|``) of README.md or a docs/*.md page. The convention: each page of the
     guide ends its topic with a table of the parameters it covers, one row per key.
+(d) The README's figures. The quick start's numbers and times (the default run's metrics and time, the shared
+    subset's error and time per epoch, the full dataset's time derived from the subset's rate) and the speed ratio
+    under "Development" are those of the results files each line names, read here; params.yaml and the Makefile
+    give the default run's time as the README does.
 Each rule's checker is tested on small broken inputs too, so that a checker that finds nothing fails.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import unicodedata
@@ -386,3 +391,64 @@ def test_an_undocumented_params_key_is_found() -> None:
     )
     assert undocumented_keys(keys, [page]) == ["train.lr"]
     assert undocumented_keys(["train.channels"], [page]) == ["train.channels"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# (d) The README's figures come from the results files it names
+
+RESULT_FILE = re.compile(r"bench/results/[\w.-]+\.json")
+# The full dataset's training split (fastai's RandomSplitter(0.2) of 7,390 images: docs/fastai.md §1.4)
+FULL_TRAIN_IMAGES = 5912
+
+
+def minutes_seconds(seconds: float) -> str:
+    """A time as the README writes it: to the nearest 10 s, ``2 min 40 s`` (``about`` for a derived one is prose)."""
+    minutes, secs = divmod(round(seconds / 10) * 10, 60)
+    return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+
+
+def readme_line(readme: str, *markers: str) -> tuple[str, dict]:
+    """The one README line holding every marker, and the results file it names, parsed."""
+    (line,) = [line for line in readme.splitlines() if all(m in line for m in markers)]
+    (name,) = set(RESULT_FILE.findall(line))
+    return line, json.loads((ROOT / name).read_text(encoding="utf-8"))
+
+
+def figures(line: str) -> list[str]:
+    """The decimal numbers of a line (``0.2458``, ``28.5``, ``2.70``), as written."""
+    return re.findall(r"(?<![\w.-])\d+\.\d+(?![\w.])", line)
+
+
+def test_the_readme_quick_start_figures_come_from_the_results_files_it_names() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    # the default run: metrics, chance (1/37, not from a file), time, machine and date
+    line, repro = readme_line(readme, "| `make repro` |")
+    (repro_file,) = set(RESULT_FILE.findall(line))
+    machine = repro["machine"]
+    assert figures(line) == [f"{repro['error_rate']:.4f}", f"{1 - 1 / 37:.3f}", f"{repro['valid_loss']:.4f}"]
+    assert f"{minutes_seconds(repro['total_s'])} once installed" in line
+    assert f"on {machine['cores']} cores of an {machine['cpu_model']}, {machine['date'][:10]}" in line
+    # the shared subset: error and time per training epoch, petbreeds' medians, with what ran
+    line, vs = readme_line(readme, "| 1,029 photos")
+    ours, recipe = vs["medians"]["petbreeds"], vs["recipe"]
+    assert figures(line) == [f"{ours['error_rate']:.4f}", f"{ours['s_per_epoch']:.1f}"]
+    assert f"{vs['data']['images']:,} photos" in line and f"batch {recipe['batch_size']}" in line
+    assert f"on {vs['machine']['cores']} cores of an {vs['machine']['cpu_model']}, {vs['machine']['date'][:10]}" in line
+    assert recipe["arch"] in readme.split("| data | error_rate")[0].splitlines()[-2]  # the sentence above the table
+    # the full dataset: the subset's measured rate, applied to its training images
+    line, same = readme_line(readme, "| the full dataset")
+    assert same == vs
+    rate = ours["images_per_s"]
+    assert figures(line) == [f"{rate:.1f}"]
+    assert f"about {minutes_seconds(FULL_TRAIN_IMAGES / rate)} on the same 2 cores" in line
+    assert f"{FULL_TRAIN_IMAGES:,} training photos" in line
+    # the speed ratio, with what ran
+    paragraph = " ".join(readme.split("## Development")[1].split("\n\n")[2].split())  # the one after the commands
+    line, named = readme_line(paragraph, "× as many images per second")
+    assert named == vs and f"{vs['ratios']['images_per_s']:.2f}×" in line
+    assert f"{recipe['arch']} in place of resnet34, at batch {recipe['batch_size']}" in line
+    assert f"on the {vs['data']['images']:,} photos" in line
+    # one figure for the default run's time everywhere it is given
+    for name in ("params.yaml", "Makefile"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert minutes_seconds(repro["total_s"]) in text and RESULT_FILE.findall(text) == [repro_file], name

@@ -217,6 +217,9 @@ def test_index_stage_writes_every_output(raw: Path, tmp_path: Path) -> None:
     done = run_index_stage(raw, workdir)
     assert done.returncode == 0, done.stderr
     assert "index: 6 images, 4 classes, 3 excluded" in done.stdout
+    # the decode check's progress, not a terminal: its bar's text as a line per ~10 %, at most one per image here
+    decoding = [line for line in done.stderr.splitlines() if line.startswith("index: decoding")]
+    assert decoding and len(decoding) <= 7 and decoding[-1].startswith("index: decoding: 100%|")
 
     index = pd.read_csv(workdir / "data" / "index.csv")
     assert index.columns.tolist() == ["path", "label", "width", "height", "format", "bytes"]
@@ -238,7 +241,7 @@ def test_index_stage_reports_stray_files(stray_raw: Path, tmp_path: Path) -> Non
     (tmp_path / "warned").mkdir()
     done = run_index_stage(stray_raw, tmp_path / "warned")
     assert done.returncode == 0, done.stderr
-    assert done.stderr.startswith("warning: index: class(es) IMG (1 image) have fewer than index.min_class_images=2")
+    assert "\nwarning: index: class(es) IMG (1 image) have fewer than index.min_class_images=2" in "\n" + done.stderr
     metrics = json.loads((tmp_path / "warned" / "reports" / "index.json").read_text())
     assert metrics["small_classes"] == 1 and metrics["per_class"]["IMG"] == 1 and metrics["excluded_total"] == 0
     assert all(isinstance(v, int) for v in metrics["excluded"].values())  # numbers only: MLflow logs them as metrics

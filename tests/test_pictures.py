@@ -77,6 +77,13 @@ def test_captions_name_the_run_each_picture_came_from(pictures: ModuleType, tmp_
         assert "error_rate 0.2542, valid_loss 0.8123" in caption
     assert "rows: Abyssinian, Bengal" in text and "`repro@abc1234+dirty-12345678`" in text
 
+    # the results committed on top (the README's "Baseline results"): the captions name the code's commit
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-C", str(tmp_path / "project")]
+    subprocess.run([*git, "add", "dvc.lock", "metrics", "reports"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "Baseline results"], check=True)
+    caption = pictures.read_run(tmp_path / "project").caption()
+    assert caption.startswith(f"git commit `{commit[:7]}` with its results committed, models/model.pt md5")
+
     (tmp_path / "project" / "params.yaml").write_text("seed: 1\n")  # not the commit's: the captions say so
     assert "with params.yaml changed, models/model.pt" in pictures.read_run(tmp_path / "project").caption()
 

@@ -100,6 +100,9 @@ def test_cli_folder_writes_csv_and_lists_skipped_files(tiny_model, new_images, t
     assert len(skipped) == 2
     assert any("broken.jpg" in m and "not an image" in m for m in skipped)
     assert any("notes.txt" in m for m in skipped)
+    # the folder's progress on stderr, not a terminal here: a line per ~10 % of its 8 files, at most one per file
+    bars = [line for line in capsys.readouterr().err.splitlines() if line.startswith("predict: ")]
+    assert 1 <= len(bars) <= 8 and bars[-1].startswith("predict: 100%|") and "8/8" in bars[-1]
 
     assert cli.main(["predict", str(new_images), "--model", str(tiny_model)]) == 0  # CSV on stdout
     assert capsys.readouterr().out.splitlines()[0].startswith("path,pred_1,prob_1")

@@ -150,6 +150,15 @@ def test_stages_lr_find_train_frozen_train_unfrozen(tmp_path: Path) -> None:
         if facts["precision_choice"].startswith("calibrated"):
             assert facts["precision_choice"].endswith("(cached)") == (stage != "lr_find")
         became.add(facts["precision"])
+        # progress without a terminal (as in `dvc queue logs`): the sweep's bar a line per ~10 % of its 20 batches,
+        # a training bar a line per epoch (of 3 batches); the validation bar is the terminal's alone
+        bars = [line for line in done.stderr.splitlines() if line.startswith(stage)]
+        epochs = {"lr_find": 0, "train_frozen": 2, "lr_find_unfrozen": 0, "train_unfrozen": 3}[stage]
+        if epochs:
+            assert [line.split("|")[0] for line in bars] == [f"{stage} epoch {e}: 100%" for e in range(epochs)]
+        else:
+            assert 1 <= len(bars) <= 10 and all(line.startswith(f"{stage} sweep: ") for line in bars), bars
+        assert len(done.stderr.splitlines()) <= 12, done.stderr
     assert len(became) == 1  # one precision for the whole run
 
     lr_find = json.loads((tmp_path / "reports" / "lr_find.json").read_text())

@@ -22,6 +22,7 @@ from PIL import Image
 
 from petbreeds.config import IndexParams, LabelsCsvParams
 from petbreeds.errors import PetbreedsError
+from petbreeds.progress import progress
 
 # fastai's image_extensions: every suffix whose MIME type is image/*. Python's built-in table, not the OS's
 # /etc/mime.types (which fastai may pick up), so the same files are found on every machine.
@@ -136,10 +137,11 @@ def inspect_image(path: Path) -> tuple[int, int, str] | str:
 def _inspect_all(paths: list[Path], workers: int) -> list[tuple[int, int, str] | str]:
     workers = min(workers or os.cpu_count() or 1, max(len(paths), 1))
     if workers == 1:
-        return [inspect_image(p) for p in paths]
+        return list(progress(map(inspect_image, paths), "index: decoding", "image", total=len(paths)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         # map keeps the input order, so the result does not depend on which worker finished first.
-        return list(pool.map(inspect_image, paths, chunksize=max(1, len(paths) // (8 * workers))))
+        decoded = pool.map(inspect_image, paths, chunksize=max(1, len(paths) // (8 * workers)))
+        return list(progress(decoded, "index: decoding", "image", total=len(paths)))
 
 
 def index_images(root: Path, params: IndexParams) -> IndexResult:

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from petbreeds.data.dataloaders import EpochShuffle
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.resume import Resume
+from petbreeds.progress import Bar
 
 Row = dict[str, float]
 
@@ -149,21 +149,40 @@ class Table(Callback):
 
 
 class Progress(Callback):
-    """A progress bar per epoch, only on a terminal (queue logs get the table alone)."""
+    """fastai's ProgressCallback: a bar over each epoch's training batches; in a log, a line per epoch
+    (``petbreeds.progress``)."""
 
     def __init__(self, stage: str, batches: int) -> None:
         self.stage, self.batches = stage, batches
-        self.bar: tqdm | None = None
+        self.bar: Bar | None = None
 
     def before_epoch(self, fit: Fit) -> None:
-        desc = f"{self.stage} epoch {fit.epoch}"
-        self.bar = tqdm(total=self.batches, desc=desc, leave=False, unit="batch", disable=None)
+        self.bar = Bar(self.batches, f"{self.stage} epoch {fit.epoch}", lines=1)
 
     def after_batch(self, fit: Fit, record: Row) -> None:
         if self.bar is not None:
             self.bar.update()
 
     def after_epoch(self, fit: Fit, row: Row) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class SweepProgress(Callback):
+    """lr_find's bar: over the sweep's ``num_it`` batches (it may stop early, diverging); in a log, a line per ~10 %."""
+
+    def __init__(self, stage: str, num_it: int) -> None:
+        self.stage, self.num_it = stage, num_it
+        self.bar: Bar | None = None
+
+    def before_fit(self, fit: Fit) -> None:
+        self.bar = Bar(self.num_it, f"{self.stage} sweep")
+
+    def after_batch(self, fit: Fit, record: Row) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def after_fit(self, fit: Fit) -> None:
         if self.bar is not None:
             self.bar.close()
 

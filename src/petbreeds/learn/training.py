@@ -40,6 +40,7 @@ from petbreeds.learn.feed import KeptBatches, train_batches
 from petbreeds.learn.inference import batch_inputs, predict_on_device
 from petbreeds.learn.model import PetModel, create_model, freeze, param_groups, unfreeze
 from petbreeds.learn.schedule import make_one_cycle, make_optimizer
+from petbreeds.progress import progress
 from petbreeds.runtime import cache_dir
 from petbreeds.world import World, world_size_of
 
@@ -179,7 +180,9 @@ def validate(model: nn.Module, data: TrainingData) -> tuple[float, float]:
     error_rate): each rank predicts its share with rank 0's BatchNorm statistics, the shares are gathered.
     Both numbers reach the host in one read, after the last batch."""
     sync_buffers(data.world, model)
-    logits, targets = predict_on_device(model, data.valid_batches, data.augment, data.compute)
+    # a bar on rank 0's terminal only: in a log, the epoch's table row follows at once
+    batches = progress(data.valid_batches, "validation", lines=0, enabled=data.world.is_main)
+    logits, targets = predict_on_device(model, batches, data.augment, data.compute)
     logits, targets = gather(data.world, logits), gather(data.world, targets)
     loss = F.cross_entropy(logits, targets)
     error_rate = (logits.argmax(dim=1) != targets).float().mean()

@@ -37,6 +37,7 @@ from petbreeds.errors import PetbreedsError
 from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import Compute, pick_device, resolve_precision
 from petbreeds.learn.inference import get_preds
+from petbreeds.progress import progress
 from petbreeds.runtime import project_root
 
 log = logging.getLogger(__name__)
@@ -102,11 +103,13 @@ class Predictor:
         top_k: int = 3,
         names: Sequence[str] | None = None,
         skippable: Collection[int] = (),
+        show_progress: bool = False,
     ) -> list[Prediction]:
         """The ``top_k`` breeds of each image (a file, or an image file's bytes), in input order.
 
         An image that does not decode is a :class:`PetbreedsError` naming it (``names[i]``; by default its path, or
-        ``image i``), unless its index is in ``skippable``: then it is skipped with a logged reason.
+        ``image i``), unless its index is in ``skippable``: then it is skipped with a logged reason. ``show_progress``:
+        a bar over the images on stderr (``petbreeds.progress``).
         """
         if top_k < 1:
             raise PetbreedsError(f"top_k must be >= 1, got {top_k}")
@@ -114,7 +117,7 @@ class Predictor:
         items = PresizedImages(images, [0] * len(images), self.checkpoint.data_params(BATCH_SIZE), train=False, seed=0)
         vocab = self.checkpoint.vocab
         predictions = []
-        for indices, x in _batches(items, names, skippable):
+        for indices, x in _batches(items, names, skippable, show_progress):
             # get_preds takes any iterable of (x, y) batches; the targets are placeholders for unlabelled images.
             batch = [(x, torch.zeros(len(x), dtype=torch.int64))]
             logits, _ = get_preds(self.model, batch, self._augment, self._compute)
@@ -126,12 +129,12 @@ class Predictor:
 
 
 def _batches(
-    items: PresizedImages, names: Sequence[str], skippable: Collection[int]
+    items: PresizedImages, names: Sequence[str], skippable: Collection[int], show_progress: bool
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(indices, uint8 [B, 3, item_size, item_size]) chunks of the decodable items (see :class:`Predictor`)."""
     indices: list[int] = []
     images: list[torch.Tensor] = []
-    for i in range(len(items)):
+    for i in progress(range(len(items)), "predict", "image", enabled=show_progress):
         try:
             images.append(items[i][0])
         except PetbreedsError as e:
@@ -157,13 +160,14 @@ def predict(
     model_path: Path | str | None = None,
     top_k: int = 3,
     device: torch.device | None = None,
+    show_progress: bool = False,
 ) -> list[Prediction]:
     """The ``top_k`` breeds of each image, in input order (a folder's files sorted); CUDA when present.
 
     ``paths``: image files and/or folders; ``model_path``: a checkpoint, by default :func:`default_model`. Files
     in a folder that are not images are skipped and logged (logger ``petbreeds.serve.predict``); an explicitly named
     file that is not an image is a :class:`PetbreedsError`, as are a missing model and one from another checkpoint
-    format.
+    format. ``show_progress``: a bar over the images on stderr (``petbreeds predict`` on a folder).
     """
     files: list[Path] = []
     skippable: set[int] = set()
@@ -179,7 +183,7 @@ def predict(
         else:
             raise PetbreedsError(f"{path}: no such file or folder; pass an image or a folder of images")
     predictor = Predictor(default_model() if model_path is None else Path(model_path), device)
-    return predictor(files, top_k, skippable=skippable)
+    return predictor(files, top_k, skippable=skippable, show_progress=show_progress)
 
 
 def predictions_csv(predictions: Sequence[Prediction], top_k: int) -> str:
@@ -206,8 +210,9 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="write the folder's CSV here instead of to stdout")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")  # the skipped files, on stderr
-    predictions = predict(args.image_or_folder, args.model, args.top_k)
-    if args.image_or_folder.is_dir():
+    folder = args.image_or_folder.is_dir()  # a folder's images may take a while: a bar on stderr, beside the CSV
+    predictions = predict(args.image_or_folder, args.model, args.top_k, show_progress=folder)
+    if folder:
         text = predictions_csv(predictions, min(args.top_k, len(predictions[0].top_k)) if predictions else args.top_k)
         if args.out is None:
             sys.stdout.write(text)
