@@ -150,6 +150,7 @@ NUMERIC_MODULES = frozenset(
         "test_pretrained.py",
         "test_schedule.py",
         "test_training.py",
+        "test_tta.py",
         "test_vs_fastai.py",
     }
 )

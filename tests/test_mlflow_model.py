@@ -388,3 +388,32 @@ def test_the_scoring_servers_environment_sets_the_limits(
         assert message.startswith("2 images in one request, more than max_images = 1"), message
         status, answer = invoke(base, [jpeg])
         assert status == 200 and answer["predictions"][0]["breed"] == "green_cat", answer
+
+
+def test_the_pyfunc_predicts_with_tta_when_asked_and_bounds_it(tiny_model: Path, write_breed_images, tmp_path) -> None:
+    """In process: the param ``tta`` is ``petbreeds predict --tta``'s; more passes than ``max_tta`` are refused."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from petbreeds.serve.mlflow_model import CHECKPOINT, BreedClassifier
+
+    def loaded(config: dict[str, int] | None) -> BreedClassifier:
+        model = BreedClassifier()
+        model.load_context(PythonModelContext(artifacts={CHECKPOINT: str(tiny_model)}, model_config=config))
+        return model
+
+    write_breed_images(tmp_path / "new", 1, 700)
+    image = tmp_path / "new/red_dog_700.jpg"
+    frame = pd.DataFrame({"image": [base64.b64encode(image.read_bytes()).decode()]})
+    model = loaded(None)
+    (row,) = model.predict(None, frame, params={"tta": 4}).to_dict("records")
+    (expected,) = predict(image, tiny_model, top_k=3, device=torch.device("cpu"), tta=4)
+    assert [t["probability"] for t in row["top_k"]] == pytest.approx([p for _, p in expected.top_k], abs=1e-6)
+    (plain,) = model.predict(None, frame).to_dict("records")  # tta 0 unless asked
+    assert plain["probability"] != pytest.approx(row["probability"], abs=1e-4)
+    with pytest.raises(MlflowException, match=r"tta = 17: .* between 0 and max_tta = 16; ask for fewer") as e:
+        model.predict(None, frame, params={"tta": 17})
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match=r"max_tta = 1;"):
+        loaded({"max_tta": 1}).predict(None, frame, params={"tta": 2})
+    with pytest.raises(MlflowException, match=r"tta = -1: "):
+        model.predict(None, frame, params={"tta": -1})
