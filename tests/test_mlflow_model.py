@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 BASELINE = "ab" + "c" * 38
 DATA_MD5 = "0" * 32 + ".dir"
-METRICS = {"error_rate": 0.0, "valid_loss": 0.05}
+METRICS = {"error_rate": 0.0, "valid_loss": 0.05, "error_rate_tta": 0.0, "valid_loss_tta": 0.04}  # evaluate.json
 
 
 def identity(name: str, exp: bool = True) -> RunIdentity:
@@ -120,7 +120,7 @@ def test_the_run_logs_its_model_with_metrics_signature_and_input_example(
     assert model.source_run_id == run_id and model.experiment_id == store.get_run(run_id).info.experiment_id
     assert model.tags["dvc.exp_name"] == "exp-a" and model.tags["git.commit"] == BASELINE
     assert model.tags["data.md5"] == DATA_MD5 and model.params["model.arch"] == "efficientnet_lite0"
-    # the model's metrics: the evaluate stage's numbers, linked to it
+    # the model's metrics: the evaluate stage's numbers (the TTA ones too), linked to it
     assert {m.key: m.value for m in model.metrics} == {f"evaluate/{k}": v for k, v in METRICS.items()}
     assert store.get_run(run_id).data.metrics["evaluate/error_rate"] == 0.0
 
