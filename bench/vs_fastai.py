@@ -2,7 +2,8 @@
 
     make install                     # the dev extra holds fastai 2.8.12
     .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR] [--fastai-reuse-freed-memory]
-                                        [--arch resnet34] [--precision fp32] [--tta] [--out FILE.json]
+                                        [--arch resnet34] [--precision fp32] [--tta] [--no-lr-find]
+                                        [--out FILE.json]
 
 Recipe (docs/fastai.md §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32,
 efficientnet_lite0 with ImageNet weights (offline, converted by petbreeds.learn.pretrained, so both sides start from the
@@ -12,11 +13,13 @@ then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e
 from one seeded random body (the same tensors again): the steps cost what they cost with ImageNet weights, but the
 error rates say nothing about the book's.
 
-``--tta``: after training, each side also predicts the validation set with test-time augmentation, fastai's
-``learn.tta()`` (n=4, beta=0.25) against petbreeds' (petbreeds.learn.tta, as the evaluate stage runs it: the plain
-pass, then 4 passes through the training item crop and batch augmentation, seeded with the run's seed), both scored
-by the same ``error_rate`` and negative log-likelihood (petbreeds.learn.tta.nll); and the seconds TTA adds per
-validation image over the plain prediction (fastai: ``learn.tta()`` less ``learn.validate()``).
+``--no-lr-find``: both sides skip lr_find (its suggestion is not used: the recipe's lrs are fixed), for a run that
+measures errors, not lr_find's time. ``--tta``: after training, each side also predicts the validation set with
+test-time augmentation, fastai's ``learn.tta()`` (n=4, beta=0.25) against petbreeds' (petbreeds.learn.tta, as the
+evaluate stage runs it: the plain pass, then 4 passes through the training item crop and batch augmentation, seeded
+with the run's seed), both scored by the same ``error_rate`` and negative log-likelihood (petbreeds.learn.tta.nll);
+and the seconds TTA adds per validation image over the plain prediction (fastai: ``learn.tta()`` less
+``learn.validate()``).
 
 Both sides compute as their library does by default on a CPU: fastai in fp32 (its MixedPrecision callback autocasts
 on CUDA only), petbreeds with params.yaml's ``train.precision`` (``auto``: what a calibration measured faster on this
@@ -75,7 +78,7 @@ class Recipe:
     size: int
     min_scale: float
     batch_size: int
-    num_it: int
+    num_it: int  # lr_find's steps; 0: no lr_find (--no-lr-find)
     unfrozen_epochs: int
     workers: int | None  # DataLoader workers; None: each library's default
     arch: str
@@ -93,6 +96,8 @@ def make_recipe(args: argparse.Namespace) -> Recipe:
         else {"item_size": 460, "size": 224, "batch_size": 32, "num_it": 100, "unfrozen_epochs": 2}
     )
     tta = TTA_PASSES if args.tta else 0
+    if args.no_lr_find:
+        sizes["num_it"] = 0
     return Recipe(min_scale=0.75, workers=args.workers, arch=args.arch, precision=args.precision, tta=tta, **sizes)
 
 
@@ -180,10 +185,11 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
             self.epochs.append((time.perf_counter() - self.started, self.images))
 
     timer = TrainTimer()
-    started = time.perf_counter()
-    learn.lr_find(num_it=recipe.num_it, show_plot=False)
-    lr_find_s = time.perf_counter() - started
-    lr_find_steps = len(learn.recorder.lrs)  # stop_div may end it early
+    lr_find_s: tuple[float, int] | None = None
+    if recipe.num_it:
+        started = time.perf_counter()
+        learn.lr_find(num_it=recipe.num_it, show_plot=False)
+        lr_find_s = time.perf_counter() - started, len(learn.recorder.lrs)  # stop_div may end it early
     learn.fit_one_cycle(1, slice(BASE_LR), pct_start=FROZEN_PCT, wd=WD, cbs=timer)
     epochs = list(timer.epochs)
     learn.unfreeze()
@@ -192,7 +198,7 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
     epochs += timer.epochs
     started = time.perf_counter()
     valid_loss, err = learn.validate()
-    result = summary(lr_find_s, lr_find_steps, epochs, float(valid_loss), float(err))
+    result = summary(lr_find_s, epochs, float(valid_loss), float(err))
     if recipe.tta:
         plain_s, started = time.perf_counter() - started, time.perf_counter()
         probs, targets = learn.tta(n=recipe.tta, beta=TTA_BETA)
@@ -248,10 +254,12 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
     data = training_data(params, table, vocab, root, seed=train_seed, world=SINGLE_PROCESS)
     model = create_model(recipe.arch, len(vocab), work)
     freeze(model)
-    started = time.perf_counter()
-    sweep = LrFindParams(start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, suggestion="valley")
-    found = lr_find(model, data, sweep, WD)
-    lr_find_s = time.perf_counter() - started
+    lr_find_s: tuple[float, int] | None = None
+    if recipe.num_it:
+        started = time.perf_counter()
+        sweep = LrFindParams(start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, suggestion="valley")
+        found = lr_find(model, data, sweep, WD)
+        lr_find_s = time.perf_counter() - started, len(found.lrs)
     frozen = OneCycleParams(epochs=1, pct_start=FROZEN_PCT, div=DIV, div_final=DIV_FINAL, wd=WD)
     # fastai's slice(base_lr)
     history = fit_one_cycle(model, data, frozen, group_lrs([BASE_LR], 3), [DivergenceStop("frozen"), Table()])
@@ -264,7 +272,7 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
     train = data.train_loader
     images = len(train) * recipe.batch_size  # drop_last: every epoch trains on full batches only
     epochs = [(images / row["images_per_s"], images) for row in history]  # training time, validation excluded
-    result = summary(lr_find_s, len(found.lrs), epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
+    result = summary(lr_find_s, epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
     # the model alone at the same epoch mix (1 frozen, then unfrozen): what a perfect data pipeline would reach
     rates = model_only_images_per_s(model, data)
     seconds = sum(n / rates["frozen" if i == 0 else "unfrozen"] for i, (_, n) in enumerate(epochs))
@@ -326,14 +334,15 @@ def tta_summary(probs: torch.Tensor, targets: torch.Tensor, added_s: float, nll:
 
 
 def summary(
-    lr_find_s: float, lr_find_steps: int, epochs: list[tuple[float, int]], valid_loss: float, err: float
+    lr_find: tuple[float, int] | None, epochs: list[tuple[float, int]], valid_loss: float, err: float
 ) -> dict[str, float]:
+    """One side's numbers; ``lr_find``: its seconds and steps, None where it did not run (no lr_find columns)."""
     seconds = sum(s for s, _ in epochs)
+    timed = {} if lr_find is None else {"lr_find_s": lr_find[0], "lr_find_s_per_step": lr_find[0] / lr_find[1]}
     return {
         "images_per_s": sum(n for _, n in epochs) / seconds,
         "s_per_epoch": seconds / len(epochs),
-        "lr_find_s": lr_find_s,
-        "lr_find_s_per_step": lr_find_s / lr_find_steps,
+        **timed,
         "error_rate": err,
         "valid_loss": valid_loss,
     }
@@ -430,6 +439,7 @@ def config_name(args: argparse.Namespace) -> str:
         *(["fastai_reuse_freed_memory"] if args.fastai_reuse_freed_memory else []),
         *([f"workers_{args.workers}"] if args.workers is not None else []),
         *(["tta"] if args.tta else []),
+        *(["no_lr_find"] if args.no_lr_find else []),
         *(["quick"] if args.quick else []),
     ]
     return "-".join([args.arch, *options])
@@ -487,6 +497,12 @@ def main() -> None:
     parser.add_argument(
         "--tta", action="store_true", help="also test-time augmentation after training: fastai's learn.tta() and ours"
     )
+    parser.add_argument(
+        "--no-lr-find",
+        action="store_true",
+        help="skip lr_find on both sides: the recipe trains at fixed lrs, so only its timing is lost (and the random "
+        "stream it would draw from)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result here, not to bench/results/ (JSON)")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--train-seed", type=int, default=42, help=argparse.SUPPRESS)
@@ -515,8 +531,9 @@ def main() -> None:
     machine = machine_info()
     print(header_text(machine), flush=True)
     workers = args.workers
-    extra_args = [flag for flag, on in (("--quick", args.quick), ("--tta", args.tta),
-                  ("--fastai-reuse-freed-memory", args.fastai_reuse_freed_memory)) if on]  # fmt: skip
+    flags = (("--quick", args.quick), ("--tta", args.tta), ("--no-lr-find", args.no_lr_find),
+             ("--fastai-reuse-freed-memory", args.fastai_reuse_freed_memory))  # fmt: skip
+    extra_args = [flag for flag, on in flags if on]
     extra_args += ["--arch", args.arch, "--precision", args.precision]
     results: dict[str, list[dict[str, Any]]] = {"fastai": [], "petbreeds": []}
     with tempfile.TemporaryDirectory(prefix="vs_fastai.") as tmp:
