@@ -2,7 +2,8 @@
 
     make install                     # the dev extra holds fastai 2.8.12
     .venv/bin/python bench/vs_fastai.py [--repeats 2] [--quick] [--data DIR] [--fastai-reuse-freed-memory]
-                                        [--arch resnet34] [--precision fp32] [--out FILE.json]
+                                        [--arch resnet34] [--precision fp32] [--tta] [--no-lr-find]
+                                        [--out FILE.json]
 
 Recipe (docs/fastai.md §5, §6): Resize(item 460) → aug_transforms(size 224, min_scale 0.75), bs 32,
 efficientnet_lite0 with ImageNet weights (offline, converted by petbreeds.learn.pretrained, so both sides start from the
@@ -11,6 +12,14 @@ then fine_tune(2) = 1 frozen epoch at slice(2e-3) + 2 unfrozen at slice(1e-5, 1e
 ``--arch resnet34``: the book's network, for speed only. No resnet weights are reachable offline, so both sides start
 from one seeded random body (the same tensors again): the steps cost what they cost with ImageNet weights, but the
 error rates say nothing about the book's.
+
+``--no-lr-find``: both sides skip lr_find (its suggestion is not used: the recipe's lrs are fixed), for a run that
+measures errors, not lr_find's time. ``--tta``: after training, each side also predicts the validation set with
+test-time augmentation, fastai's ``learn.tta()`` (n=4, beta=0.25) against petbreeds' (petbreeds.learn.tta, as the
+evaluate stage runs it: the plain pass, then 4 passes through the training item crop and batch augmentation, seeded
+with the run's seed), both scored by the same ``error_rate`` and negative log-likelihood (petbreeds.learn.tta.nll);
+and the seconds TTA adds per validation image over the plain prediction (fastai: ``learn.tta()`` less
+``learn.validate()``).
 
 Both sides compute as their library does by default on a CPU: fastai in fp32 (its MixedPrecision callback autocasts
 on CUDA only), petbreeds with params.yaml's ``train.precision`` (``auto``: what a calibration measured faster on this
@@ -60,6 +69,7 @@ BASE_LR = 2e-3
 FROZEN_PCT = 0.99
 UNFROZEN_LR_SLICE = (BASE_LR / 2 / 100, BASE_LR / 2)
 UNFROZEN_PCT, UNFROZEN_DIV, DIV, DIV_FINAL, WD = 0.3, 5.0, 25.0, 1e5, 0.01
+TTA_PASSES, TTA_BETA = 4, 0.25  # learn.tta()'s defaults
 
 
 @dataclass(frozen=True)
@@ -68,11 +78,12 @@ class Recipe:
     size: int
     min_scale: float
     batch_size: int
-    num_it: int
+    num_it: int  # lr_find's steps; 0: no lr_find (--no-lr-find)
     unfrozen_epochs: int
     workers: int | None  # DataLoader workers; None: each library's default
     arch: str
     precision: str  # petbreeds' train.precision (fastai trains in fp32 on a CPU)
+    tta: int  # augmented passes of test-time augmentation after training; 0: none
     seed: int = 42  # the split's (both sides)
 
 
@@ -84,7 +95,10 @@ def make_recipe(args: argparse.Namespace) -> Recipe:
         if args.quick
         else {"item_size": 460, "size": 224, "batch_size": 32, "num_it": 100, "unfrozen_epochs": 2}
     )
-    return Recipe(min_scale=0.75, workers=args.workers, arch=args.arch, precision=args.precision, **sizes)
+    tta = TTA_PASSES if args.tta else 0
+    if args.no_lr_find:
+        sizes["num_it"] = 0
+    return Recipe(min_scale=0.75, workers=args.workers, arch=args.arch, precision=args.precision, tta=tta, **sizes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +128,7 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
 
     from petbreeds.learn.device import reuse_freed_cpu_memory
     from petbreeds.learn.model import BODY_CUT, body_of, create_imagenet_net
+    from petbreeds.learn.tta import nll
 
     if reuse_freed_memory:  # petbreeds' malloc setting, to see how much of the difference it is
         reuse_freed_cpu_memory()
@@ -170,18 +185,26 @@ def run_fastai(work: Path, recipe: Recipe, reuse_freed_memory: bool) -> dict[str
             self.epochs.append((time.perf_counter() - self.started, self.images))
 
     timer = TrainTimer()
-    started = time.perf_counter()
-    learn.lr_find(num_it=recipe.num_it, show_plot=False)
-    lr_find_s = time.perf_counter() - started
-    lr_find_steps = len(learn.recorder.lrs)  # stop_div may end it early
+    lr_find_s: tuple[float, int] | None = None
+    if recipe.num_it:
+        started = time.perf_counter()
+        learn.lr_find(num_it=recipe.num_it, show_plot=False)
+        lr_find_s = time.perf_counter() - started, len(learn.recorder.lrs)  # stop_div may end it early
     learn.fit_one_cycle(1, slice(BASE_LR), pct_start=FROZEN_PCT, wd=WD, cbs=timer)
     epochs = list(timer.epochs)
     learn.unfreeze()
     learn.fit_one_cycle(recipe.unfrozen_epochs, slice(*UNFROZEN_LR_SLICE), pct_start=UNFROZEN_PCT, div=UNFROZEN_DIV,
                         wd=WD, cbs=timer)  # fmt: skip
     epochs += timer.epochs
+    started = time.perf_counter()
     valid_loss, err = learn.validate()
-    return summary(lr_find_s, lr_find_steps, epochs, float(valid_loss), float(err))
+    result = summary(lr_find_s, epochs, float(valid_loss), float(err))
+    if recipe.tta:
+        plain_s, started = time.perf_counter() - started, time.perf_counter()
+        probs, targets = learn.tta(n=recipe.tta, beta=TTA_BETA)
+        tta_s = time.perf_counter() - started
+        result.update(tta_summary(probs, targets, tta_s - plain_s, nll))
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,12 +217,16 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
     import pandas as pd
     import torch
 
-    from petbreeds.config import LrFindParams, OneCycleParams, load_params
+    from petbreeds.config import LrFindParams, OneCycleParams, TTAParams, load_params
+    from petbreeds.data.augment import BatchAugment
+    from petbreeds.data.dataloaders import make_loader
     from petbreeds.learn.callbacks import DivergenceStop, Table
+    from petbreeds.learn.inference import get_preds
     from petbreeds.learn.lr_find import lr_find
     from petbreeds.learn.model import create_model, freeze, unfreeze
     from petbreeds.learn.schedule import group_lrs
     from petbreeds.learn.training import fit_one_cycle, training_data
+    from petbreeds.learn.tta import nll, tta_probs
     from petbreeds.world import SINGLE_PROCESS
 
     table = pd.read_csv(work / "split.csv", keep_default_na=False)
@@ -227,10 +254,12 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
     data = training_data(params, table, vocab, root, seed=train_seed, world=SINGLE_PROCESS)
     model = create_model(recipe.arch, len(vocab), work)
     freeze(model)
-    started = time.perf_counter()
-    sweep = LrFindParams(start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, suggestion="valley")
-    found = lr_find(model, data, sweep, WD)
-    lr_find_s = time.perf_counter() - started
+    lr_find_s: tuple[float, int] | None = None
+    if recipe.num_it:
+        started = time.perf_counter()
+        sweep = LrFindParams(start_lr=1e-7, end_lr=10.0, num_it=recipe.num_it, stop_div=True, suggestion="valley")
+        found = lr_find(model, data, sweep, WD)
+        lr_find_s = time.perf_counter() - started, len(found.lrs)
     frozen = OneCycleParams(epochs=1, pct_start=FROZEN_PCT, div=DIV, div_final=DIV_FINAL, wd=WD)
     # fastai's slice(base_lr)
     history = fit_one_cycle(model, data, frozen, group_lrs([BASE_LR], 3), [DivergenceStop("frozen"), Table()])
@@ -243,12 +272,24 @@ def run_petbreeds(work: Path, recipe: Recipe, train_seed: int) -> dict[str, Any]
     train = data.train_loader
     images = len(train) * recipe.batch_size  # drop_last: every epoch trains on full batches only
     epochs = [(images / row["images_per_s"], images) for row in history]  # training time, validation excluded
-    result = summary(lr_find_s, len(found.lrs), epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
+    result = summary(lr_find_s, epochs, history[-1]["valid_loss"], history[-1]["error_rate"])
     # the model alone at the same epoch mix (1 frozen, then unfrozen): what a perfect data pipeline would reach
     rates = model_only_images_per_s(model, data)
     seconds = sum(n / rates["frozen" if i == 0 else "unfrozen"] for i, (_, n) in enumerate(epochs))
     result["model_only_images_per_s"] = sum(n for _, n in epochs) / seconds
     result["pipeline_share"] = result["images_per_s"] / result["model_only_images_per_s"]
+    if recipe.tta:  # as the evaluate stage runs it: the plain pass, then the augmented ones, seeded
+        valid = table[table["split"] == "valid"].reset_index(drop=True)
+        compute, device = data.compute, data.compute.device
+        plain, targets = get_preds(
+            model, make_loader(valid, root, vocab, params.data, train=False, seed=0), data.augment, compute
+        )
+        started = time.perf_counter()
+        passes = make_loader(valid, root, vocab, params.data, train=False, seed=train_seed, passes=recipe.tta)
+        augment = BatchAugment(params.augment, recipe.size, train_seed, device)
+        tta = TTAParams(n=recipe.tta, beta=TTA_BETA, use_max=False)
+        probs = tta_probs(model, plain, passes, augment, compute, tta)
+        result.update(tta_summary(probs, targets, time.perf_counter() - started, nll))
     return {**result, "precision": data.compute.precision, "precision_choice": data.compute.precision_choice,
             "seed": train_seed}  # fmt: skip
 
@@ -283,15 +324,25 @@ def model_only_images_per_s(model: torch.nn.Module, data: TrainingData, steps: i
     return rates
 
 
+def tta_summary(probs: torch.Tensor, targets: torch.Tensor, added_s: float, nll: Any) -> dict[str, float]:
+    """One side's TTA numbers from its combined probabilities [N, C]; ``added_s``: the seconds over the plain pass."""
+    return {
+        "error_rate_tta": (probs.argmax(dim=1) != targets).double().mean().item(),
+        "valid_loss_tta": nll(probs, targets),
+        "tta_added_s_per_image": added_s / len(targets),
+    }
+
+
 def summary(
-    lr_find_s: float, lr_find_steps: int, epochs: list[tuple[float, int]], valid_loss: float, err: float
+    lr_find: tuple[float, int] | None, epochs: list[tuple[float, int]], valid_loss: float, err: float
 ) -> dict[str, float]:
+    """One side's numbers; ``lr_find``: its seconds and steps, None where it did not run (no lr_find columns)."""
     seconds = sum(s for s, _ in epochs)
+    timed = {} if lr_find is None else {"lr_find_s": lr_find[0], "lr_find_s_per_step": lr_find[0] / lr_find[1]}
     return {
         "images_per_s": sum(n for _, n in epochs) / seconds,
         "s_per_epoch": seconds / len(epochs),
-        "lr_find_s": lr_find_s,
-        "lr_find_s_per_step": lr_find_s / lr_find_steps,
+        **timed,
         "error_rate": err,
         "valid_loss": valid_loss,
     }
@@ -310,6 +361,9 @@ COLUMNS = (
     ("peak_rss_mb", "peak RSS MB", "{:.0f}", False),
     ("error_rate", "error_rate", "{:.4f}", None),
     ("valid_loss", "valid_loss", "{:.4f}", None),
+    ("error_rate_tta", "error_rate with TTA (n=4, beta=0.25)", "{:.4f}", None),
+    ("valid_loss_tta", "valid_loss with TTA (NLL)", "{:.4f}", None),
+    ("tta_added_s_per_image", "s TTA adds per validation image", "{:.4f}", False),
 )
 
 
@@ -384,6 +438,8 @@ def config_name(args: argparse.Namespace) -> str:
         *([f"precision_{args.precision}"] if args.precision != "auto" else []),
         *(["fastai_reuse_freed_memory"] if args.fastai_reuse_freed_memory else []),
         *([f"workers_{args.workers}"] if args.workers is not None else []),
+        *(["tta"] if args.tta else []),
+        *(["no_lr_find"] if args.no_lr_find else []),
         *(["quick"] if args.quick else []),
     ]
     return "-".join([args.arch, *options])
@@ -396,6 +452,8 @@ def table_text(results: dict[str, list[dict[str, Any]]]) -> str:
         "|---|---|---|---|---|",
     ]
     for key, name, fmt, higher_better in COLUMNS:
+        if key not in results["petbreeds"][0]:  # measured by neither (--tta's without it)
+            continue
         if key not in results["fastai"][0]:  # measured on petbreeds' side only
             values = [r[key] for r in results["petbreeds"]]
             cells = ["—", fmt.format(statistics.median(values)), "", f"— / {fmt.format(max(values) - min(values))}"]
@@ -436,6 +494,15 @@ def main() -> None:
         default="auto",
         help="petbreeds' train.precision (default auto, params.yaml's: calibrated per CPU)",
     )
+    parser.add_argument(
+        "--tta", action="store_true", help="also test-time augmentation after training: fastai's learn.tta() and ours"
+    )
+    parser.add_argument(
+        "--no-lr-find",
+        action="store_true",
+        help="skip lr_find on both sides: the recipe trains at fixed lrs, so only its timing is lost (and the random "
+        "stream it would draw from)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result here, not to bench/results/ (JSON)")
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--train-seed", type=int, default=42, help=argparse.SUPPRESS)
@@ -464,8 +531,9 @@ def main() -> None:
     machine = machine_info()
     print(header_text(machine), flush=True)
     workers = args.workers
-    extra_args = [flag for flag, on in (("--quick", args.quick),
-                  ("--fastai-reuse-freed-memory", args.fastai_reuse_freed_memory)) if on]  # fmt: skip
+    flags = (("--quick", args.quick), ("--tta", args.tta), ("--no-lr-find", args.no_lr_find),
+             ("--fastai-reuse-freed-memory", args.fastai_reuse_freed_memory))  # fmt: skip
+    extra_args = [flag for flag, on in flags if on]
     extra_args += ["--arch", args.arch, "--precision", args.precision]
     results: dict[str, list[dict[str, Any]]] = {"fastai": [], "petbreeds": []}
     with tempfile.TemporaryDirectory(prefix="vs_fastai.") as tmp:

@@ -32,14 +32,20 @@ from petbreeds.learn.interpret import (
     write_confusion_json,
     write_csv,
 )
+from petbreeds.learn.tta import tta_metrics, tta_probs
 from petbreeds.progress import progress
 from petbreeds.stage import StageContext, run_stage
 
 RAW = Path("data/raw")
-# The numbers of metrics/evaluate.json, by their name in classification_metrics -> their name for the validation
-# split, which sits at the top level (fastai's names); a test split's sit under "test". Two, so that `dvc exp show`
-# at 120 columns still has room for the params an experiment changed.
-COMPARED = {"error_rate": "error_rate", "loss": "valid_loss"}
+# The numbers of metrics/evaluate.json, by their name in classification_metrics and tta_metrics -> their name for
+# the validation split, which sits at the top level (fastai's names); a test split's sit under "test". Four at most
+# (two without TTA), so that `dvc exp show` at 120 columns still has room for the params an experiment changed.
+COMPARED = {
+    "error_rate": "error_rate",
+    "loss": "valid_loss",
+    "error_rate_tta": "error_rate_tta",
+    "loss_tta": "valid_loss_tta",
+}
 
 
 def split_rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -54,17 +60,18 @@ def split_rows(table: pd.DataFrame, split: str) -> pd.DataFrame:
 
 
 def metrics_and_report(per_split: dict[str, dict[str, float | int]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """metrics/evaluate.json (the :data:`COMPARED` numbers) and reports/evaluate.json (the others) from each split's
-    numbers, the validation split's at the top level and any other's under its name."""
+    """metrics/evaluate.json (the :data:`COMPARED` numbers a split has: the TTA ones only with evaluate.tta.n > 0)
+    and reports/evaluate.json (the others) from each split's numbers, the validation split's at the top level and
+    any other's under its name."""
     metrics: dict[str, Any] = {}
     report: dict[str, Any] = {}
     for split, numbers in per_split.items():
         rest = {key: value for key, value in numbers.items() if key not in COMPARED}
         if split == "valid":
-            metrics.update({name: numbers[key] for key, name in COMPARED.items()})
+            metrics.update({name: numbers[key] for key, name in COMPARED.items() if key in numbers})
             report.update(rest)
         else:
-            metrics[split], report[split] = {key: numbers[key] for key in COMPARED}, rest
+            metrics[split], report[split] = {key: numbers[key] for key in COMPARED if key in numbers}, rest
     return metrics, report
 
 
@@ -77,6 +84,7 @@ def main(params: Params, ctx: StageContext) -> None:
     # The model's own transforms; batching as params.data says.
     data = ckpt.data_params(params.data.batch_size, params.data.num_workers)
     per_split = {}
+    tta = params.evaluate.tta
     # The validation split always (the reports are of it); the test split when evaluate.splits lists it.
     for split in dict.fromkeys(["valid", *params.evaluate.splits]):
         rows = split_rows(table, split)
@@ -84,9 +92,16 @@ def main(params: Params, ctx: StageContext) -> None:
         batches = progress(loader, f"evaluate {split}")
         logits, targets = get_preds(model, batches, ckpt.valid_augment(device), compute)
         per_split[split] = classification_metrics(logits, targets)
+        if tta.n > 0:
+            # fastai's learn.tta: tta.n more passes through the training transforms, seeded by params.seed
+            passes = make_loader(rows, RAW, ckpt.vocab, data, train=False, seed=params.seed, passes=tta.n)
+            augmented = progress(passes, f"evaluate {split}, {tta.n} TTA passes")
+            probs = tta_probs(model, logits, augmented, ckpt.train_augment(device, params.seed), compute, tta)
+            per_split[split].update(tta_metrics(probs, targets))
         print(f"evaluate {split}: " + ", ".join(f"{k} {v:.4g}" for k, v in per_split[split].items()))
         if split != "valid":
             continue
+        # the interpretation is of the plain predictions (fastai's ClassificationInterpretation's), TTA or not
         preds = logits.argmax(dim=1)
         cm = confusion_matrix(preds, targets, len(ckpt.vocab))
         cells = most_confused(cm, ckpt.vocab, params.evaluate.most_confused_min_val)

@@ -53,7 +53,9 @@ def main(params: Params, ctx: StageContext, phase: str) -> None:
     ctx.record(**resume.facts())
     metrics = phase_metrics(history, model, data)
     if ctx.world.is_main:
-        save_checkpoint(MODEL[phase], model, arch=params.model.arch, vocab=vocab, data=params.data)
+        save_checkpoint(
+            MODEL[phase], model, arch=params.model.arch, vocab=vocab, data=params.data, augment=params.augment
+        )
         # the unfrozen phase's epochs and batches follow the frozen phase's on the plots' axes (same batches per epoch)
         epochs_before = 0 if phase == "frozen" else params.train_frozen.epochs
         batches_before = epochs_before * len(data.train_loader)

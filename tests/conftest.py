@@ -152,6 +152,7 @@ NUMERIC_MODULES = frozenset(
         "test_pretrained.py",
         "test_schedule.py",
         "test_training.py",
+        "test_tta.py",
         "test_vs_fastai.py",
     }
 )
@@ -241,7 +242,7 @@ def _train_tiny_model(raw: Path, out: Path) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from petbreeds.config import DataParams
+    from petbreeds.config import DataParams, load_params
     from petbreeds.learn.checkpoint import save_checkpoint
     from petbreeds.learn.model import create_model
 
@@ -272,7 +273,8 @@ def _train_tiny_model(raw: Path, out: Path) -> Path:
             f"(needs {MIN_LOGIT_MARGIN}); the colour breeds should be trivially separable: check BREED_COLOURS "
             "and the training loop"
         )
-    save_checkpoint(out, model, arch="resnet18", vocab=BREEDS, data=data)
+    augment = load_params(ROOT / "params.yaml").augment
+    save_checkpoint(out, model, arch="resnet18", vocab=BREEDS, data=data, augment=augment)
     return out
 
 

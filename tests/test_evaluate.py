@@ -51,7 +51,8 @@ def test_evaluate_writes_every_declared_output(project, breeds, capsys):
     run_evaluate(project)
     # what experiments are compared by (dvc exp show), in fastai's names; the rest of the numbers in the report
     metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert list(metrics) == ["error_rate", "valid_loss"]
+    assert list(metrics) == ["error_rate", "valid_loss", "error_rate_tta", "valid_loss_tta"]
+    assert metrics["valid_loss_tta"] != metrics["valid_loss"]  # evaluate.tta.n: 4 augmented passes beside the plain
     report = json.loads((project / "reports" / "evaluate.json").read_text())
     assert list(report) == ["accuracy", "top5_accuracy", "macro_precision", "macro_recall", "n_items"]
     assert report["n_items"] == 6
@@ -80,8 +81,19 @@ def test_evaluate_writes_every_declared_output(project, breeds, capsys):
 def test_evaluate_is_deterministic(project):
     run_evaluate(project)
     first = (project / "metrics" / "evaluate.json").read_text()
+    assert "valid_loss_tta" in first  # the TTA numbers too: their passes draw from seeded generators
     run_evaluate(project)
     assert (project / "metrics" / "evaluate.json").read_text() == first
+
+
+def test_tta_n_0_leaves_the_plain_metrics_alone(project):
+    run_evaluate(project)
+    with_tta = json.loads((project / "metrics" / "evaluate.json").read_text())
+    params_path = project / "params.yaml"
+    params_path.write_text(params_path.read_text().replace("\n    n: 4 ", "\n    n: 0 ", 1))
+    run_evaluate(project)
+    plain = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert plain == {"error_rate": with_tta["error_rate"], "valid_loss": with_tta["valid_loss"]}
 
 
 def test_test_split_without_official_list_is_explained(project):
@@ -95,8 +107,15 @@ def test_a_test_split_is_compared_under_its_name():
     from stages.evaluate import metrics_and_report
 
     numbers = {"error_rate": 0.25, "accuracy": 0.75, "top5_accuracy": 1.0, "loss": 0.5, "n_items": 4}
-    metrics, report = metrics_and_report({"valid": numbers, "test": {**numbers, "n_items": 8}})
-    assert metrics == {"error_rate": 0.25, "valid_loss": 0.5, "test": {"error_rate": 0.25, "loss": 0.5}}
+    tta = {"error_rate_tta": 0.0, "loss_tta": 0.4}
+    metrics, report = metrics_and_report({"valid": {**numbers, **tta}, "test": {**numbers, "n_items": 8, **tta}})
+    assert metrics == {
+        "error_rate": 0.25,
+        "valid_loss": 0.5,
+        "error_rate_tta": 0.0,
+        "valid_loss_tta": 0.4,
+        "test": {"error_rate": 0.25, "loss": 0.5, **tta},
+    }
     rest = {"accuracy": 0.75, "top5_accuracy": 1.0}
     assert report == {**rest, "n_items": 4, "test": {**rest, "n_items": 8}}
 

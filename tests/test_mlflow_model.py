@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 BASELINE = "ab" + "c" * 38
 DATA_MD5 = "0" * 32 + ".dir"
-METRICS = {"error_rate": 0.0, "valid_loss": 0.05}
+METRICS = {"error_rate": 0.0, "valid_loss": 0.05, "error_rate_tta": 0.0, "valid_loss_tta": 0.04}  # evaluate.json
 
 
 def identity(name: str, exp: bool = True) -> RunIdentity:
@@ -120,7 +120,7 @@ def test_the_run_logs_its_model_with_metrics_signature_and_input_example(
     assert model.source_run_id == run_id and model.experiment_id == store.get_run(run_id).info.experiment_id
     assert model.tags["dvc.exp_name"] == "exp-a" and model.tags["git.commit"] == BASELINE
     assert model.tags["data.md5"] == DATA_MD5 and model.params["model.arch"] == "efficientnet_lite0"
-    # the model's metrics: the evaluate stage's numbers, linked to it
+    # the model's metrics: the evaluate stage's numbers (the TTA ones too), linked to it
     assert {m.key: m.value for m in model.metrics} == {f"evaluate/{k}": v for k, v in METRICS.items()}
     assert store.get_run(run_id).data.metrics["evaluate/error_rate"] == 0.0
 
@@ -388,3 +388,32 @@ def test_the_scoring_servers_environment_sets_the_limits(
         assert message.startswith("2 images in one request, more than max_images = 1"), message
         status, answer = invoke(base, [jpeg])
         assert status == 200 and answer["predictions"][0]["breed"] == "green_cat", answer
+
+
+def test_the_pyfunc_predicts_with_tta_when_asked_and_bounds_it(tiny_model: Path, write_breed_images, tmp_path) -> None:
+    """In process: the param ``tta`` is ``petbreeds predict --tta``'s; more passes than ``max_tta`` are refused."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from petbreeds.serve.mlflow_model import CHECKPOINT, BreedClassifier
+
+    def loaded(config: dict[str, int] | None) -> BreedClassifier:
+        model = BreedClassifier()
+        model.load_context(PythonModelContext(artifacts={CHECKPOINT: str(tiny_model)}, model_config=config))
+        return model
+
+    write_breed_images(tmp_path / "new", 1, 700)
+    image = tmp_path / "new/red_dog_700.jpg"
+    frame = pd.DataFrame({"image": [base64.b64encode(image.read_bytes()).decode()]})
+    model = loaded(None)
+    (row,) = model.predict(None, frame, params={"tta": 4}).to_dict("records")
+    (expected,) = predict(image, tiny_model, top_k=3, device=torch.device("cpu"), tta=4)
+    assert [t["probability"] for t in row["top_k"]] == pytest.approx([p for _, p in expected.top_k], abs=1e-6)
+    (plain,) = model.predict(None, frame).to_dict("records")  # tta 0 unless asked
+    assert plain["probability"] != pytest.approx(row["probability"], abs=1e-4)
+    with pytest.raises(MlflowException, match=r"tta = 17: .* between 0 and max_tta = 16; ask for fewer") as e:
+        model.predict(None, frame, params={"tta": 17})
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException, match=r"max_tta = 1;"):
+        loaded({"max_tta": 1}).predict(None, frame, params={"tta": 2})
+    with pytest.raises(MlflowException, match=r"tta = -1: "):
+        model.predict(None, frame, params={"tta": -1})

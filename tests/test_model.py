@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from petbreeds.config import DataParams
+from petbreeds.config import DataParams, load_params
 from petbreeds.data.imagenet import IMAGENET_MEAN
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.checkpoint import load_checkpoint, save_checkpoint
@@ -24,6 +25,7 @@ from petbreeds.learn.model import (
 )
 
 DATA = DataParams(item_size=40, size=32, resize_method="crop", pad_mode="reflection", batch_size=4, num_workers=0)
+AUGMENT = load_params(Path(__file__).resolve().parents[1] / "params.yaml").augment
 VOCAB = ["a", "b", "c"]
 
 
@@ -144,13 +146,27 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, resnet18):
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     path = tmp_path / "model.pt"
-    save_checkpoint(path, model, arch="resnet18", vocab=VOCAB, data=DATA)
+    save_checkpoint(path, model, arch="resnet18", vocab=VOCAB, data=DATA, augment=AUGMENT)
     loaded, ckpt = load_checkpoint(path, torch.device("cpu"))
     assert not loaded.training
     assert torch.equal(loaded(x), model(x))
     assert (ckpt.arch, ckpt.vocab, ckpt.item_size, ckpt.size) == ("resnet18", VOCAB, 40, 32)
     assert (ckpt.resize_method, ckpt.pad_mode, ckpt.mean) == ("crop", "reflection", list(IMAGENET_MEAN))
+    assert ckpt.augment == AUGMENT and ckpt.train_augment(torch.device("cpu"), seed=0).aug == AUGMENT
     assert torch.load(path, weights_only=True)["format"] == "petbreeds-model/1"
+
+
+def test_a_checkpoint_without_augment_predicts_but_not_with_tta(tmp_path):
+    path = tmp_path / "model.pt"
+    model = create_model("resnet18", len(VOCAB), None)
+    save_checkpoint(path, model, arch="resnet18", vocab=VOCAB, data=DATA, augment=AUGMENT)
+    state = torch.load(path, weights_only=True)
+    del state["augment"]  # as saved before checkpoints recorded it
+    torch.save(state, path)
+    _, ckpt = load_checkpoint(path, torch.device("cpu"))
+    assert ckpt.augment is None
+    with pytest.raises(PetbreedsError, match="records no training augmentation.*dvc repro train_unfrozen"):
+        ckpt.train_augment(torch.device("cpu"), seed=0)
 
 
 def test_the_same_model_saved_twice_is_the_same_file(tmp_path, resnet18):
@@ -159,7 +175,7 @@ def test_the_same_model_saved_twice_is_the_same_file(tmp_path, resnet18):
     the file it writes to, which atomic_output names at random."""
     first, second = tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"
     for path in (first, second):
-        save_checkpoint(path, resnet18, arch="resnet18", vocab=VOCAB, data=DATA)
+        save_checkpoint(path, resnet18, arch="resnet18", vocab=VOCAB, data=DATA, augment=AUGMENT)
     assert first.read_bytes() == second.read_bytes()
 
 

@@ -186,3 +186,13 @@ def test_real_gif_and_rgba_png_named_jpg(tiny_model, pet_subset, breeds):
     predictions = predict(images, tiny_model, top_k=1, device=torch.device("cpu"))
     assert [p.path for p in predictions] == images
     assert all(p.breed in breeds for p in predictions)
+
+
+def test_cli_tta_predicts_with_augmented_passes(tiny_model, new_images, capsys):
+    image = new_images / "green_cat_500.jpg"
+    assert cli.main(["predict", str(image), "--model", str(tiny_model), "--top-k", "1", "--tta", "2"]) == 0
+    breed, prob = capsys.readouterr().out.split()
+    (plain,) = predict(image, tiny_model, top_k=1, device=torch.device("cpu"))
+    assert breed == plain.breed == "green_cat" and float(prob) != pytest.approx(plain.probability, abs=1e-3)
+    assert cli.main(["predict", str(image), "--model", str(tiny_model), "--tta", "-1"]) == 1
+    assert "tta must be >= 0" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,12 +39,14 @@ fa_vision_data = pytest.importorskip("fastai.vision.data")
 fa_data_block = pytest.importorskip("fastai.data.block")
 fa_vision_learner = pytest.importorskip("fastai.vision.learner")
 
-from petbreeds.config import AugmentParams, SampleParams, load_params  # noqa: E402  (after the skip)
+from petbreeds.config import AugmentParams, DataParams, SampleParams, load_params  # noqa: E402  (after the skip)
 from petbreeds.data import sample_data  # noqa: E402
 from petbreeds.data.augment import BatchAugment, Draws, affine_matrices, warp_matrices  # noqa: E402
+from petbreeds.data.dataloaders import make_loader  # noqa: E402
 from petbreeds.data.presizing import crop_position, load_rgb, presize  # noqa: E402
 from petbreeds.data.splitting import random_split  # noqa: E402
 from petbreeds.learn.callbacks import SmoothLoss  # noqa: E402
+from petbreeds.learn.device import Compute  # noqa: E402
 from petbreeds.learn.interpret import (  # noqa: E402
     TopLoss,
     confusion_matrix,
@@ -56,6 +59,7 @@ from petbreeds.learn.interpret import (  # noqa: E402
 from petbreeds.learn.lr_find import suggest  # noqa: E402
 from petbreeds.learn.model import ParamGroup, create_head  # noqa: E402
 from petbreeds.learn.schedule import group_lrs, last_beta1, make_one_cycle, make_optimizer  # noqa: E402
+from petbreeds.learn.tta import augmented_probs, combine  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # lr_find's suggestions (docs/fastai.md §6)
@@ -597,3 +601,127 @@ def test_batches_are_as_sharp_as_the_chosen_resampling_makes_them_against_fastai
     assert difference < 0.05
     assert 0.75 < valid_ratio < 0.97
     assert 0.5 < train_ratio < 0.9
+
+
+# --------------------------------------------------------------------------------------------------
+# Test-time augmentation (fastai's Learner.tta; petbreeds.learn.tta)
+
+
+@pytest.mark.parametrize(("beta", "use_max"), [(0.25, False), (0.6, False), (0.25, True)])
+def test_tta_combines_the_passes_as_fastais_learner_tta(beta: float, use_max: bool, tmp_path: Path) -> None:
+    """fastai's own ``Learner.tta`` on a real Learner, its ``get_preds`` handing out prepared passes: it asks for the
+    ``n`` augmented passes with the training transforms (split_idx 0), then the plain one (split_idx 1), and
+    combines them exactly as :func:`combine` does."""
+    n, items, classes = 4, 6, 5
+    generator = torch.Generator().manual_seed(0)
+    augmented = torch.rand(n, items, classes, generator=generator).softmax(-1)
+    plain = torch.rand(items, classes, generator=generator).softmax(-1)
+    targets = torch.arange(items) % classes
+    passes = iter([*[(a, targets) for a in augmented], (plain, targets)])
+    split_idx: list[int | None] = [None]
+    asked: list[int | None] = []
+
+    @contextlib.contextmanager
+    def set_split_idx(i: int) -> Any:
+        split_idx.append(i)
+        try:
+            yield
+        finally:
+            split_idx.pop()
+
+    def get_preds(dl: Any = None, inner: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        asked.append(split_idx[-1])
+        return next(passes)
+
+    learn = _tiny_learner(tmp_path)
+    learn.get_preds = get_preds
+    dl = SimpleNamespace(dataset=SimpleNamespace(set_split_idx=set_split_idx))
+    with learn.no_bar(), learn.no_logging():
+        theirs, their_targets = learn.tta(dl=dl, n=n, beta=beta, use_max=use_max)
+    assert asked == [0] * n + [1]
+    assert torch.equal(their_targets, targets)
+    assert torch.equal(combine(plain, augmented, beta, use_max), theirs)
+
+
+def test_tta_passes_draw_the_kinds_and_ranges_of_fastais_training_transforms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fastai's tta runs ``aug_transforms`` with split_idx 0: every kind acts (flip, rotate, zoom, warp, lighting,
+    the random resized crop), each with its object's range and probability. Our passes, through the real loader
+    (``make_loader(passes=...)``: the training item crop) and :func:`augmented_probs`, draw every kind within those
+    ranges at those rates, crop each pass elsewhere, and are as sharp against fastai's tta batches as the training
+    path's batches are against fastai's training batches."""
+    fastai = {type(t).__name__: t for t in fa_augment.aug_transforms(size=SIZE, min_scale=0.75)}
+    affine, lighting, crop = fastai["Flip"], fastai["Brightness"], fastai["RandomResizedCropGPU"]
+    flip, rotate, zoom = (f.keywords for f in affine.aff_fs)
+    (warp,) = affine.coord_fs
+    brightness, contrast = lighting.fs
+
+    drawn: list[Draws] = []
+    sharpness: list[float] = []
+    draw, train = BatchAugment.draw, BatchAugment.train
+
+    def recorded_draw(self: BatchAugment, n: int) -> Draws:
+        drawn.append(draw(self, n))
+        return drawn[-1]
+
+    def recorded_train(self: BatchAugment, x: torch.Tensor, d: Draws, finest: float | None = None) -> torch.Tensor:
+        out = train(self, x, d, finest)
+        sharpness.append(_laplacian(out))
+        return out
+
+    monkeypatch.setattr(BatchAugment, "draw", recorded_draw)
+    monkeypatch.setattr(BatchAugment, "train", recorded_train)
+    files = _generated_jpegs(tmp_path / "images", 16)
+    table = pd.DataFrame({"path": [f"images/{f.name}" for f in files], "label": ["pet"] * len(files)})
+    data = DataParams(
+        item_size=ITEM, size=SIZE, resize_method="crop", pad_mode="reflection", batch_size=8, num_workers=0
+    )
+    passes = 8
+    loader = make_loader(table, tmp_path, ["pet"], data, train=False, seed=0, passes=passes)
+    first, second = loader.dataset[0, 0][0], loader.dataset[0, 1][0]
+    assert not torch.equal(first, second)  # the item stage's random crop: each pass crops elsewhere
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+    augment = BatchAugment(_book_augment(), SIZE, seed=0, device=torch.device("cpu"))
+    probs = augmented_probs(model, loader, augment, Compute(torch.device("cpu"), None, False), passes)
+    assert probs.shape == (passes, len(files), 4)
+
+    d = Draws(**{f.name: torch.cat([getattr(x, f.name) for x in drawn]) for f in dataclasses.fields(Draws)})
+    assert len(d.angle) == passes * len(files)
+
+    def rate(changed: torch.Tensor) -> float:
+        return changed.float().mean().item()
+
+    assert rate(d.flip) == pytest.approx(flip["p"], abs=0.1)
+    assert d.angle.abs().max() <= rotate["max_deg"] and rate(d.angle != 0) == pytest.approx(rotate["p"], abs=0.1)
+    assert zoom["min_zoom"] <= d.zoom.min() and d.zoom.max() <= zoom["max_zoom"]
+    assert rate(d.zoom != 1) == pytest.approx(zoom["p"], abs=0.1)
+    for offset in (d.warp_x, d.warp_y):
+        assert offset.abs().max() <= warp.magnitude and rate(offset != 0) == pytest.approx(warp.p, abs=0.1)
+    assert crop.min_scale <= d.crop_side.square().min() and d.crop_side.max() <= 1
+    low, high = 0.5 * (1 - brightness.max_lighting), 0.5 * (1 + brightness.max_lighting)
+    assert low <= d.brightness.min() and d.brightness.max() <= high
+    assert rate(d.brightness != 0.5) == pytest.approx(brightness.p, abs=0.1)
+    assert d.contrast.log().abs().max() <= -math.log(1 - contrast.max_lighting) + 1e-6
+    assert rate(d.contrast != 1) == pytest.approx(contrast.p, abs=0.1)
+
+    # fastai's tta batches: the valid DataLoader as tta makes it, with the training transforms (split_idx 0)
+    block = fa_data_block.DataBlock(
+        blocks=(fa_vision_data.ImageBlock, fa_data_block.CategoryBlock),
+        get_items=lambda _: files,
+        splitter=lambda _: (list(range(len(files))), list(range(len(files)))),
+        get_y=lambda f: "pet",
+        item_tfms=fa_augment.Resize(ITEM),
+        batch_tfms=[
+            *fa_augment.aug_transforms(size=SIZE, min_scale=0.75),
+            fa_transforms.Normalize.from_stats(*fa_vision_core.imagenet_stats),
+        ],
+    )
+    fa_torch_core.set_seed(0)
+    dls = block.dataloaders(files[0].parent, bs=8, device=torch.device("cpu"), num_workers=0)
+    dl = dls.valid.new(shuffled=False, drop_last=False)
+    with dl.dataset.set_split_idx(0):
+        theirs = [_laplacian(x.as_subclass(torch.Tensor)) for _ in range(2) for x, _ in dl]
+    ratio = (sum(sharpness) / len(sharpness)) / (sum(theirs) / len(theirs))
+    print(f"tta passes |Laplacian| ours/fastai {ratio:.3f}")
+    assert 0.5 < ratio < 0.9  # the training path's bounds (test_batches_are_as_sharp_...)

@@ -210,6 +210,14 @@ class PhaseParams(OneCycleParams):
     )
 
 
+class TTAParams(_Model):
+    """fastai's ``learn.tta(n, beta, use_max)`` (petbreeds.learn.tta); ``n: 0`` evaluates without it."""
+
+    n: NonNegativeInt
+    beta: Probability
+    use_max: bool
+
+
 class EvaluateParams(_Model):
     splits: Annotated[
         list[EvalSplit],
@@ -218,6 +226,7 @@ class EvaluateParams(_Model):
     ]
     top_losses_k: NonNegativeInt
     most_confused_min_val: PositiveInt
+    tta: TTAParams
 
 
 class DistributedParams(_Model):

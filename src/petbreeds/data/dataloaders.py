@@ -109,6 +109,24 @@ class EpochShuffle(Sampler[tuple[int, int]]):
                     yield index, epoch
 
 
+class PassesInOrder(Sampler[tuple[int, int]]):
+    """Every one of ``n`` items in table order, ``passes`` times over: ``(index, pass)``, the pass standing for the
+    epoch of :class:`PresizedImages`' random crop, so that each pass draws its own crop positions (test-time
+    augmentation, petbreeds.learn.tta)."""
+
+    def __init__(self, n: int, passes: int) -> None:
+        self.n = n
+        self.passes = passes
+
+    def __len__(self) -> int:
+        return self.n * self.passes
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for p in range(self.passes):
+            for index in range(self.n):
+                yield index, p
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed Python's and NumPy's RNGs in a worker from torch's per-worker seed (itself from the loader's generator)."""
     seed = torch.initial_seed() % 2**32
@@ -125,13 +143,16 @@ def make_loader(
     train: bool,
     seed: int,
     world: World = SINGLE_PROCESS,
+    passes: int = 0,
 ) -> DataLoader:
     """A DataLoader of ``(x uint8 [B, 3, item_size, item_size], y int64 [B])`` over ``table`` (columns path, label).
 
     ``path`` is relative to ``root``. A label outside ``vocab`` is an error, never a silently dropped item.
     ``data.batch_size`` is the global batch: each of ``world``'s ranks loads its share of every training batch
     (``batch_size / world_size`` items). Validation loads the whole ``table`` in table order; the caller hands
-    each rank its own rows (:meth:`World.shard`).
+    each rank its own rows (:meth:`World.shard`). ``passes`` > 0 with ``train=False``: the training item stage's
+    random crops over every item in table order, ``passes`` times over (:class:`PassesInOrder`), for test-time
+    augmentation.
     """
     missing = {"path", "label"} - set(table.columns)
     if missing:
@@ -156,13 +177,17 @@ def make_loader(
         [root / p for p in table["path"]],
         [class_index[label] for label in table["label"]],
         data,
-        train=train,
+        train=train or passes > 0,
         seed=seed,
     )
+    if train:
+        sampler: Sampler | None = EpochShuffle(len(dataset), seed, data.batch_size, world)
+    else:
+        sampler = PassesInOrder(len(dataset), passes) if passes > 0 else None
     return DataLoader(
         dataset,
         batch_size=data.batch_size // world.world_size,
-        sampler=EpochShuffle(len(dataset), seed, data.batch_size, world) if train else None,
+        sampler=sampler,
         drop_last=train,
         num_workers=workers,
         persistent_workers=workers > 0,

@@ -1,12 +1,13 @@
 """A trained model on disk, with all that predicting needs: its architecture, vocab and input transforms.
 
-    save_checkpoint(path, model, arch=..., vocab=..., data=params.data)
+    save_checkpoint(path, model, arch=..., vocab=..., data=params.data, augment=params.augment)
     model, ckpt = load_checkpoint(path, device)
     loader = make_loader(rows, raw, ckpt.vocab, ckpt.data_params(batch_size=64), train=False, seed=0)
     logits, _ = get_preds(model, loader, ckpt.valid_augment(device), compute)
 
 Format ``petbreeds-model/1`` (docs/architecture.md): ``torch.save`` of a dict, read back with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. Its ``augment`` entry (the training augmentation, which test-time augmentation
+draws from) came later: a checkpoint without it still predicts, only not with TTA.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 
 from petbreeds.atomic import atomic_output
-from petbreeds.config import DataParams
-from petbreeds.data.augment import ValidAugment
+from petbreeds.config import AugmentParams, DataParams
+from petbreeds.data.augment import BatchAugment, ValidAugment
 from petbreeds.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from petbreeds.errors import PetbreedsError
 from petbreeds.learn.model import PetModel, create_model
@@ -38,6 +39,7 @@ class Checkpoint:
     pad_mode: str
     mean: list[float]
     std: list[float]
+    augment: AugmentParams | None = None  # None: saved before checkpoints recorded it
 
     def data_params(self, batch_size: int, num_workers: int = 0) -> DataParams:
         """The item and batch transforms the model was trained with, batched as asked."""
@@ -54,8 +56,20 @@ class Checkpoint:
         """The batch stage's valid path for the model's input size (no params.yaml is needed to predict)."""
         return ValidAugment(self.size, device)
 
+    def train_augment(self, device: torch.device, seed: int) -> BatchAugment:
+        """The batch stage with the training path the model was trained with, its draws seeded with ``seed``:
+        what test-time augmentation predicts through (petbreeds.learn.tta)."""
+        if self.augment is None:
+            raise PetbreedsError(
+                "this checkpoint records no training augmentation (it predates test-time augmentation): re-run "
+                "`dvc repro train_unfrozen` to write one that does, or predict without TTA"
+            )
+        return BatchAugment(self.augment, self.size, seed, device)
 
-def save_checkpoint(path: Path, model: PetModel, *, arch: str, vocab: list[str], data: DataParams) -> None:
+
+def save_checkpoint(
+    path: Path, model: PetModel, *, arch: str, vocab: list[str], data: DataParams, augment: AugmentParams
+) -> None:
     """Write the model and what predicting needs, atomically, in the ``petbreeds-model/1`` format."""
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -68,6 +82,7 @@ def save_checkpoint(path: Path, model: PetModel, *, arch: str, vocab: list[str],
         "pad_mode": data.pad_mode,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
+        "augment": augment.model_dump(),
     }
     # To an open file, not a path: torch.save names its zip records after a path's file name (here atomic_output's
     # random one), so the same weights would get another md5 for DVC on every save.
@@ -92,9 +107,11 @@ def load_checkpoint(path: Path, device: torch.device) -> tuple[PetModel, Checkpo
             f"{path}: checkpoint format {state['format']!r}, this version reads {CHECKPOINT_FORMAT!r}; {redo}"
         )
     try:
-        meta = Checkpoint(**{name: state[name] for name in Checkpoint.__dataclass_fields__})
+        augment = state.get("augment")
+        required = {name: state[name] for name in Checkpoint.__dataclass_fields__ if name != "augment"}
+        meta = Checkpoint(**required, augment=None if augment is None else AugmentParams(**augment))
         model = create_model(meta.arch, len(meta.vocab), None)
         model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError, PetbreedsError) as e:
+    except (KeyError, RuntimeError, ValueError, PetbreedsError) as e:
         raise PetbreedsError(f"{path}: damaged petbreeds checkpoint ({e}); {redo}") from None
     return model.to(device).eval(), meta

@@ -37,15 +37,16 @@ def batch_inputs(batch: Batch, augment: Augment, compute: Compute, train: bool) 
 
 @torch.no_grad()
 def predict_on_device(
-    model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute
+    model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute, augmented: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits float32 [N, C] and targets int64 [N] over ``batches`` already on the device (``ahead_to_device``,
-    ``KeptBatches``), left there: no batch waits for the one before. Leaves ``model`` in eval mode."""
+    ``KeptBatches``), left there: no batch waits for the one before. Leaves ``model`` in eval mode. ``augmented``:
+    the batches go through ``augment``'s training path (test-time augmentation), the model still in eval mode."""
     compute.place(model)
     model.eval()
     logits, targets = [], []
     for batch in batches:
-        x, y = batch_inputs(batch, augment, compute, train=False)
+        x, y = batch_inputs(batch, augment, compute, train=augmented)
         with compute.autocast():
             out = model(x)
         logits.append(out.float())
@@ -54,11 +55,12 @@ def predict_on_device(
 
 
 def get_preds(
-    model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute
+    model: nn.Module, batches: Iterable[Batch], augment: Augment, compute: Compute, augmented: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits float32 [N, C] and targets int64 [N], on the CPU, in loader order; leaves ``model`` in eval mode.
-    ``batches``: any iterable of host batches (a loader, a list)."""
-    logits, targets = predict_on_device(model, ahead_to_device(batches, compute.device), augment, compute)
+    ``batches``: any iterable of host batches (a loader, a list); ``augmented``: see :func:`predict_on_device`."""
+    on_device = ahead_to_device(batches, compute.device)
+    logits, targets = predict_on_device(model, on_device, augment, compute, augmented)
     return logits.cpu(), targets.cpu()
 
 

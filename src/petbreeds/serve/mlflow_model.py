@@ -1,7 +1,7 @@
 """The trained model as an MLflow model: a pyfunc that names the breeds of images, logged with the pipeline's run.
 
     model = mlflow.pyfunc.load_model("models:/petbreeds@champion")  # or models:/<model_id>, from any process
-    model.predict(pd.DataFrame({"image": [jpeg_base64_text, jpeg_bytes]}), params={"top_k": 3})
+    model.predict(pd.DataFrame({"image": [jpeg_base64_text, jpeg_bytes]}), params={"top_k": 3, "tta": 0})
     #    breed  probability  top_k ([{"breed": ..., "probability": ...}, ...], most probable first)
 
 Input: a DataFrame column ``image``, one image per row: an image file's bytes as base64 text (what a JSON request to
@@ -9,13 +9,14 @@ Input: a DataFrame column ``image``, one image per row: an image file's bytes as
 name would read the server's files for them. A local caller that wants paths opts in when loading,
 ``mlflow.pyfunc.load_model(uri, model_config={"read_paths": True})``; the scoring server loads without it.
 Predictions go through :class:`petbreeds.serve.predict.Predictor`, the code of ``petbreeds predict``: the
-checkpoint's own validation transforms.
+checkpoint's own validation transforms; the param ``tta`` (default 0: none) adds that many passes through its
+training transforms, combined as fastai's ``learn.tta`` does.
 
 What one request may cost is bounded (:data:`LIMITS`, model config keys: at most ``max_images`` rows, each image at
-most ``max_pixels`` pixels, checked from its header before it is decoded). An input that is no image, or over a
-limit, raises an ``MlflowException`` with INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400 and
-its message (any other exception would be a 400 carrying a traceback); the message never depends on the server's
-files.
+most ``max_pixels`` pixels, checked from its header before it is decoded, and at most ``max_tta`` augmented passes).
+An input that is no image, or over a limit, raises an ``MlflowException`` with INVALID_PARAMETER_VALUE, which the
+scoring server answers with HTTP 400 and its message (any other exception would be a 400 carrying a traceback); the
+message never depends on the server's files.
 
 The logged model holds the checkpoint (artifact ``checkpoint``) and this package (``code_paths``), so it loads
 where only the packages of :func:`requirements` are installed; its requirements are given, not inferred (inference
@@ -53,10 +54,12 @@ MODEL_NAME = "petbreeds"  # the LoggedModel's name in its run (the registry's na
 CHECKPOINT = "checkpoint"  # the artifact holding models/model.pt
 IMAGE = "image"  # the input column
 DEFAULT_TOP_K = 3
+DEFAULT_TTA = 0  # augmented passes (petbreeds.learn.tta)
 # What one request may cost the server: images per request, pixels per image (a 12,000 x 12,000 PNG of 445 KB
-# decodes to 432 MB). Model config keys, changed where the model is loaded: `load_model(uri, model_config={...})`,
-# or for `mlflow models serve` the environment, SERVING_MODEL_CONFIG='{"max_images": 64}'.
-LIMITS = {"max_images": 32, "max_pixels": 50_000_000}
+# decodes to 432 MB), augmented passes per request (each costs what the plain pass does). Model config keys, changed
+# where the model is loaded: `load_model(uri, model_config={...})`, or for `mlflow models serve` the environment,
+# SERVING_MODEL_CONFIG='{"max_images": 64}'.
+LIMITS = {"max_images": 32, "max_pixels": 50_000_000, "max_tta": 16}
 READ_PATHS = "read_paths"  # model config: text naming a file where the model runs is read (local use only)
 # Logged with the model: MLflow lets a loader change only the keys a model was logged with (others are ignored
 # with a warning that lists these).
@@ -76,7 +79,7 @@ SIGNATURE = ModelSignature(
             ColSpec(Array(Object([Property("breed", "string"), Property("probability", "double")])), "top_k"),
         ]
     ),
-    params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K)]),
+    params=ParamSchema([ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("tta", "long", DEFAULT_TTA)]),
 )
 
 
@@ -99,6 +102,12 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
+        tta = int((params or {}).get("tta", DEFAULT_TTA))
+        if not 0 <= tta <= self._limits["max_tta"]:
+            raise MlflowException.invalid_parameter_value(
+                f"tta = {tta}: augmented passes must be between 0 and max_tta = {self._limits['max_tta']}; ask for "
+                f"fewer, or raise max_tta ({SERVING_CONFIG_HINT})"
+            )
         values = model_input[IMAGE]
         if len(values) > self._limits["max_images"]:
             raise MlflowException.invalid_parameter_value(
@@ -111,7 +120,7 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
                 _check_pixels(image, row, self._limits["max_pixels"])
         names = [f"{IMAGE} row {row}" for row in range(len(images))]
         try:
-            predictions = self._predictor(images, top_k, names=names)
+            predictions = self._predictor(images, top_k, names=names, tta=tta)
         except PetbreedsError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
         rows = [

@@ -6,6 +6,7 @@
 
     petbreeds predict photo.jpg                      # one image: the top-k breeds, one per line
     petbreeds predict my_pets/ --out preds.csv       # a folder: CSV rows path, pred_1, prob_1, ...
+    petbreeds predict photo.jpg --tta 4              # fastai's learn.tta: 4 more passes, training transforms
 
 The model is ``models/model.pt`` of the current folder, else of the project (the nearest folder up that holds
 dvc.yaml), unless one is named (``--model``, ``model_path``).
@@ -14,7 +15,9 @@ Images go through exactly the evaluate stage's validation transforms: the valid 
 (:class:`~petbreeds.data.presizing.PresizedImages`, centred, with the checkpoint's item_size and resize method),
 then the batch stage's valid path (``BatchAugment(train=False)``: resize to the checkpoint's size, normalise).
 :class:`Predictor` is that one path, from files or in-memory image bytes to breeds; ``predict`` and the MLflow
-model (:mod:`petbreeds.serve.mlflow_model`) both go through it.
+model (:mod:`petbreeds.serve.mlflow_model`) both go through it. With ``tta`` > 0 it is fastai's ``learn.tta`` with
+its defaults (petbreeds.learn.tta): ``tta`` more passes through the training transforms the checkpoint records,
+seeded by :data:`TTA_SEED` and each image's place in the call, so the same call gives the same breeds.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from petbreeds.errors import PetbreedsError
 from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import Compute, pick_device, resolve_precision
 from petbreeds.learn.inference import get_preds
+from petbreeds.learn.tta import FASTAI_BETA, FASTAI_USE_MAX, combine
 from petbreeds.progress import progress
 from petbreeds.runtime import project_root
 
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 64  # images decoded and predicted at a time: bounds memory for large folders
 DEFAULT_MODEL = Path("models/model.pt")  # where train_unfrozen writes it, in the project root
+TTA_SEED = 0  # the augmented passes' crops and draws (any fixed number: the same call, the same answer)
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,10 @@ class Predictor:
         names: Sequence[str] | None = None,
         skippable: Collection[int] = (),
         show_progress: bool = False,
+        tta: int = 0,
     ) -> list[Prediction]:
-        """The ``top_k`` breeds of each image (a file, or an image file's bytes), in input order.
+        """The ``top_k`` breeds of each image (a file, or an image file's bytes), in input order; with ``tta`` > 0
+        from fastai's ``learn.tta(n=tta)`` probabilities.
 
         An image that does not decode is a :class:`PetbreedsError` naming it (``names[i]``; by default its path, or
         ``image i``), unless its index is in ``skippable``: then it is skipped with a logged reason. ``show_progress``:
@@ -113,15 +120,28 @@ class Predictor:
         """
         if top_k < 1:
             raise PetbreedsError(f"top_k must be >= 1, got {top_k}")
+        if tta < 0:
+            raise PetbreedsError(f"tta must be >= 0 (augmented passes; 0 = none), got {tta}")
+        # one generator per call, so that a call's answer does not depend on the calls before it
+        augment = self.checkpoint.train_augment(self.device, TTA_SEED) if tta > 0 else None
         names = names or [str(s) if isinstance(s, Path) else f"image {i}" for i, s in enumerate(images)]
-        items = PresizedImages(images, [0] * len(images), self.checkpoint.data_params(BATCH_SIZE), train=False, seed=0)
+        data = self.checkpoint.data_params(BATCH_SIZE)
+        items = PresizedImages(images, [0] * len(images), data, train=False, seed=0)
+        cropped = PresizedImages(images, [0] * len(images), data, train=True, seed=TTA_SEED)  # the passes' items
         vocab = self.checkpoint.vocab
         predictions = []
         for indices, x in _batches(items, names, skippable, show_progress):
             # get_preds takes any iterable of (x, y) batches; the targets are placeholders for unlabelled images.
             batch = [(x, torch.zeros(len(x), dtype=torch.int64))]
             logits, _ = get_preds(self.model, batch, self._augment, self._compute)
-            probs, classes = logits.softmax(dim=1).topk(min(top_k, len(vocab)), dim=1)
+            probs = logits.softmax(dim=1)
+            if augment is not None:
+                # pass p crops image i where the training item stage would in epoch p; one pass is one batch
+                passes = ((torch.stack([cropped[i, p][0] for i in indices]), batch[0][1]) for p in range(tta))
+                aug_logits, _ = get_preds(self.model, passes, augment, self._compute, augmented=True)
+                augmented = aug_logits.softmax(dim=1).view(tta, len(indices), -1)
+                probs = combine(probs, augmented, FASTAI_BETA, FASTAI_USE_MAX)
+            probs, classes = probs.topk(min(top_k, len(vocab)), dim=1)
             for i, p, c in zip(indices, probs.tolist(), classes.tolist(), strict=True):
                 path = images[i] if isinstance(images[i], Path) else None
                 predictions.append(Prediction(path, [(vocab[k], q) for k, q in zip(c, p, strict=True)]))
@@ -161,8 +181,10 @@ def predict(
     top_k: int = 3,
     device: torch.device | None = None,
     show_progress: bool = False,
+    tta: int = 0,
 ) -> list[Prediction]:
-    """The ``top_k`` breeds of each image, in input order (a folder's files sorted); CUDA when present.
+    """The ``top_k`` breeds of each image, in input order (a folder's files sorted); CUDA when present; ``tta`` > 0:
+    fastai's ``learn.tta(n=tta)`` (:class:`Predictor`).
 
     ``paths``: image files and/or folders; ``model_path``: a checkpoint, by default :func:`default_model`. Files
     in a folder that are not images are skipped and logged (logger ``petbreeds.serve.predict``); an explicitly named
@@ -183,7 +205,7 @@ def predict(
         else:
             raise PetbreedsError(f"{path}: no such file or folder; pass an image or a folder of images")
     predictor = Predictor(default_model() if model_path is None else Path(model_path), device)
-    return predictor(files, top_k, skippable=skippable, show_progress=show_progress)
+    return predictor(files, top_k, skippable=skippable, show_progress=show_progress, tta=tta)
 
 
 def predictions_csv(predictions: Sequence[Prediction], top_k: int) -> str:
@@ -197,7 +219,7 @@ def predictions_csv(predictions: Sequence[Prediction], top_k: int) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    """``petbreeds predict IMAGE_OR_FOLDER [--model models/model.pt] [--top-k 3] [--out preds.csv]``."""
+    """``petbreeds predict IMAGE_OR_FOLDER [--model models/model.pt] [--top-k 3] [--tta N] [--out preds.csv]``."""
     parser = argparse.ArgumentParser(
         prog="petbreeds predict",
         description="Breed and probability for one image (readable lines) or a folder of images (CSV).",
@@ -207,11 +229,18 @@ def cli(argv: list[str]) -> int:
         "--model", type=Path, help="checkpoint (default: models/model.pt here, else in the project root)"
     )
     parser.add_argument("--top-k", type=int, default=3, help="how many breeds per image (3)")
+    parser.add_argument(
+        "--tta",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fastai's learn.tta: N more passes through the training transforms, combined as fastai does (0: none)",
+    )
     parser.add_argument("--out", type=Path, help="write the folder's CSV here instead of to stdout")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")  # the skipped files, on stderr
     folder = args.image_or_folder.is_dir()  # a folder's images may take a while: a bar on stderr, beside the CSV
-    predictions = predict(args.image_or_folder, args.model, args.top_k, show_progress=folder)
+    predictions = predict(args.image_or_folder, args.model, args.top_k, show_progress=folder, tta=args.tta)
     if folder:
         text = predictions_csv(predictions, min(args.top_k, len(predictions[0].top_k)) if predictions else args.top_k)
         if args.out is None:
