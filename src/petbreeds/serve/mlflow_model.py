@@ -30,7 +30,7 @@ import importlib.metadata
 import io
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,7 @@ from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, 
 from PIL import Image
 
 from petbreeds.errors import PetbreedsError
+from petbreeds.serve.prediction import Prediction
 
 if TYPE_CHECKING:
     from petbreeds.data.presizing import ImageSource
@@ -99,30 +100,44 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
-        values = model_input[IMAGE]
-        if len(values) > self._limits["max_images"]:
-            raise MlflowException.invalid_parameter_value(
-                f"{len(values)} images in one request, more than max_images = {self._limits['max_images']}; send "
-                f"fewer per request, or raise max_images ({SERVING_CONFIG_HINT})"
-            )
-        images = [_image_source(value, row, self._read_paths) for row, value in enumerate(values)]
-        for row, image in enumerate(images):
-            if isinstance(image, bytes):
-                _check_pixels(image, row, self._limits["max_pixels"])
-        names = [f"{IMAGE} row {row}" for row in range(len(images))]
+        images, names = request_images(model_input, self._limits, self._read_paths)
         try:
             predictions = self._predictor(images, top_k, names=names)
         except PetbreedsError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        rows = [
-            {
-                "breed": p.breed,
-                "probability": p.probability,
-                "top_k": [{"breed": breed, "probability": prob} for breed, prob in p.top_k],
-            }
-            for p in predictions
-        ]
-        return pd.DataFrame(rows, columns=["breed", "probability", "top_k"])
+        return response_frame(predictions)
+
+
+def request_images(
+    model_input: pd.DataFrame, limits: Mapping[str, int], read_paths: bool
+) -> tuple[list[ImageSource], list[str]]:
+    """A request's images and their names (``image row i``), within ``limits``: the rules every served petbreeds
+    model applies (this pyfunc and the ONNX one, :mod:`petbreeds.serve.onnx_model`). A refusal is an
+    ``MlflowException`` (HTTP 400)."""
+    values = model_input[IMAGE]
+    if len(values) > limits["max_images"]:
+        raise MlflowException.invalid_parameter_value(
+            f"{len(values)} images in one request, more than max_images = {limits['max_images']}; send "
+            f"fewer per request, or raise max_images ({SERVING_CONFIG_HINT})"
+        )
+    images = [_image_source(value, row, read_paths) for row, value in enumerate(values)]
+    for row, image in enumerate(images):
+        if isinstance(image, bytes):
+            _check_pixels(image, row, limits["max_pixels"])
+    return images, [f"{IMAGE} row {row}" for row in range(len(images))]
+
+
+def response_frame(predictions: Sequence[Prediction]) -> pd.DataFrame:
+    """The served answer (:data:`SIGNATURE`'s outputs), a row per image."""
+    rows = [
+        {
+            "breed": p.breed,
+            "probability": p.probability,
+            "top_k": [{"breed": breed, "probability": prob} for breed, prob in p.top_k],
+        }
+        for p in predictions
+    ]
+    return pd.DataFrame(rows, columns=["breed", "probability", "top_k"])
 
 
 def _image_source(value: object, row: int, read_paths: bool) -> ImageSource:
