@@ -292,3 +292,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint of a tiny model that names the colour breeds of unseen images with a clear margin."""
     root = tmp_path_factory.mktemp("tiny_model")
     return _train_tiny_model(root / "raw", root / "model.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`tiny_model` exported to ONNX by the command a user types (``petbreeds export``)."""
+    from petbreeds import cli
+
+    out = tmp_path_factory.mktemp("tiny_onnx") / "model.onnx"
+    assert cli.main(["export", "--model", str(tiny_model), "--out", str(out)]) == 0
+    return out

@@ -1,6 +1,7 @@
 """The exported ONNX model (petbreeds.serve.export) against `petbreeds predict`: the tiny trained model of
 tests/conftest.py exported once through `petbreeds export`, run by onnxruntime alone (petbreeds.serve.onnx_model),
-over generated images always and the real subset when it is present; and the docs' torch-free client."""
+over generated images always and the real subset when it is present; and the docs' torch-free client. The ONNX model
+logged with the run and served without torch: tests/test_mlflow_model.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from petbreeds import cli
 from petbreeds.data.sample_data import BREEDS as SAMPLE_BREEDS
 from petbreeds.data.sample_data import SampleParams, render
 from petbreeds.digest import file_digest
@@ -32,11 +32,9 @@ TOP1_SHARE, PROB_TOLERANCE, NEAR_TIE = 0.995, 0.01, 2 * 0.01
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model exported by the command a user types."""
-    out = tmp_path_factory.mktemp("export") / "tiny.onnx"
-    assert cli.main(["export", "--model", str(tiny_model), "--out", str(out)]) == 0
-    return out
+def exported(tiny_onnx: Path) -> Path:
+    """The tiny model exported by ``petbreeds export`` (tests/conftest.py)."""
+    return tiny_onnx
 
 
 def agreement(model_pt: Path, model_onnx: Path, files: list[Path]) -> list[str]:

@@ -32,6 +32,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -200,22 +201,37 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-def requirements() -> list[str]:
-    """The packages the model needs where it is loaded, pinned to the versions it was logged with."""
-    return [f"{name}=={importlib.metadata.version(name)}" for name in RUNTIME_PACKAGES]
+@dataclass(frozen=True)
+class ServedModel:
+    """One kind of the run's MLflow models: its LoggedModel name, the file MLflow runs to build it, the artifact
+    holding its model file, and the packages it needs where it is loaded."""
+
+    name: str
+    code: Path
+    artifact: str
+    packages: tuple[str, ...]
+
+    def requirements(self) -> list[str]:
+        """The packages the model needs where it is loaded, pinned to the versions it was logged with."""
+        return [f"{name}=={importlib.metadata.version(name)}" for name in self.packages]
+
+
+# The checkpoint, predicted by torch through petbreeds predict's code.
+TORCH_MODEL = ServedModel(MODEL_NAME, MODEL_CODE, CHECKPOINT, RUNTIME_PACKAGES)
 
 
 def log_model(
     client: MlflowClient,
     experiment_id: str,
     run_id: str,
-    checkpoint: Path,
+    model_file: Path,
     example: Path,
     *,
     params: Mapping[str, str],
     tags: Mapping[str, str],
+    kind: ServedModel = TORCH_MODEL,
 ) -> str:
-    """Log ``checkpoint`` as the pyfunc LoggedModel of run ``run_id`` (an output of the run) in the store of
+    """Log ``model_file`` as a ``kind`` pyfunc LoggedModel of run ``run_id`` (an output of the run) in the store of
     ``client``; ``example`` is the input example, base64 as served. The model's id.
 
     The model is created with the explicit client, in the run's experiment: MLflow's own creation would put it in
@@ -223,7 +239,7 @@ def log_model(
     metric already logged at the model's step to it, and the caller links the model's own.
     """
     model = client.create_logged_model(
-        experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(params), tags=dict(tags)
+        experiment_id, name=kind.name, source_run_id=run_id, params=dict(params), tags=dict(tags)
     )
     example_frame = pd.DataFrame({IMAGE: [base64.b64encode(example.read_bytes()).decode("ascii")]})
     # Model.log writes through the fluent tracking URI: point it at this client's store while it does.
@@ -233,12 +249,12 @@ def log_model(
             flavor=mlflow.pyfunc,
             run_id=run_id,
             model_id=model.model_id,
-            python_model=str(MODEL_CODE),
-            artifacts={CHECKPOINT: str(checkpoint)},
+            python_model=str(kind.code),
+            artifacts={kind.artifact: str(model_file)},
             code_paths=[str(PACKAGE)],
             signature=SIGNATURE,
             model_config=MODEL_CONFIG,
             input_example=example_frame,
-            pip_requirements=requirements(),
+            pip_requirements=kind.requirements(),
         )
     return model.model_id

@@ -31,6 +31,7 @@ from petbreeds.serve.mlflow_model import (
     LIMITS,
     MODEL_CONFIG,
     READ_PATHS,
+    ServedModel,
     request_images,
     response_frame,
 )
@@ -40,8 +41,14 @@ if TYPE_CHECKING:
     from petbreeds.data.presizing import ImageSource
 
 ONNX_ARTIFACT = "onnx"  # the artifact holding models/model.onnx
-ONNX_MODEL_NAME = "petbreeds-onnx"  # the LoggedModel's name in its run
-RUNTIME_PACKAGES = ("onnxruntime", "numpy", "pillow", "pandas")
+# Logged beside the torch model: the petbreeds package travels as its code, but only this module and the request
+# rules (mlflow_model, prediction, errors) are imported where it is loaded, so its environment has no torch.
+ONNX_MODEL = ServedModel(
+    name="petbreeds-onnx",
+    code=Path(__file__).with_name("onnx_model_code.py"),
+    artifact=ONNX_ARTIFACT,
+    packages=("onnxruntime", "numpy", "pillow", "pandas"),
+)
 
 
 def decode(source: ImageSource, item_size: int, name: str) -> np.ndarray:
