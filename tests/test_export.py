@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from ruamel.yaml import YAML
 
 from petbreeds.data.sample_data import BREEDS as SAMPLE_BREEDS
 from petbreeds.data.sample_data import SampleParams, render
@@ -127,3 +128,12 @@ def test_the_docs_client_classifies_a_jpeg_without_torch(exported: Path, tmp_pat
         [sys.executable, "-c", NO_TORCH.replace("exec(open('client.py').read())", "import torch")], capture_output=True
     )
     assert blocked.returncode != 0  # the block holds
+
+
+@pytest.mark.slow
+def test_the_pipeline_exports_its_model(finished: Path) -> None:
+    session = ort.InferenceSession(str(finished / "models/model.onnx"))
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["source_md5"] == file_digest(finished / "models/model.pt", "md5")
+    lock = YAML(typ="safe").load((finished / "dvc.lock").read_text())
+    assert "models/model.onnx" in [out["path"] for out in lock["stages"]["export"]["outs"]]

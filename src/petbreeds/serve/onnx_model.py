@@ -6,7 +6,7 @@
 Images are decoded as ``petbreeds predict`` decodes them (:func:`decode`); the rest of the transforms is inside the
 graph. :class:`OnnxBreedClassifier` is the MLflow pyfunc around it, with the torch pyfunc's input rules
 (:func:`petbreeds.serve.mlflow_model.request_images`), logged with the run beside it and served by
-``mlflow models serve`` from an environment of onnxruntime, numpy, Pillow and pandas.
+``mlflow models serve`` from an environment of mlflow-skinny, onnxruntime, numpy, Pillow and pandas.
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ if TYPE_CHECKING:
 
 ONNX_ARTIFACT = "onnx"  # the artifact holding models/model.onnx
 # Logged beside the torch model: the petbreeds package travels as its code, but only this module and the request
-# rules (mlflow_model, prediction, errors) are imported where it is loaded, so its environment has no torch.
+# rules (mlflow_model, prediction, errors) are imported where it is loaded, so its environment has no torch. MLflow's
+# client and scoring server (FastAPI, uvicorn) are all of mlflow-skinny; named, it stands for MLflow's full package
+# (which MLflow adds otherwise: 0.6 GB of scikit-learn, scipy, pyarrow, matplotlib, the tracking server ...).
 ONNX_MODEL = ServedModel(
     name="petbreeds-onnx",
     code=Path(__file__).with_name("onnx_model_code.py"),
     artifact=ONNX_ARTIFACT,
-    packages=("onnxruntime", "numpy", "pillow", "pandas"),
+    packages=("mlflow-skinny", "onnxruntime", "numpy", "pillow", "pandas"),
 )
 
 
