@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,11 +68,9 @@ def decode(source: ImageSource, item_size: int, name: str) -> np.ndarray:
 class OnnxPredictor:
     """An exported model loaded once in onnxruntime, and the path from images to its breeds."""
 
-    def __init__(self, model_path: Path, threads: int = 0) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
+    def __init__(self, model_path: Path) -> None:
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own unrelated types for a missing file and a bad one
             raise PetbreedsError(
                 f"{model_path}: not an ONNX model onnxruntime can load ({e}); export one with `petbreeds export`"
@@ -126,9 +123,7 @@ class OnnxBreedClassifier(mlflow.pyfunc.PythonModel):
         top_k = int((params or {}).get("top_k", DEFAULT_TOP_K))
         images, names = request_images(model_input, self._limits, self._read_paths)
         try:
-            with warnings.catch_warnings():  # request_images has bounded the pixels already
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                predictions = self._predictor(images, top_k, names=names)
+            predictions = self._predictor(images, top_k, names=names)
         except PetbreedsError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
         return response_frame(predictions)
