@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +176,6 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     model = args.model or default_model()
     out = args.out or model.with_suffix(".onnx")
-    logging.getLogger("torch.onnx").setLevel(logging.WARNING)
     export_onnx(model, out)
     print(f"{model} exported to {out}")
     return 0
