@@ -119,20 +119,22 @@ def served(store: str, model_id: str, port: int, log: Path) -> Iterator[str]:
             server.wait(timeout=60)
 
 
-def request(base: str, body: bytes) -> float:
-    """One request's latency in seconds; an answer other than 200 stops the run."""
+def request(base: str, body: bytes) -> float | None:
+    """One request's latency in seconds; None for an error (an HTTP status other than 200, a timeout)."""
     start = time.perf_counter()
     req = urllib.request.Request(f"{base}/invocations", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as response:
-        response.read()
-        if response.status != 200:
-            raise SystemExit(f"error: HTTP {response.status}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            response.read()
+    except OSError:  # urllib's HTTPError and URLError, a timeout
+        return None
     return time.perf_counter() - start
 
 
 def load(base: str, bodies: list[bytes], clients: int, seconds: float) -> dict[str, float]:
     """``clients`` threads sending requests back to back for ``seconds`` (each after one warm-up request)."""
     latencies: list[float] = []
+    errors = [0]
     lock = threading.Lock()
     start_line = threading.Barrier(clients + 1)
     stop = [0.0]
@@ -144,7 +146,10 @@ def load(base: str, bodies: list[bytes], clients: int, seconds: float) -> dict[s
         while time.perf_counter() < stop[0]:
             latency = request(base, bodies[i % len(bodies)])
             with lock:
-                latencies.append(latency)
+                if latency is None:
+                    errors[0] += 1
+                else:
+                    latencies.append(latency)
             i += clients
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -161,6 +166,7 @@ def load(base: str, bodies: list[bytes], clients: int, seconds: float) -> dict[s
     return {
         "clients": clients,
         "requests": len(latencies),
+        "errors": errors[0],
         "requests_per_s": len(latencies) / elapsed,
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * q[94],
@@ -220,7 +226,8 @@ def main() -> None:
                         rows.append(row)
                         print(
                             f"size {size} {name} {clients:>2} clients: {row['requests_per_s']:.1f} req/s, p50 "
-                            f"{row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms"
+                            f"{row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
+                            f"{row['errors']} errors"
                         )
     ratios = {
         f"{size}px_{clients}_clients": next(
