@@ -205,7 +205,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         store = f"sqlite:///{tmp / 'mlflow.db'}"
         client = MlflowClient(tracking_uri=store)
-        experiment_id = client.create_experiment("serve-bench")
+        experiment_id = client.create_experiment("serve-bench", artifact_location=(tmp / "artifacts").as_uri())
         run_id = client.create_run(experiment_id).info.run_id
         for size in args.sizes:
             checkpoint = make_checkpoint(size, tmp / f"model{size}.pt")
