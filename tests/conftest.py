@@ -141,6 +141,7 @@ NUMERIC_MODULES = frozenset(
         "test_augment.py",
         "test_device.py",
         "test_evaluate.py",
+        "test_export.py",
         "test_interpret.py",
         "test_lr_find.py",
         "test_model.py",
