@@ -8,9 +8,9 @@ Contract: input ``image``, uint8 ``[N, H, W, 3]`` RGB, any H and W (one size per
 float32 ``[N, classes]``, in the vocab's order. The graph does what ``petbreeds predict`` does after decoding: the
 centred square crop (``resize_method: crop``; ``squish`` keeps the whole image), the antialiased bilinear resize to
 ``item_size`` rounded to uint8 (the presizing), the antialiased resize to ``size``, ImageNet normalisation, the
-network, softmax. ONNX's Resize with ``antialias=1`` (opset 18) is the same filter as torch's antialiased bilinear
-resize when it excludes the outside; their uint8 fixed-point roundings differ: by at most 2 grey levels, 0.05 on
-average over real pets at 160 -> 128 px.
+network, softmax. The presizing is ONNX's Resize (``antialias=1``, opset 18: torch's filter, rounded within 1 grey
+level of torch's); the resize to ``size``, from one fixed size to another, is torch's uint8 kernel bit for bit
+(:func:`_exact_resize`): networks amplify a grey level's difference into probabilities 0.1 apart.
 ``resize_method: pad`` is not exported.
 
 Metadata (``custom_metadata_map`` in onnxruntime): :data:`FORMAT_KEY`, ``vocab`` (a JSON list), ``item_size``,
@@ -75,25 +75,36 @@ def preprocessing(ckpt: Checkpoint) -> onnx.GraphProto:
         helper.make_node("Transpose", [square], ["chw"], perm=[0, 3, 1, 2]),
         helper.make_node("Shape", ["chw"], ["nc"], start=0, end=2),
         helper.make_node("Concat", ["nc", "item_hw"], ["item_shape"], axis=0),
-        helper.make_node("Concat", ["nc", "size_hw"], ["size_shape"], axis=0),
+        # The presizing from the image's size: ONNX's Resize with antialias=1 is torch's antialiased bilinear filter
+        # when it excludes the outside (torch, as Pillow, clips the filter to the image and renormalises); their
+        # uint8 roundings differ by at most 1 grey level, on under 1 % of pixels (without exclude_outside, by up to
+        # 24 along the edges).
+        helper.make_node(
+            "Resize",
+            ["chw", "", "", "item_shape"],
+            ["item"],
+            mode="linear",
+            antialias=1,
+            exclude_outside=1,
+            coordinate_transformation_mode="half_pixel",
+        ),
     ]
-    # Both resizes on uint8, as torch's: the presized item is a uint8 image (rounded), then resized again. Torch
-    # (Pillow's filter) clips the filter's support to the image and renormalises: ONNX's exclude_outside=1. With it
-    # the two differ by at most 2 grey levels (rounding); without it, by up to 24 along the edges.
-    resize = {"mode": "linear", "antialias": 1, "exclude_outside": 1, "coordinate_transformation_mode": "half_pixel"}
-    nodes += [
-        helper.make_node("Resize", ["chw", "", "", "item_shape"], ["item"], **resize),
-        helper.make_node("Resize", ["item", "", "", "size_shape"], ["small"], **resize),
-        helper.make_node("Cast", ["small"], ["float"], to=TensorProto.FLOAT),
-        helper.make_node("Sub", ["float", "mean"], ["centred"]),
-        helper.make_node("Div", ["centred", "std"], [_PIXELS]),
-    ]
-    scale = np.float32(255)  # the model sees (x / 255 - mean) / std: on 0..255, (x - 255 mean) / (255 std)
     constants = [
         _constant("two", np.array([2], np.int64)),
         _constant("axes_hw", np.array([1, 2], np.int64)),
         _constant("item_hw", np.array([ckpt.item_size] * 2, np.int64)),
-        _constant("size_hw", np.array([ckpt.size] * 2, np.int64)),
+    ]
+    small = "item"
+    if ckpt.size != ckpt.item_size:  # ValidAugment resizes only then
+        nodes += _exact_resize("item", "small", ckpt.item_size, ckpt.size, constants)
+        small = "small"
+    scale = np.float32(255)  # the model sees (x / 255 - mean) / std: on 0..255, (x - 255 mean) / (255 std)
+    nodes += [
+        helper.make_node("Cast", [small], ["float"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["float", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "std"], [_PIXELS]),
+    ]
+    constants += [
         _constant("mean", np.array(ckpt.mean, np.float32).reshape(1, 3, 1, 1) * scale),
         _constant("std", np.array(ckpt.std, np.float32).reshape(1, 3, 1, 1) * scale),
     ]
@@ -111,6 +122,62 @@ def preprocessing(ckpt: Checkpoint) -> onnx.GraphProto:
         [helper.make_tensor_value_info(_PIXELS, TensorProto.FLOAT, ["N", 3, ckpt.size, ckpt.size])],
         constants,
     )
+
+
+def _int16_weights(n_in: int, n_out: int) -> tuple[np.ndarray, int]:
+    """torch's uint8 antialiased bilinear resize along one axis, ``n_in`` -> ``n_out`` pixels, as its CPU kernel
+    computes it (``_compute_index_ranges_int16_weights``): Pillow's triangle filter, widened by the scale when it
+    shrinks, clipped to the image and normalised, then as integers of ``precision`` bits. Matrix ``[n_out, n_in]``."""
+    scale = n_in / n_out
+    support, inverse = (scale, 1 / scale) if scale >= 1 else (1.0, 1.0)
+    weights = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        centre = scale * (i + 0.5)
+        low, high = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        taps = np.maximum(0.0, 1 - np.abs((np.arange(low, high) - centre + 0.5) * inverse))
+        weights[i, low:high] = taps / taps.sum()
+    precision = 0
+    while precision < 22 and int(0.5 + weights.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    return np.floor(weights * (1 << precision) + 0.5), precision
+
+
+def _exact_resize(source: str, out: str, n_in: int, n_out: int, constants: list[TensorProto]) -> list[onnx.NodeProto]:
+    """uint8 ``source`` [N, 3, n_in, n_in] -> uint8 ``out`` [N, 3, n_out, n_out], bit for bit torch's uint8 kernel
+    (ValidAugment's resize): a pass along the width, rounded to uint8, then along the height, each a product with
+    :func:`_int16_weights` in float32 or float64 (exact on these integers), rounded as the kernel rounds (add half,
+    shift).
+    ONNX's Resize rounds otherwise: up to 2 grey levels apart, which moves a network's probabilities by up to 0.1."""
+    weights, precision = _int16_weights(n_in, n_out)
+    # float32 holds every sum exactly while the weights' sum (2**precision) times 255 stays below 2**24 (the item
+    # shrinks by less than about 4x), and is several times faster than float64 in onnxruntime
+    exact_in_float32 = (1 << precision) * 255 < 1 << 24
+    dtype, onnx_type = (np.float32, TensorProto.FLOAT) if exact_in_float32 else (np.float64, TensorProto.DOUBLE)
+    constants += [
+        _constant(f"{out}_width", weights.T.astype(dtype)),
+        _constant(f"{out}_height", weights.astype(dtype)),
+        _constant(f"{out}_half", np.array(1 << (precision - 1), dtype)),
+        _constant(f"{out}_one", np.array(1 << precision, dtype)),
+        _constant(f"{out}_low", np.array(0, dtype)),
+        _constant(f"{out}_high", np.array(255, dtype)),
+    ]
+
+    def rounded(product: str, result: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("Add", [product, f"{out}_half"], [f"{result}_sum"]),
+            helper.make_node("Div", [f"{result}_sum", f"{out}_one"], [f"{result}_scaled"]),
+            helper.make_node("Floor", [f"{result}_scaled"], [f"{result}_floor"]),
+            helper.make_node("Clip", [f"{result}_floor", f"{out}_low", f"{out}_high"], [result]),
+        ]
+
+    return [
+        helper.make_node("Cast", [source], [f"{out}_wide"], to=onnx_type),
+        helper.make_node("MatMul", [f"{out}_wide", f"{out}_width"], [f"{out}_across"]),
+        *rounded(f"{out}_across", f"{out}_rows"),
+        helper.make_node("MatMul", [f"{out}_height", f"{out}_rows"], [f"{out}_down"]),
+        *rounded(f"{out}_down", f"{out}_double"),
+        helper.make_node("Cast", [f"{out}_double"], [out], to=TensorProto.UINT8),
+    ]
 
 
 def _network(model: nn.Module, ckpt: Checkpoint) -> onnx.ModelProto:
