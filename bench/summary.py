@@ -118,6 +118,25 @@ def repro_rows(record: Record) -> list[Cells]:
     ]
 
 
+def serve_rows(record: Record) -> list[Cells]:
+    """One row per size, model and number of clients; the environment's size and the ONNX / torch ratio with it."""
+    env, ratios = record["environment_mb"], record["onnx_over_torch"]
+    return [
+        [
+            f"{row['size']} px",
+            row["model"],
+            str(row["clients"]),
+            f"{row['requests_per_s']:.1f}",
+            f"{row['p50_ms']:.0f} / {row['p95_ms']:.0f} / {row['p99_ms']:.0f}",
+            f"{row['in_process_images_per_s']:.0f}",
+            times(ratios[f"{row['size']}px_{row['clients']}_clients"]) if row["model"] == "onnx" else DASH,
+            f"{env[row['model']]:,.0f}",
+            data_cell(record),
+        ]
+        for row in record["rows"]
+    ]
+
+
 # script -> (what it measures, its columns between "date"/"configuration" and "command"/"file", its rows)
 TABLES: dict[str, tuple[str, Cells, Callable[[Record], list[Cells]]]] = {
     "repro": (
@@ -167,6 +186,22 @@ TABLES: dict[str, tuple[str, Cells, Callable[[Record], list[Cells]]]] = {
             "data",
         ],
         data_pipeline_rows,
+    ),
+    "serve": (
+        "The served model under load, `mlflow models serve` with one worker, one base64 JPEG per request: the torch"
+        " pyfunc and the ONNX model side by side; in process: the ceiling (torch batched, ONNX one run per image)",
+        [
+            "size",
+            "model",
+            "clients",
+            "requests/s",
+            "p50 / p95 / p99 ms",
+            "in process images/s",
+            "ONNX / torch req/s",
+            "environment MB",
+            "data",
+        ],
+        serve_rows,
     ),
     "resume_cost": (
         "The training stages' resume state per saved epoch",

@@ -143,6 +143,7 @@ NUMERIC_MODULES = frozenset(
         "test_augment.py",
         "test_device.py",
         "test_evaluate.py",
+        "test_export.py",
         "test_interpret.py",
         "test_lr_find.py",
         "test_model.py",
@@ -296,3 +297,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint of a tiny model that names the colour breeds of unseen images with a clear margin."""
     root = tmp_path_factory.mktemp("tiny_model")
     return _train_tiny_model(root / "raw", root / "model.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`tiny_model` exported to ONNX by the command a user types (``petbreeds export``)."""
+    from petbreeds import cli
+
+    out = tmp_path_factory.mktemp("tiny_onnx") / "model.onnx"
+    assert cli.main(["export", "--model", str(tiny_model), "--out", str(out)]) == 0
+    return out

@@ -29,6 +29,7 @@ STAGES = (
     "lr_find_unfrozen",
     "train_unfrozen",
     "evaluate",
+    "export",
     "mlflow_log",
 )
 # The baseline's params.yaml: a pipeline of seconds

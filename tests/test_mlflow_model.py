@@ -40,6 +40,7 @@ from petbreeds.errors import PetbreedsError
 from petbreeds.learn.checkpoint import load_checkpoint
 from petbreeds.learn.device import Compute
 from petbreeds.learn.inference import get_preds
+from petbreeds.serve.onnx_model import ONNX_MODEL, OnnxPredictor
 from petbreeds.serve.predict import predict
 from petbreeds.track import registry
 from petbreeds.track.identity import RunIdentity
@@ -56,9 +57,9 @@ def identity(name: str, exp: bool = True) -> RunIdentity:
     return RunIdentity(name=name, exp_name=name if exp else None, baseline_rev=BASELINE, git_commit=BASELINE)
 
 
-def write_result(root: Path, model: Path | None, write_breed_images) -> None:
-    """A pipeline result as the stages leave it: params.yaml, dvc.lock, metrics, the split table and its images, and
-    ``model`` as models/model.pt (dvc.lock records it only then)."""
+def write_result(root: Path, model: Path | None, write_breed_images, onnx: Path | None = None) -> None:
+    """A pipeline result as the stages leave it: params.yaml, dvc.lock, metrics, the split table and its images,
+    ``model`` as models/model.pt and ``onnx`` as models/model.onnx (dvc.lock records each only then)."""
     table = write_breed_images(root / "data/raw/images", 1, 600)  # paths relative to data/raw
     table["split"] = ["train", "valid", "valid"]
     (root / "data/split.csv").write_text(table.to_csv(index=False))
@@ -72,16 +73,22 @@ def write_result(root: Path, model: Path | None, write_breed_images) -> None:
             "cmd": "python stages/train.py unfrozen",
             "outs": [{"path": "models/model.pt", "md5": md5}],
         }
+    if onnx is not None:
+        shutil.copy(onnx, root / "models/model.onnx")
+        md5 = hashlib.md5((root / "models/model.onnx").read_bytes()).hexdigest()
+        stages["export"] = {"cmd": "python stages/export.py", "outs": [{"path": "models/model.onnx", "md5": md5}]}
     (root / "dvc.lock").write_text(json.dumps({"schema": "2.0", "stages": stages}))  # JSON is YAML
     (root / "metrics").mkdir()
     (root / "metrics/evaluate.json").write_text(json.dumps(METRICS))
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, write_breed_images) -> Iterator[Path]:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_onnx: Path, write_breed_images
+) -> Iterator[Path]:
     """The result's folder, with its own default store (``mlflow.db``): MLFLOW_TRACKING_URI unset, DVC_ROOT set."""
     root = tmp_path_factory.mktemp("mlflow_model") / "project"
-    write_result(root, tiny_model, write_breed_images)
+    write_result(root, tiny_model, write_breed_images, tiny_onnx)
     with pytest.MonkeyPatch.context() as mp:
         for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_RUN_ID"):
             mp.delenv(var, raising=False)
@@ -102,8 +109,12 @@ def run_id(project: Path) -> str:
 
 @pytest.fixture(scope="module")
 def model_id(store: MlflowClient, run_id: str) -> str:
-    (output,) = store.get_run(run_id).outputs.model_outputs
-    return output.model_id
+    return registry.logged_model_id(store, store.get_run(run_id))
+
+
+@pytest.fixture(scope="module")
+def onnx_model_id(store: MlflowClient, run_id: str) -> str:
+    return registry.logged_model_id(store, store.get_run(run_id), ONNX_MODEL.name)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +124,7 @@ def champion(project: Path, model_id: str) -> int:
 
 
 def test_the_run_logs_its_model_with_metrics_signature_and_input_example(
-    project: Path, store: MlflowClient, run_id: str, model_id: str
+    project: Path, store: MlflowClient, run_id: str, model_id: str, onnx_model_id: str
 ) -> None:
     model = store.get_logged_model(model_id)
     assert model.status == LoggedModelStatus.READY and model.name == "petbreeds"
@@ -139,23 +150,24 @@ def test_the_run_logs_its_model_with_metrics_signature_and_input_example(
     # nothing outside the petbreeds experiment: no fluent run, no model in MLflow's Default experiment
     experiments = [e.experiment_id for e in store.search_experiments()]
     assert [r.info.run_name for r in store.search_runs(experiments)] == ["exp-a"]
-    assert [m.model_id for m in store.search_logged_models(experiment_ids=experiments)] == [model_id]
+    assert {m.model_id for m in store.search_logged_models(experiment_ids=experiments)} == {model_id, onnx_model_id}
 
 
 def test_logging_a_result_again_logs_no_second_model(project: Path, store: MlflowClient, run_id: str) -> None:
     assert log_pipeline(project, identity("exp-a"), project) == run_id
     experiment_id = store.get_run(run_id).info.experiment_id
-    assert len(store.search_logged_models(experiment_ids=[experiment_id])) == 1
+    assert len(store.search_logged_models(experiment_ids=[experiment_id])) == 2  # the torch and the ONNX model
 
 
 def test_an_interrupted_attempt_is_replaced_with_its_model(project: Path, store: MlflowClient) -> None:
     first = log_pipeline(project, identity("exp-interrupted"), project)
-    (old,) = store.get_run(first).outputs.model_outputs
+    old = store.get_run(first).outputs.model_outputs
     store.update_run(first, status="FAILED")  # as a stage killed while logging leaves it
     second = log_pipeline(project, identity("exp-interrupted"), project)
-    assert second != first and store.get_run(second).outputs.model_outputs
-    with pytest.raises(MlflowException, match="not found"):
-        store.get_logged_model(old.model_id)
+    assert second != first and len(store.get_run(second).outputs.model_outputs) == len(old) == 2
+    for output in old:
+        with pytest.raises(MlflowException, match="not found"):
+            store.get_logged_model(output.model_id)
 
 
 LOAD_AND_PREDICT = """
@@ -263,12 +275,14 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 @contextmanager
-def served(project: Path, folder: Path, port: int, **env_vars: str) -> Iterator[str]:
-    """The champion served by a real ``mlflow models serve`` on ``port`` (environment + ``env_vars``), answering
+def served(
+    project: Path, folder: Path, port: int, model: str = "models:/petbreeds@champion", **env_vars: str
+) -> Iterator[str]:
+    """``model`` served by a real ``mlflow models serve`` on ``port`` (environment + ``env_vars``), answering
     /ping; yields its base URL, stops it (and its uvicorn child) afterwards. Its log is ``folder/serve.log``."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **env_vars}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the server runs `uvicorn` from the venv
-    command = [MLFLOW, "models", "serve", "-m", "models:/petbreeds@champion", "--env-manager", "local"]
+    command = [MLFLOW, "models", "serve", "-m", model, "--env-manager", "local"]
     log_path = folder / "serve.log"
     log = log_path.open("w")
     # its own process group: the server runs uvicorn as a child, and both must go
@@ -417,3 +431,75 @@ def test_the_pyfunc_predicts_with_tta_when_asked_and_bounds_it(tiny_model: Path,
         loaded({"max_tta": 1}).predict(None, frame, params={"tta": 2})
     with pytest.raises(MlflowException, match=r"tta = -1: "):
         model.predict(None, frame, params={"tta": -1})
+
+
+def test_the_onnx_model_is_logged_beside_with_an_environment_without_torch(
+    store: MlflowClient, run_id: str, onnx_model_id: str
+) -> None:
+    model = store.get_logged_model(onnx_model_id)
+    assert model.status == LoggedModelStatus.READY and model.name == "petbreeds-onnx"
+    assert model.source_run_id == run_id and model.tags["dvc.exp_name"] == "exp-a"
+    path = Path(urlparse(model.artifact_location).path)
+    requirements = {line.split("==")[0] for line in (path / "requirements.txt").read_text().split()}
+    assert requirements == {"mlflow-skinny", "onnxruntime", "numpy", "pillow", "pandas"}
+    assert Model.load(str(path)).signature.inputs.input_names() == ["image"]
+
+
+# Where the served ONNX model runs, torch cannot be imported: every Python process of the server (mlflow, uvicorn,
+# its workers) loads this sitecustomize first, which blocks torch and leaves its pid as proof that it ran.
+NO_TORCH_SITE = """import os, sys
+sys.modules["torch"] = None
+open(os.path.join(os.path.dirname(__file__), f"loaded.{os.getpid()}"), "w").close()
+"""
+
+
+@pytest.mark.slow
+def test_the_onnx_model_is_served_without_torch_by_the_same_rules(
+    project: Path, tmp_path: Path, onnx_model_id: str, tiny_onnx: Path, free_port, write_breed_images
+) -> None:
+    registry.register(project, "exp-a", "petbreeds-onnx", "champion", ONNX_MODEL.name)
+    site = tmp_path / "no_torch"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_TORCH_SITE)
+    pythonpath = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    write_breed_images(tmp_path / "new", 1, 810)
+    image = tmp_path / "new/blue_dog_810.jpg"
+    jpeg = base64.b64encode(image.read_bytes()).decode()
+    with served(project, tmp_path, free_port(), "models:/petbreeds-onnx@champion", PYTHONPATH=pythonpath) as base:
+        status, answer = invoke(base, [jpeg, jpeg])
+        assert status == 200, answer
+        (expected,) = OnnxPredictor(tiny_onnx)([image])
+        for prediction in answer["predictions"]:
+            assert prediction["breed"] == "blue_dog" == expected.breed
+            assert [t["probability"] for t in prediction["top_k"]] == pytest.approx(
+                [p for _, p in expected.top_k], abs=1e-6
+            )
+        # the torch pyfunc's refusals, word for word
+        assert refused(base, [base64.b64encode(b"hello").decode()]).startswith(
+            "image row 0: not an image Pillow can read (no image format recognised)"
+        )
+        assert refused(base, [str(image)]) == "image row 0: not base64; send each image file's bytes base64-encoded"
+        assert refused(base, [jpeg] * 33).startswith("33 images in one request, more than max_images = 32")
+        bomb = io.BytesIO()
+        Image.new("RGB", (12_000, 12_000), (90, 120, 200)).save(bomb, format="PNG")
+        message = refused(base, [jpeg, base64.b64encode(bomb.getvalue()).decode()])
+        assert message.startswith("image row 1: 12000 x 12000 = 144,000,000 pixels, more than max_pixels = 50,000,000")
+        status, answer = invoke(base, [jpeg])
+        assert status == 200 and answer["predictions"][0]["breed"] == "blue_dog", answer
+    assert len(list(site.glob("loaded.*"))) >= 2  # the server and its worker ran with torch blocked
+
+
+def test_the_onnx_pyfunc_refuses_tta_instead_of_ignoring_it(tiny_onnx: Path, write_breed_images, tmp_path) -> None:
+    """The ONNX model shares the torch pyfunc's signature, param tta included; it has no augmented passes."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from petbreeds.serve.onnx_model import ONNX_ARTIFACT, OnnxBreedClassifier
+
+    model = OnnxBreedClassifier()
+    model.load_context(PythonModelContext(artifacts={ONNX_ARTIFACT: str(tiny_onnx)}, model_config=None))
+    write_breed_images(tmp_path / "new", 1, 720)
+    frame = pd.DataFrame({"image": [base64.b64encode((tmp_path / "new/green_cat_720.jpg").read_bytes()).decode()]})
+    assert model.predict(None, frame, params={"tta": 0}).loc[0, "breed"] == "green_cat"
+    with pytest.raises(MlflowException, match=r"tta: the ONNX model has no test-time augmentation") as e:
+        model.predict(None, frame, params={"tta": 2})
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"

@@ -3,6 +3,7 @@
     petbreeds [-v] COMMAND [ARGS...]   # -v: the libraries' INFO lines too (as PETBREEDS_VERBOSE=1)
     petbreeds --version
     petbreeds predict IMAGE_OR_FOLDER [--model models/model.pt] [--top-k 3]
+    petbreeds export [--model models/model.pt] [--out models/model.onnx]  # ONNX, preprocessing inside
     petbreeds show-batch      # PNG grids of an augmented training batch and a validation batch
     petbreeds summary         # walk one sample and one batch through every data step
     petbreeds mlflow-relog    # (re)build the MLflow run of the current DVC outputs
@@ -29,6 +30,7 @@ from petbreeds.runtime import VERBOSE_ENV, quiet_by_default
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("petbreeds.serve.predict", "cli", "breed and probability for an image or a folder of images"),
+    "export": ("petbreeds.serve.export", "cli", "the model as one ONNX file that runs without torch"),
     "show-batch": ("petbreeds.data.show", "show_batch_cli", "PNG grids of a training and a validation batch"),
     "summary": ("petbreeds.data.show", "summary_cli", "walk one sample and one batch through every data step"),
     "mlflow-relog": ("petbreeds.track.relog", "relog_cli", "log the current DVC outputs to MLflow again"),

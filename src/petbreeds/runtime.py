@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from petbreeds.errors import PetbreedsError
+
 # PETBREEDS_VERBOSE=1 (or `petbreeds -v`) keeps the libraries' own INFO lines. Env var, not a param: the stages
 # run under DVC, and a param would invalidate them.
 VERBOSE_ENV = "PETBREEDS_VERBOSE"
@@ -25,6 +27,22 @@ def project_root() -> Path:
         return Path(os.environ["DVC_ROOT"]).resolve()
     cwd = Path.cwd().resolve()
     return next((d for d in (cwd, *cwd.parents) if (d / "dvc.yaml").is_file()), cwd)
+
+
+DEFAULT_MODEL = Path("models/model.pt")  # where train_unfrozen writes it, in the project root
+
+
+def default_model() -> Path:
+    """``models/model.pt`` in the current folder, else in the project root; a :class:`PetbreedsError` naming both."""
+    cwd, root = Path.cwd().resolve(), project_root()
+    for candidate in (cwd / DEFAULT_MODEL, root / DEFAULT_MODEL):
+        if candidate.is_file():
+            return candidate
+    project = str(root) if (root / "dvc.yaml").is_file() else "none: no folder from here up holds dvc.yaml"
+    raise PetbreedsError(
+        f"no model given, and {DEFAULT_MODEL} is in neither the current folder ({cwd}) nor the project root "
+        f"({project}); pass --model PATH (model_path= in Python), or train the project's model with `dvc repro`"
+    )
 
 
 # What the stages cache on this machine (train.precision auto's calibration, train.compile's kernels), outside git

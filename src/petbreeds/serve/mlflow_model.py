@@ -31,8 +31,9 @@ import importlib.metadata
 import io
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, 
 from PIL import Image
 
 from petbreeds.errors import PetbreedsError
+from petbreeds.serve.prediction import Prediction
 
 if TYPE_CHECKING:
     from petbreeds.data.presizing import ImageSource
@@ -108,30 +110,44 @@ class BreedClassifier(mlflow.pyfunc.PythonModel):
                 f"tta = {tta}: augmented passes must be between 0 and max_tta = {self._limits['max_tta']}; ask for "
                 f"fewer, or raise max_tta ({SERVING_CONFIG_HINT})"
             )
-        values = model_input[IMAGE]
-        if len(values) > self._limits["max_images"]:
-            raise MlflowException.invalid_parameter_value(
-                f"{len(values)} images in one request, more than max_images = {self._limits['max_images']}; send "
-                f"fewer per request, or raise max_images ({SERVING_CONFIG_HINT})"
-            )
-        images = [_image_source(value, row, self._read_paths) for row, value in enumerate(values)]
-        for row, image in enumerate(images):
-            if isinstance(image, bytes):
-                _check_pixels(image, row, self._limits["max_pixels"])
-        names = [f"{IMAGE} row {row}" for row in range(len(images))]
+        images, names = request_images(model_input, self._limits, self._read_paths)
         try:
             predictions = self._predictor(images, top_k, names=names, tta=tta)
         except PetbreedsError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        rows = [
-            {
-                "breed": p.breed,
-                "probability": p.probability,
-                "top_k": [{"breed": breed, "probability": prob} for breed, prob in p.top_k],
-            }
-            for p in predictions
-        ]
-        return pd.DataFrame(rows, columns=["breed", "probability", "top_k"])
+        return response_frame(predictions)
+
+
+def request_images(
+    model_input: pd.DataFrame, limits: Mapping[str, int], read_paths: bool
+) -> tuple[list[ImageSource], list[str]]:
+    """A request's images and their names (``image row i``), within ``limits``: the rules every served petbreeds
+    model applies (this pyfunc and the ONNX one, :mod:`petbreeds.serve.onnx_model`). A refusal is an
+    ``MlflowException`` (HTTP 400)."""
+    values = model_input[IMAGE]
+    if len(values) > limits["max_images"]:
+        raise MlflowException.invalid_parameter_value(
+            f"{len(values)} images in one request, more than max_images = {limits['max_images']}; send "
+            f"fewer per request, or raise max_images ({SERVING_CONFIG_HINT})"
+        )
+    images = [_image_source(value, row, read_paths) for row, value in enumerate(values)]
+    for row, image in enumerate(images):
+        if isinstance(image, bytes):
+            _check_pixels(image, row, limits["max_pixels"])
+    return images, [f"{IMAGE} row {row}" for row in range(len(images))]
+
+
+def response_frame(predictions: Sequence[Prediction]) -> pd.DataFrame:
+    """The served answer (:data:`SIGNATURE`'s outputs), a row per image."""
+    rows = [
+        {
+            "breed": p.breed,
+            "probability": p.probability,
+            "top_k": [{"breed": breed, "probability": prob} for breed, prob in p.top_k],
+        }
+        for p in predictions
+    ]
+    return pd.DataFrame(rows, columns=["breed", "probability", "top_k"])
 
 
 def _image_source(value: object, row: int, read_paths: bool) -> ImageSource:
@@ -194,22 +210,37 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-def requirements() -> list[str]:
-    """The packages the model needs where it is loaded, pinned to the versions it was logged with."""
-    return [f"{name}=={importlib.metadata.version(name)}" for name in RUNTIME_PACKAGES]
+@dataclass(frozen=True)
+class ServedModel:
+    """One kind of the run's MLflow models: its LoggedModel name, the file MLflow runs to build it, the artifact
+    holding its model file, and the packages it needs where it is loaded."""
+
+    name: str
+    code: Path
+    artifact: str
+    packages: tuple[str, ...]
+
+    def requirements(self) -> list[str]:
+        """The packages the model needs where it is loaded, pinned to the versions it was logged with."""
+        return [f"{name}=={importlib.metadata.version(name)}" for name in self.packages]
+
+
+# The checkpoint, predicted by torch through petbreeds predict's code.
+TORCH_MODEL = ServedModel(MODEL_NAME, MODEL_CODE, CHECKPOINT, RUNTIME_PACKAGES)
 
 
 def log_model(
     client: MlflowClient,
     experiment_id: str,
     run_id: str,
-    checkpoint: Path,
+    model_file: Path,
     example: Path,
     *,
     params: Mapping[str, str],
     tags: Mapping[str, str],
+    kind: ServedModel = TORCH_MODEL,
 ) -> str:
-    """Log ``checkpoint`` as the pyfunc LoggedModel of run ``run_id`` (an output of the run) in the store of
+    """Log ``model_file`` as a ``kind`` pyfunc LoggedModel of run ``run_id`` (an output of the run) in the store of
     ``client``; ``example`` is the input example, base64 as served. The model's id.
 
     The model is created with the explicit client, in the run's experiment: MLflow's own creation would put it in
@@ -217,7 +248,7 @@ def log_model(
     metric already logged at the model's step to it, and the caller links the model's own.
     """
     model = client.create_logged_model(
-        experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(params), tags=dict(tags)
+        experiment_id, name=kind.name, source_run_id=run_id, params=dict(params), tags=dict(tags)
     )
     example_frame = pd.DataFrame({IMAGE: [base64.b64encode(example.read_bytes()).decode("ascii")]})
     # Model.log writes through the fluent tracking URI: point it at this client's store while it does.
@@ -227,12 +258,12 @@ def log_model(
             flavor=mlflow.pyfunc,
             run_id=run_id,
             model_id=model.model_id,
-            python_model=str(MODEL_CODE),
-            artifacts={CHECKPOINT: str(checkpoint)},
+            python_model=str(kind.code),
+            artifacts={kind.artifact: str(model_file)},
             code_paths=[str(PACKAGE)],
             signature=SIGNATURE,
             model_config=MODEL_CONFIG,
             input_example=example_frame,
-            pip_requirements=requirements(),
+            pip_requirements=kind.requirements(),
         )
     return model.model_id

@@ -28,7 +28,6 @@ import io
 import logging
 import sys
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,42 +41,13 @@ from petbreeds.learn.device import Compute, pick_device, resolve_precision
 from petbreeds.learn.inference import get_preds
 from petbreeds.learn.tta import FASTAI_BETA, FASTAI_USE_MAX, combine
 from petbreeds.progress import progress
-from petbreeds.runtime import project_root
+from petbreeds.runtime import default_model
+from petbreeds.serve.prediction import Prediction
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 64  # images decoded and predicted at a time: bounds memory for large folders
-DEFAULT_MODEL = Path("models/model.pt")  # where train_unfrozen writes it, in the project root
 TTA_SEED = 0  # the augmented passes' crops and draws (any fixed number: the same call, the same answer)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The ``top_k`` most probable breeds of one image, most probable first; ``path`` is None for image bytes."""
-
-    path: Path | None
-    top_k: list[tuple[str, float]]
-
-    @property
-    def breed(self) -> str:
-        return self.top_k[0][0]
-
-    @property
-    def probability(self) -> float:
-        return self.top_k[0][1]
-
-
-def default_model() -> Path:
-    """``models/model.pt`` in the current folder, else in the project root; a :class:`PetbreedsError` naming both."""
-    cwd, root = Path.cwd().resolve(), project_root()
-    for candidate in (cwd / DEFAULT_MODEL, root / DEFAULT_MODEL):
-        if candidate.is_file():
-            return candidate
-    project = str(root) if (root / "dvc.yaml").is_file() else "none: no folder from here up holds dvc.yaml"
-    raise PetbreedsError(
-        f"no model given, and {DEFAULT_MODEL} is in neither the current folder ({cwd}) nor the project root "
-        f"({project}); pass --model PATH (model_path= in Python), or train the project's model with `dvc repro`"
-    )
 
 
 def image_files(folder: Path) -> list[Path]:

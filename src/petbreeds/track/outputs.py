@@ -45,6 +45,7 @@ _AXES = ("epoch", "global_epoch", "iteration", "global_iteration")
 # The result's model, logged as the run's MLflow model (petbreeds.serve.mlflow_model) with a validation image as its
 # input example; the evaluate stage's numbers are linked to it as its metrics.
 MODEL_FILE = "models/model.pt"
+ONNX_FILE = "models/model.onnx"  # the export stage's: logged as a second MLflow model, served without torch
 SPLIT_TABLE = "data/split.csv"
 RAW_DIR = "data/raw"
 MODEL_METRICS_STAGE = "evaluate"
@@ -131,6 +132,11 @@ def out_md5(lock: Mapping[str, Any], stage: str, path: str) -> str | None:
 def has_model(lock: Mapping[str, Any]) -> bool:
     """Whether the result of ``lock`` (dvc.lock's content) has a model: train_unfrozen recorded one."""
     return out_md5(lock, "train_unfrozen", MODEL_FILE) is not None
+
+
+def has_onnx_model(lock: Mapping[str, Any]) -> bool:
+    """Whether the result of ``lock`` has an exported ONNX model: the export stage recorded one."""
+    return out_md5(lock, "export", ONNX_FILE) is not None
 
 
 def example_image(root: Path) -> str:

@@ -24,13 +24,16 @@ from requests.exceptions import RequestException
 from petbreeds.errors import PetbreedsError
 from petbreeds.runtime import project_root
 from petbreeds.serve.mlflow_model import log_model
+from petbreeds.serve.onnx_model import ONNX_MODEL
 from petbreeds.track.identity import RunIdentity, current_identity, producer, result_key, stage_status
 from petbreeds.track.outputs import (
     MODEL_FILE,
+    ONNX_FILE,
     PipelineOutputs,
     epoch_ms,
     example_image,
     has_model,
+    has_onnx_model,
     not_run_stages,
     out_md5,
     param_texts,
@@ -128,6 +131,28 @@ def _log_model(
     )
 
 
+def _log_onnx_model(
+    client: MlflowClient, experiment_id: str, run_id: str, outputs: PipelineOutputs, tags: Mapping[str, str]
+) -> str | None:
+    """``models/model.onnx`` as the run's second MLflow model (``petbreeds-onnx``, served without torch), with the
+    same params, tags and input example; its id, or None where the export stage recorded none."""
+    if not has_onnx_model(outputs.lock):
+        return None
+    onnx_file = outputs.root / ONNX_FILE
+    if not onnx_file.is_file():
+        raise PetbreedsError(f"{onnx_file}: not found, though dvc.lock lists it; run `dvc checkout` or `dvc repro`")
+    return log_model(
+        client,
+        experiment_id,
+        run_id,
+        onnx_file,
+        outputs.root / example_image(outputs.root),
+        params=param_texts(outputs),
+        tags={k: tags[k] for k in MODEL_TAGS if k in tags},
+        kind=ONNX_MODEL,
+    )
+
+
 def _adopt_children(client: MlflowClient, run_id: str, outputs: PipelineOutputs) -> None:
     """Live child runs of the stages executed for this result become this run's children.
 
@@ -170,6 +195,7 @@ def log_pipeline(files_root: Path, identity: RunIdentity, store_root: Path) -> s
         # The model before the metrics: MLflow links every metric a run already has at the model's step to the
         # model; _log_contents links the model's own (the evaluate stage's).
         model_id = _log_model(client, experiment_id, run_id, outputs, tags)
+        onnx_id = _log_onnx_model(client, experiment_id, run_id, outputs, tags)
         _log_contents(client, run_id, outputs, model_id)
         _adopt_children(client, run_id, outputs)
     except BaseException:
@@ -184,6 +210,7 @@ def log_pipeline(files_root: Path, identity: RunIdentity, store_root: Path) -> s
             if old.info.run_id != run_id:
                 client.set_tag(old.info.run_id, "dvc.superseded", "true")
     model = f", its model models:/{model_id}" if model_id else ""
+    model += f" (ONNX: models:/{onnx_id})" if onnx_id else ""
     print(f"mlflow: logged {identity.name} as run {run_id}{model} in {tracking_uri(store_root)}")
     return run_id
 

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from petbreeds.errors import PetbreedsError
 from petbreeds.runtime import project_root
-from petbreeds.serve.mlflow_model import fluent_tracking_uri
+from petbreeds.serve.mlflow_model import MODEL_NAME, fluent_tracking_uri
+from petbreeds.serve.onnx_model import ONNX_MODEL
 from petbreeds.track.parent_run import MODEL_TAGS
 from petbreeds.track.provenance import git_commit
 from petbreeds.track.store import open_experiment, tracking_uri
@@ -47,17 +48,19 @@ def find_run(client: MlflowClient, experiment_id: str, name: str, head: str | No
     )
 
 
-def logged_model_id(client: MlflowClient, run: Run) -> str:
-    """The id of the MLflow model ``run`` logged (the latest, if it logged several), checked to be READY."""
+def logged_model_id(client: MlflowClient, run: Run, kind: str = MODEL_NAME) -> str:
+    """The id of the MLflow model named ``kind`` that ``run`` logged (the latest, if it logged several), checked to
+    be READY: ``petbreeds`` (torch) or ``petbreeds-onnx`` (the exported model, served without torch)."""
     outputs = sorted(run.outputs.model_outputs if run.outputs else [], key=lambda o: o.step)
+    models = [m for m in (client.get_logged_model(o.model_id) for o in outputs) if m.name == kind]
     name, run_id = run.info.run_name, run.info.run_id
-    if not outputs:
+    if not models:
         raise PetbreedsError(
-            f"run {name} ({run_id}) has no logged model: it was logged before petbreeds logged models; delete that "
-            f"run (`mlflow runs delete --run-id {run_id}`, or in the UI) and log it again (`petbreeds mlflow-relog`, "
-            "with the experiment's name for an experiment)"
+            f"run {name} ({run_id}) has no logged model {kind!r}: it was logged before petbreeds logged such models; "
+            f"delete that run (`mlflow runs delete --run-id {run_id}`, or in the UI) and log it again "
+            "(`petbreeds mlflow-relog`, with the experiment's name for an experiment)"
         )
-    model = client.get_logged_model(outputs[-1].model_id)
+    model = models[-1]
     if model.status != LoggedModelStatus.READY:
         raise PetbreedsError(
             f"the model {model.model_id} of run {name} is {model.status}, not READY: its logging did not "
@@ -66,11 +69,12 @@ def logged_model_id(client: MlflowClient, run: Run) -> str:
     return model.model_id
 
 
-def register(root: Path, experiment: str, name: str, alias: str | None) -> ModelVersion:
-    """A new version of registered model ``name`` from ``experiment``'s logged model, tagged, with ``alias``."""
+def register(root: Path, experiment: str, name: str, alias: str | None, kind: str = MODEL_NAME) -> ModelVersion:
+    """A new version of registered model ``name`` from ``experiment``'s logged model ``kind``, tagged, with
+    ``alias``."""
     client, experiment_id = open_experiment(root)
     run = find_run(client, experiment_id, experiment, git_commit(root))
-    model_id = logged_model_id(client, run)
+    model_id = logged_model_id(client, run, kind)
     tags = {k: run.data.tags[k] for k in MODEL_TAGS if run.data.tags.get(k)}
     try:
         if not client.search_registered_models(f"name = '{name}'"):
@@ -97,9 +101,12 @@ def register_cli(argv: list[str]) -> int:
     parser.add_argument("experiment", metavar="EXPERIMENT", help="a DVC experiment's name, or an MLflow run's name")
     parser.add_argument("--name", default="petbreeds", help="the registered model's name (petbreeds)")
     parser.add_argument("--alias", help="an alias to point at the new version, e.g. champion")
+    parser.add_argument(
+        "--onnx", action="store_true", help="the exported ONNX model (served without torch) instead of the torch one"
+    )
     args = parser.parse_args(argv)
     root = project_root()
-    version = register(root, args.experiment, args.name, args.alias)
+    version = register(root, args.experiment, args.name, args.alias, ONNX_MODEL.name if args.onnx else MODEL_NAME)
     uri = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{version.version}"
     print(f"registered {args.experiment} as {uri} (version {version.version})")
     # The server reads the registry from the environment; 5001: `make ui` serves on 5000.

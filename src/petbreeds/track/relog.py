@@ -22,7 +22,15 @@ from ruamel.yaml import YAML
 from petbreeds.errors import PetbreedsError
 from petbreeds.runtime import project_root
 from petbreeds.track.identity import RunIdentity, repro_name, result_stages, uncommitted_results
-from petbreeds.track.outputs import MODEL_FILE, SPLIT_TABLE, example_image, has_model, read_yaml
+from petbreeds.track.outputs import (
+    MODEL_FILE,
+    ONNX_FILE,
+    SPLIT_TABLE,
+    example_image,
+    has_model,
+    has_onnx_model,
+    read_yaml,
+)
 from petbreeds.track.parent_run import log_pipeline
 from petbreeds.track.provenance import git_commit
 
@@ -84,7 +92,8 @@ def _export_commit(root: Path, commit: str, dest: Path) -> None:
     """An experiment's outputs as its commit holds them, into ``dest``: git keeps params.yaml, dvc.lock and metrics/
     (``cache: false``); plots/ and reports/ (run_info sidecars included) come from DVC's cache, read through DVC at
     that commit (they are cached so that DVC's run cache works, dvc.yaml), and so does the model with its input
-    example (models/model.pt, data/split.csv and one image of data/raw) when dvc.lock records one."""
+    example (models/model.pt, data/split.csv and one image of data/raw) when dvc.lock records one, and
+    models/model.onnx when the export stage made one."""
     archive = subprocess.run(["git", "archive", commit], cwd=root, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
@@ -110,6 +119,8 @@ def _export_commit(root: Path, commit: str, dest: Path) -> None:
         export(MODEL_FILE)
         export(SPLIT_TABLE)
         export(example_image(dest))
+    if has_onnx_model(lock):
+        export(ONNX_FILE)
 
 
 def relog_cli(argv: list[str]) -> int:
