@@ -29,7 +29,9 @@ repro: $(STAMP)
 # Two pytest-xdist workers, one test file each at a time (a module's fixtures are built once); the 15 slowest tests
 # printed at the end, so that a slow newcomer is seen the day it lands (docs/development.md § "Tests").
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+# --no-loadscope-reorder: files are handed out in the order tests/conftest.py sorts them (the longest first);
+# pytest-xdist would otherwise hand out the files with the most tests first, and a long one-test file last.
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test: $(STAMP)
 	$(BIN)/ruff check .
