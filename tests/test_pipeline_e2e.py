@@ -165,10 +165,13 @@ def test_experiments_run_cache_and_queue_each_give_one_complete_parent_run(repo:
     head = run(repo, "git", "rev-parse", "--short=7", "HEAD").strip()
     assert stages_run(run(repo, DVC, "repro")) == ["mlflow_log"]
     assert f"repro@{head}" in parents(repo)
-    # models/model.pt is the run's MLflow model, READY (tests/test_mlflow_model.py loads, registers and serves one)
-    (model,) = parents(repo)[f"repro@{head}"].outputs.model_outputs
+    # models/model.pt and models/model.onnx are the run's MLflow models, READY (tests/test_mlflow_model.py loads,
+    # registers and serves them)
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    assert str(client.get_logged_model(model.model_id).status) == "READY"
+    outputs = parents(repo)[f"repro@{head}"].outputs.model_outputs
+    models = {m.name: m for m in (client.get_logged_model(output.model_id) for output in outputs)}
+    assert sorted(models) == ["petbreeds", "petbreeds-onnx"]
+    assert all(str(m.status) == "READY" for m in models.values()), models
 
     # The first experiment's params again: DVC restores e1's training and evaluation from its run cache without
     # running them, the run says so for each stage, and it holds e1's results.
