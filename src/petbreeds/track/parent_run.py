@@ -23,7 +23,7 @@ from requests.exceptions import RequestException
 
 from petbreeds.errors import PetbreedsError
 from petbreeds.runtime import project_root
-from petbreeds.serve.mlflow_model import log_model
+from petbreeds.serve.mlflow_model import TORCH_MODEL, ServedModel, log_model
 from petbreeds.serve.onnx_model import ONNX_MODEL
 from petbreeds.track.identity import RunIdentity, current_identity, producer, result_key, stage_status
 from petbreeds.track.outputs import (
@@ -32,8 +32,6 @@ from petbreeds.track.outputs import (
     PipelineOutputs,
     epoch_ms,
     example_image,
-    has_model,
-    has_onnx_model,
     not_run_stages,
     out_md5,
     param_texts,
@@ -111,45 +109,31 @@ def _log_contents(client: MlflowClient, run_id: str, outputs: PipelineOutputs, m
 
 
 def _log_model(
-    client: MlflowClient, experiment_id: str, run_id: str, outputs: PipelineOutputs, tags: Mapping[str, str]
+    client: MlflowClient,
+    experiment_id: str,
+    run_id: str,
+    outputs: PipelineOutputs,
+    tags: Mapping[str, str],
+    kind: ServedModel,
+    stage: str,
+    file: str,
 ) -> str | None:
-    """``models/model.pt`` as the run's MLflow model, with the run's params and provenance tags; its id, or None for a
-    result without a model (dvc.lock records none)."""
-    if not has_model(outputs.lock):
+    """``file`` (``stage``'s output) as the run's MLflow model of ``kind``, with the run's params, provenance tags and
+    input example; its id, or None for a result without it (dvc.lock records none)."""
+    if out_md5(outputs.lock, stage, file) is None:
         return None
-    checkpoint = outputs.root / MODEL_FILE
-    if not checkpoint.is_file():
-        raise PetbreedsError(f"{checkpoint}: not found, though dvc.lock lists it; run `dvc checkout` or `dvc repro`")
+    path = outputs.root / file
+    if not path.is_file():
+        raise PetbreedsError(f"{path}: not found, though dvc.lock lists it; run `dvc checkout` or `dvc repro`")
     return log_model(
         client,
         experiment_id,
         run_id,
-        checkpoint,
+        path,
         outputs.root / example_image(outputs.root),
         params=param_texts(outputs),
         tags={k: tags[k] for k in MODEL_TAGS if k in tags},
-    )
-
-
-def _log_onnx_model(
-    client: MlflowClient, experiment_id: str, run_id: str, outputs: PipelineOutputs, tags: Mapping[str, str]
-) -> str | None:
-    """``models/model.onnx`` as the run's second MLflow model (``petbreeds-onnx``, served without torch), with the
-    same params, tags and input example; its id, or None where the export stage recorded none."""
-    if not has_onnx_model(outputs.lock):
-        return None
-    onnx_file = outputs.root / ONNX_FILE
-    if not onnx_file.is_file():
-        raise PetbreedsError(f"{onnx_file}: not found, though dvc.lock lists it; run `dvc checkout` or `dvc repro`")
-    return log_model(
-        client,
-        experiment_id,
-        run_id,
-        onnx_file,
-        outputs.root / example_image(outputs.root),
-        params=param_texts(outputs),
-        tags={k: tags[k] for k in MODEL_TAGS if k in tags},
-        kind=ONNX_MODEL,
+        kind=kind,
     )
 
 
@@ -194,8 +178,8 @@ def log_pipeline(files_root: Path, identity: RunIdentity, store_root: Path) -> s
     try:
         # The model before the metrics: MLflow links every metric a run already has at the model's step to the
         # model; _log_contents links the model's own (the evaluate stage's).
-        model_id = _log_model(client, experiment_id, run_id, outputs, tags)
-        onnx_id = _log_onnx_model(client, experiment_id, run_id, outputs, tags)
+        model_id = _log_model(client, experiment_id, run_id, outputs, tags, TORCH_MODEL, "train_unfrozen", MODEL_FILE)
+        onnx_id = _log_model(client, experiment_id, run_id, outputs, tags, ONNX_MODEL, "export", ONNX_FILE)
         _log_contents(client, run_id, outputs, model_id)
         _adopt_children(client, run_id, outputs)
     except BaseException:
